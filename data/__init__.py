@@ -1,0 +1,1 @@
+"""Task data (templates, names, objects, facts) shipped with mechlib as ``mechlib.data``."""

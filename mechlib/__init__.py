@@ -1,0 +1,24 @@
+"""mechlib: mechanistic interpretability of attention on TransformerLens 4.3 hook points.
+
+Importing mechlib has no side effects: no network, no plotting backend, no global torch state.
+
+    >>> import mechlib
+    >>> model = mechlib.load_model()                      # SmolLM2-135M-Instruct, offline
+    >>> ioi = mechlib.tasks.ioi(model, n=16)
+    >>> mechlib.metrics.logit_diff(ioi)(model(ioi.clean_tokens)).mean()
+"""
+
+from mechlib import hooks, metrics, sites, tasks, viz
+from mechlib.models import (ModelLoadError, ModelNotAvailableOffline, generate, load_model,
+                            tiny_model)
+from mechlib.results import Result
+from mechlib.sites import SITES, Site
+from mechlib.tasks import ContrastSet, ContrastSetError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load_model", "tiny_model", "generate", "ModelLoadError", "ModelNotAvailableOffline",
+    "ContrastSet", "ContrastSetError", "Site", "SITES", "Result",
+    "hooks", "metrics", "sites", "tasks", "viz",
+]

@@ -1,0 +1,168 @@
+"""The only module in mechlib that adds hooks.
+
+* :func:`attach` — a context manager that adds forward hooks and removes exactly those hooks on
+  exit (also when the body raises), leaving hooks the user added alone. By default it raises
+  :class:`HookNotFiredError` if one of its hooks never ran: a patch that silently did nothing
+  looks exactly like "this component does not matter".
+* :func:`capture` / :func:`run_with_cache` — cache only the named hook points (the bridge caches
+  ~1,400 tensors per forward otherwise).
+* :func:`forward` — one no-grad forward with hooks and the extra model inputs (``pixel_values``),
+  refusing to run a multimodal model without its image.
+
+Hook functions take ``(activation, hook)`` and return ``None`` (observe) or a replacement tensor,
+as in TransformerLens.
+"""
+
+from __future__ import annotations
+
+import difflib
+from contextlib import contextmanager
+from typing import Callable, Iterator, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+HookFn = Callable[..., Optional[Tensor]]
+
+
+class HookNotFiredError(RuntimeError):
+    """A hook mechlib attached never ran during the forward it was meant for."""
+
+
+class MissingModelInputError(ValueError):
+    """A multimodal model was called without the inputs it needs (e.g. ``pixel_values``)."""
+
+
+def hook_point(model, name: str):
+    """The HookPoint called ``name`` (legacy names such as ``blocks.3.hook_resid_pre`` work)."""
+    hp = model.hook_dict.get(name)
+    if hp is None:
+        near = difflib.get_close_matches(name, list(model.hook_dict), n=3)
+        hint = f" Close names: {near}." if near else ""
+        raise KeyError(f"model has no hook point {name!r}.{hint}")
+    return hp
+
+
+def active_hooks(model) -> list[str]:
+    """Names of hook points that currently carry any forward or backward hook (for leak checks)."""
+    seen, out = set(), []
+    for name, hp in model.hook_dict.items():
+        if id(hp) in seen:
+            continue
+        seen.add(id(hp))
+        if hp.fwd_hooks or hp.bwd_hooks or hp._forward_hooks or hp._backward_hooks:
+            out.append(name)
+    return out
+
+
+@contextmanager
+def attach(
+    model, hooks: Sequence[tuple[str, HookFn]], *, must_fire: bool = True
+) -> Iterator[dict[str, int]]:
+    """Add forward hooks for the duration of a ``with`` block; yields ``{name: times fired}``.
+
+    Args:
+        hooks: ``(hook_name, fn)`` pairs; ``fn(activation, hook) -> None | Tensor``.
+        must_fire: raise :class:`HookNotFiredError` at exit if a hook never ran.
+
+    Example:
+        >>> with attach(model, [("blocks.0.hook_resid_pre", lambda x, hook: x * 0)]):  # doctest: +SKIP
+        ...     logits = model(tokens)
+    """
+    added: list[tuple[object, object]] = []
+    fired: dict[str, int] = {name: 0 for name, _ in hooks}
+    points = [(name, hook_point(model, name), fn) for name, fn in hooks]  # fail before adding any
+
+    def counted(name: str, fn: HookFn) -> HookFn:
+        def wrapper(act, hook):
+            fired[name] += 1
+            return fn(act, hook=hook)
+
+        return wrapper
+
+    try:
+        for name, hp, fn in points:
+            handle = hp.add_hook(counted(name, fn), dir="fwd")
+            added.append((hp, handle))
+        yield fired
+    finally:
+        for hp, handle in added:
+            handle.hook.remove()
+            if handle in hp.fwd_hooks:
+                hp.fwd_hooks.remove(handle)
+    if must_fire:
+        silent = [n for n, c in fired.items() if c == 0]
+        if silent:
+            raise HookNotFiredError(
+                f"hooks on {silent} never fired: the forward did not pass through these points "
+                f"(stopped early, or this bridge does not route them), so nothing was patched"
+            )
+
+
+def check_inputs(model, extras: Optional[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """Validate extra forward inputs; a multimodal model must get ``pixel_values``."""
+    extras = dict(extras or {})
+    if getattr(model.cfg, "is_multimodal", False) and extras.get("pixel_values") is None:
+        raise MissingModelInputError(
+            "this is a multimodal model but no pixel_values were given: its image tokens would be "
+            "run without the image (TransformerLens does this silently). Pass pixel_values, e.g. "
+            "ContrastSet.from_prompts(..., extras={'pixel_values': pixels}) or "
+            "prompts_inputs(..., pixel_values=pixels)"
+        )
+    return extras
+
+
+def _on_device(model, extras: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    dev = model.cfg.device
+    return {k: (v.to(dev) if isinstance(v, Tensor) else v) for k, v in extras.items()}
+
+
+def forward(
+    model,
+    tokens: Tensor,
+    *,
+    hooks: Sequence[tuple[str, HookFn]] = (),
+    extras: Optional[Mapping[str, Tensor]] = None,
+    grad: bool = False,
+    must_fire: bool = True,
+) -> Tensor:
+    """Logits ``[batch, pos, vocab]`` of one forward with ``hooks`` attached (no grad by default)."""
+    extras = _on_device(model, check_inputs(model, extras))
+    tokens = tokens.to(model.cfg.device)
+    with torch.set_grad_enabled(grad), attach(model, hooks, must_fire=must_fire):
+        return model(tokens, **extras)
+
+
+@contextmanager
+def capture(model, names: Sequence[str], *, detach: bool = True) -> Iterator[dict[str, Tensor]]:
+    """Record the named activations of the forwards run inside the block (last one wins).
+
+    Example:
+        >>> with capture(model, ["blocks.0.attn.hook_pattern"]) as acts:   # doctest: +SKIP
+        ...     model(tokens)
+        >>> acts["blocks.0.attn.hook_pattern"].shape
+    """
+    store: dict[str, Tensor] = {}
+
+    def saver(name: str) -> HookFn:
+        def fn(act, hook):
+            store[name] = act.detach() if detach else act
+
+        return fn
+
+    with attach(model, [(n, saver(n)) for n in dict.fromkeys(names)]):
+        yield store
+
+
+def run_with_cache(
+    model,
+    tokens: Tensor,
+    names: Sequence[str],
+    *,
+    extras: Optional[Mapping[str, Tensor]] = None,
+    hooks: Sequence[tuple[str, HookFn]] = (),
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``(logits, {name: activation})`` caching only ``names`` (plus optional patch hooks)."""
+    with capture(model, names) as store:
+        logits = forward(model, tokens, hooks=hooks, extras=extras)
+    return logits, store

@@ -1,0 +1,133 @@
+"""Metrics: factories returning ``logits -> [batch]`` functions; higher always means "more like clean".
+
+Each metric reads the logits at each prompt's *own* last token (``contrast.last_pos``), so padding
+never shifts the answer position. A metric also accepts logits for ``k`` stacked copies of the set
+(batch ``k * n``, copy-major), which is how batched patching evaluates many variants per forward.
+
+Common misreading: a logit difference is not a probability; a large logit difference can sit on a
+token with tiny probability when both answer and wrong answer are unlikely. Report
+:func:`answer_prob` alongside when that matters.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+from mechlib.tasks.contrast import ContrastSet
+
+Metric = Callable[[Float[Tensor, "batch pos vocab"]], Float[Tensor, "batch"]]
+
+
+class MetricError(ValueError):
+    """A metric returned the wrong shape, or NaN/inf values."""
+
+
+def last_token_logits(
+    logits: Float[Tensor, "batch pos vocab"], contrast: ContrastSet
+) -> Float[Tensor, "batch vocab"]:
+    """Logits at each prompt's last real token; ``batch`` may be any multiple of ``len(contrast)``."""
+    n = len(contrast)
+    b = logits.shape[0]
+    if b % n:
+        raise MetricError(
+            f"logits have batch {b}, which is not a multiple of the contrast set's {n} prompts"
+        )
+    pos = contrast.last_pos.to(logits.device).repeat(b // n)
+    return logits[torch.arange(b, device=logits.device), pos]
+
+
+def _tile(ids: Tensor, b: int, device) -> Tensor:
+    return ids.to(device).repeat(b // len(ids))
+
+
+def logit_diff(contrast: ContrastSet) -> Metric:
+    """``logit(answer) - logit(wrong answer)`` at the last token, per prompt.
+
+    Example:
+        >>> metric = logit_diff(ioi_set)                  # doctest: +SKIP
+        >>> metric(model(ioi_set.clean_tokens)).mean()    # ≈ +3 on SmolLM2-135M
+    """
+
+    def metric(logits):
+        last = last_token_logits(logits, contrast)
+        b = last.shape[0]
+        rows = torch.arange(b, device=last.device)
+        return last[rows, _tile(contrast.answer_ids, b, last.device)] - last[
+            rows, _tile(contrast.wrong_ids, b, last.device)
+        ]
+
+    metric.__name__ = "logit_diff"
+    return metric
+
+
+def answer_prob(contrast: ContrastSet) -> Metric:
+    """Softmax probability of the answer token at the last token, per prompt."""
+
+    def metric(logits):
+        last = last_token_logits(logits, contrast).float()
+        b = last.shape[0]
+        probs = last.softmax(-1)
+        return probs[torch.arange(b, device=last.device), _tile(contrast.answer_ids, b, last.device)]
+
+    metric.__name__ = "answer_prob"
+    return metric
+
+
+def kl_to_clean(contrast: ContrastSet, clean_logits: Float[Tensor, "batch pos vocab"]) -> Metric:
+    """``-KL(clean || run)`` of the next-token distributions at the last token (0 = identical).
+
+    Args:
+        clean_logits: logits of the clean run on ``contrast.clean_tokens`` (full ``[batch, pos,
+            vocab]``, or already at the last token ``[batch, vocab]``).
+    """
+    ref = clean_logits if clean_logits.ndim == 2 else last_token_logits(clean_logits, contrast)
+    ref_logp = F.log_softmax(ref.detach().float(), -1)
+
+    def metric(logits):
+        logp = F.log_softmax(last_token_logits(logits, contrast).float(), -1)
+        r = ref_logp.to(logp.device).repeat(logp.shape[0] // ref_logp.shape[0], 1)
+        return -(r.exp() * (r - logp)).sum(-1)
+
+    metric.__name__ = "kl_to_clean"
+    return metric
+
+
+def check_metric_values(values, n: int, *, name: str = "metric") -> Tensor:
+    """Validate a metric's output: a float tensor of shape ``[n]`` with finite values."""
+    if not isinstance(values, Tensor):
+        raise MetricError(f"{name} returned {type(values).__name__}; it must return a tensor of shape [{n}]")
+    if values.shape != (n,):
+        raise MetricError(
+            f"{name} returned shape {tuple(values.shape)}; metrics map logits [batch, pos, vocab] to "
+            f"one value per prompt, shape [{n}] (do not reduce over the batch)"
+        )
+    if not torch.isfinite(values).all():
+        bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+        raise MetricError(f"{name} returned NaN/inf for prompts {bad[:10]}")
+    return values
+
+
+def normalized(value: Tensor, clean: Tensor | float, corrupted: Tensor | float) -> Tensor:
+    """``(value - corrupted) / (clean - corrupted)``: 0 = corrupted baseline, 1 = clean."""
+    denom = clean - corrupted
+    if isinstance(denom, Tensor):
+        if (denom.abs() < 1e-8).any():
+            raise MetricError("clean and corrupted baselines coincide: normalized recovery is undefined")
+    elif abs(denom) < 1e-8:
+        raise MetricError("clean and corrupted baselines coincide: normalized recovery is undefined")
+    return (value - corrupted) / denom
+
+
+def evaluate(model, contrast: ContrastSet, metric: Optional[Metric] = None, *, side: str = "clean") -> Tensor:
+    """Metric values ``[batch]`` of a plain forward on the clean or corrupted tokens."""
+    from mechlib.hooks import forward
+
+    metric = metric or logit_diff(contrast)
+    tokens = contrast.clean_tokens if side == "clean" else contrast.corrupted_tokens
+    logits = forward(model, tokens, extras=contrast.forward_extras(side))
+    return check_metric_values(metric(logits), len(contrast), name=getattr(metric, "__name__", "metric")).cpu()

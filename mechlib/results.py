@@ -1,0 +1,269 @@
+"""Typed results: frozen dataclasses of CPU tensors with named, labelled axes.
+
+Every analysis returns a :class:`Result` (or a subclass) whose ``values`` are averaged over
+prompts and whose ``per_prompt`` keeps the prompt axis first. The base gives:
+
+* ``to_dataframe()`` — one row per cell (axis labels + value, and stderr when per-prompt values exist),
+* ``top(k)`` — the k largest (or largest-|value|) cells,
+* ``ci()`` — bootstrap confidence intervals over prompts,
+* ``plot()`` — a matplotlib figure (heatmap for 2-D, line for 1-D), returned, never shown,
+* ``save(path)`` / ``Result.load(path)`` — one safetensors file (tensors + JSON metadata), written
+  atomically, never pickled,
+* ``_repr_html_`` — a compact summary in notebooks.
+
+Computation happens when a result is built, never when it is plotted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+_REGISTRY: dict[str, type] = {}
+
+
+def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Tensor):
+        return x.tolist()
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if x is None or isinstance(x, (str, int, float, bool)):
+        return x
+    if hasattr(x, "item"):
+        return x.item()
+    return str(x)
+
+
+@dataclass(frozen=True)
+class Result:
+    """Base result. Subclasses add fields; tensors are stored on the CPU, detached.
+
+    Attributes:
+        values: the table, averaged over prompts, with ``len(axis_names)`` axes.
+        axis_names: e.g. ``("layer", "head")``.
+        labels: per-axis labels, e.g. ``{"head": ("H0", ...)}``; missing axes get indices.
+        per_prompt: ``[prompt, *values.shape]`` or ``None``.
+        baselines: named reference values (``clean``, ``corrupted`` ...).
+        metadata: JSON-able facts about how it was computed (model, site, options).
+    """
+
+    values: Tensor
+    axis_names: tuple[str, ...]
+    labels: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    per_prompt: Optional[Tensor] = None
+    baselines: Mapping[str, float] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    kind: ClassVar[str] = "result"
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        _REGISTRY[cls.__name__] = cls
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                object.__setattr__(self, f.name, v.detach().cpu())
+        object.__setattr__(self, "axis_names", tuple(self.axis_names))
+        if self.values.ndim != len(self.axis_names):
+            raise ValueError(f"values has {self.values.ndim} axes but axis_names is {self.axis_names}")
+        if self.per_prompt is not None and tuple(self.per_prompt.shape[1:]) != tuple(self.values.shape):
+            raise ValueError(
+                f"per_prompt shape {tuple(self.per_prompt.shape)} does not match values "
+                f"{tuple(self.values.shape)} with a leading prompt axis"
+            )
+        labels = {}
+        for ax, n in zip(self.axis_names, self.values.shape):
+            lab = tuple(str(x) for x in self.labels.get(ax, range(n)))
+            if len(lab) != n:
+                raise ValueError(f"axis {ax!r} has {n} entries but {len(lab)} labels")
+            labels[ax] = lab
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "baselines", {k: float(v) for k, v in self.baselines.items()})
+
+    # ------------------------------------------------------------------ statistics
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+    @property
+    def n_prompts(self) -> Optional[int]:
+        return None if self.per_prompt is None else int(self.per_prompt.shape[0])
+
+    def stderr(self) -> Optional[Tensor]:
+        """Standard error of the mean over prompts (None without per-prompt values)."""
+        if self.per_prompt is None or self.per_prompt.shape[0] < 2:
+            return None
+        return self.per_prompt.float().std(0) / math.sqrt(self.per_prompt.shape[0])
+
+    def ci(self, level: float = 0.95, n_boot: int = 1000, seed: int = 0) -> tuple[Tensor, Tensor]:
+        """Percentile bootstrap CI of the mean over prompts: ``(low, high)``, each like ``values``."""
+        if self.per_prompt is None:
+            raise ValueError("this result has no per-prompt values to bootstrap")
+        g = torch.Generator().manual_seed(seed)
+        n = self.per_prompt.shape[0]
+        idx = torch.randint(0, n, (n_boot, n), generator=g)
+        flat = self.per_prompt.float().reshape(n, -1)
+        means = torch.stack([flat[i].mean(0) for i in idx])  # [n_boot, cells]
+        a = (1 - level) / 2
+        lo, hi = torch.quantile(means, torch.tensor([a, 1 - a]), dim=0)
+        return lo.reshape(self.values.shape), hi.reshape(self.values.shape)
+
+    # ------------------------------------------------------------------ tables
+    def to_dataframe(self):
+        """Long format: one row per cell, axis label columns, ``value`` (and ``stderr``)."""
+        import pandas as pd
+
+        grids = torch.meshgrid(*[torch.arange(n) for n in self.values.shape], indexing="ij")
+        data: dict[str, Any] = {}
+        for ax, g in zip(self.axis_names, grids):
+            flat = g.flatten().tolist()
+            data[ax] = flat
+            data[f"{ax}_label"] = [self.labels[ax][i] for i in flat]
+        data["value"] = self.values.flatten().float().tolist()
+        se = self.stderr()
+        if se is not None:
+            data["stderr"] = se.flatten().tolist()
+        return pd.DataFrame(data)
+
+    def top(self, k: int = 10, *, by_abs: bool = False, largest: bool = True):
+        """The ``k`` cells with the largest value (or |value|, or the smallest), as a DataFrame."""
+        df = self.to_dataframe()
+        key = df["value"].abs() if by_abs else df["value"]
+        order = key.sort_values(ascending=not largest).index[:k]
+        return df.loc[order].reset_index(drop=True)
+
+    # ------------------------------------------------------------------ plotting
+    def plot(self, ax=None, *, title: Optional[str] = None, cmap: str = "RdBu_r", **kw):
+        """A matplotlib figure: heatmap (2-D, symmetric colour scale) or line (1-D)."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            fig, ax = plt.subplots(figsize=kw.pop("figsize", (7, 4.5)))
+        else:
+            fig = ax.figure
+        v = self.values.float()
+        title = title or self.metadata.get("title") or type(self).__name__
+        if v.ndim == 1:
+            ax.plot(range(len(v)), v.numpy(), marker="o", **kw)
+            ax.set_xlabel(self.axis_names[0])
+            if len(v) <= 40:
+                ax.set_xticks(range(len(v)), self.labels[self.axis_names[0]], rotation=90)
+        elif v.ndim == 2:
+            lim = float(v.abs().max()) or 1.0
+            im = ax.imshow(v.numpy(), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto", **kw)
+            ax.set_ylabel(self.axis_names[0])
+            ax.set_xlabel(self.axis_names[1])
+            cols = self.labels[self.axis_names[1]]
+            if len(cols) <= 40:
+                ax.set_xticks(range(len(cols)), cols, rotation=90)
+            fig.colorbar(im, ax=ax)
+        else:
+            plt.close(fig)
+            raise ValueError(
+                f"plot() draws 1-D and 2-D results; this one has axes {self.axis_names}: select a "
+                f"slice first, e.g. result.select({self.axis_names[0]!r}, 0).plot()"
+            )
+        ax.set_title(title)
+        fig.tight_layout()
+        return fig
+
+    def select(self, axis: str, index: int) -> "Result":
+        """A plain :class:`Result` with one axis fixed at ``index``."""
+        if axis not in self.axis_names:
+            raise ValueError(f"no axis {axis!r}; axes are {self.axis_names}")
+        d = self.axis_names.index(axis)
+        return Result(
+            values=self.values.select(d, index),
+            axis_names=tuple(a for a in self.axis_names if a != axis),
+            labels={a: l for a, l in self.labels.items() if a != axis},
+            per_prompt=None if self.per_prompt is None else self.per_prompt.select(d + 1, index),
+            baselines=self.baselines,
+            metadata={**self.metadata, "selected": {axis: index}},
+        )
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write one ``.safetensors`` file (tensors + JSON metadata) atomically."""
+        from safetensors.torch import save
+
+        tensors, meta = {}, {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                tensors[f.name] = v.contiguous()
+            else:
+                meta[f.name] = _jsonable(v)
+        header = {"mechlib_class": type(self).__name__, "fields": json.dumps(meta)}
+        path = Path(path)
+        atomic_write_bytes(path, save(tensors, metadata=header))
+        return path
+
+    @staticmethod
+    def load(path: Union[str, Path]) -> "Result":
+        """Read a file written by :meth:`save`, as the class that wrote it."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if "mechlib_class" not in header:
+            raise ValueError(f"{path} is not a mechlib result file (no mechlib_class in its header)")
+        cls = _REGISTRY.get(header["mechlib_class"], Result)
+        meta = json.loads(header["fields"])
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in tensors:
+                kwargs[f.name] = tensors[f.name]
+            elif f.name in meta:
+                kwargs[f.name] = meta[f.name]
+        kwargs["axis_names"] = tuple(kwargs["axis_names"])
+        return cls(**kwargs)
+
+    # ------------------------------------------------------------------ display
+    def summary(self) -> str:
+        dims = " × ".join(f"{a}={n}" for a, n in zip(self.axis_names, self.values.shape))
+        base = ", ".join(f"{k}={v:.3g}" for k, v in self.baselines.items())
+        prompts = f", {self.n_prompts} prompts" if self.n_prompts else ""
+        return f"{type(self).__name__}({dims}{prompts}{', ' + base if base else ''})"
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+    def _repr_html_(self) -> str:
+        top = self.top(5, by_abs=True)
+        return f"<p><b>{self.summary()}</b></p>" + top.to_html(index=False, float_format="%.4g")
+
+
+_REGISTRY["Result"] = Result

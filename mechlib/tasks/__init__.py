@@ -1,0 +1,18 @@
+"""Tasks: generators that turn the templates in ``data/`` into validated ContrastSets.
+
+* :func:`ioi` — Indirect Object Identification (Wang et al. 2022), ABBA and BABA templates.
+* :func:`colored_objects` — BIG-bench colored objects with one-token colour answers (Merullo et al.).
+* :func:`factual_recall` — "The capital of X is" → capital.
+
+Each generator is seeded, filters its word lists to words that are single tokens for the model's
+tokenizer, and pairs every clean prompt with a corrupted one of the same token length.
+"""
+
+from __future__ import annotations
+
+from mechlib.tasks.contrast import ContrastSet, ContrastSetError, single_token_id
+from mechlib.tasks.data import load_data, vocabulary_words
+from mechlib.tasks.generators import colored_objects, factual_recall, ioi
+
+__all__ = ["ContrastSet", "ContrastSetError", "single_token_id", "ioi", "colored_objects",
+           "factual_recall", "load_data", "vocabulary_words"]

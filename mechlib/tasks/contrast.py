@@ -1,0 +1,242 @@
+"""``ContrastSet``: clean / corrupted prompt pairs with one-token answers, validated once.
+
+Every causal analysis in mechlib compares a *clean* run with a *corrupted* run that differs in the
+information the behaviour depends on (IOI: which name is repeated). A ContrastSet holds both,
+tokenized exactly as ``model.to_tokens`` does (BOS prepended), right-padded, with each prompt's
+own last-token index so metrics read the answer where the prompt ends, never at a pad.
+
+Right padding is exact for causal models: pads sit after every real token, so no real position can
+attend to them, and position ids of real tokens are unchanged (left padding would shift RoPE
+positions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Optional, Sequence
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+
+class ContrastSetError(ValueError):
+    """Bad input to a ContrastSet: the message names the prompt index and what to do."""
+
+
+def _check_strings(name: str, values: Sequence[str], n: Optional[int] = None) -> list[str]:
+    if isinstance(values, str):
+        raise ContrastSetError(f"{name} must be a list of strings, got a single string {values!r}")
+    values = list(values)
+    if n is not None and len(values) != n:
+        raise ContrastSetError(f"{name} has {len(values)} entries but clean has {n}: give one per prompt")
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise ContrastSetError(f"{name}[{i}] is {type(v).__name__}, expected str")
+        if not v.strip():
+            raise ContrastSetError(f"{name}[{i}] is empty: every prompt and answer needs text")
+    return values
+
+
+def single_token_id(model, text: str, *, what: str = "answer") -> int:
+    """The id of ``text`` if it is exactly one token for this model's tokenizer, else a clear error."""
+    ids = model.tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        pieces = [model.tokenizer.decode([i]) for i in ids]
+        hint = " (most BPE vocabularies want a leading space, e.g. ' Paris')" if not text.startswith(" ") else ""
+        raise ContrastSetError(
+            f"{what} {text!r} is {len(ids)} tokens for this tokenizer {pieces}; mechlib needs "
+            f"single-token answers{hint}: pick another word"
+        )
+    return int(ids[0])
+
+
+@dataclass(frozen=True)
+class ContrastSet:
+    """Validated clean/corrupted pairs. Build with :meth:`from_prompts` or a task generator.
+
+    Attributes:
+        clean_tokens, corrupted_tokens: ``[batch, pos]`` right-padded token ids (BOS first).
+        answer_ids, wrong_ids: ``[batch]`` the correct and the contrasting answer token.
+        last_pos: ``[batch]`` index of each prompt's last real token (where the answer is read).
+        lengths: ``[batch]`` number of real tokens per prompt (``last_pos + 1``).
+        labels: per-prompt labels (e.g. the IOI template family, ``"ABBA"``/``"BABA"``).
+        extras: extra model inputs carried through every forward (``pixel_values`` for VLMs),
+            each a tensor whose first axis is the batch.
+    """
+
+    clean_tokens: Int[Tensor, "batch pos"]
+    corrupted_tokens: Int[Tensor, "batch pos"]
+    answer_ids: Int[Tensor, "batch"]
+    wrong_ids: Int[Tensor, "batch"]
+    last_pos: Int[Tensor, "batch"]
+    clean_prompts: tuple[str, ...]
+    corrupted_prompts: tuple[str, ...]
+    answers: tuple[str, ...]
+    wrong_answers: tuple[str, ...]
+    labels: tuple[str, ...] = ()
+    task: str = "custom"
+    pad_id: int = 0
+    extras: Mapping[str, Tensor] = field(default_factory=dict)
+    corrupted_extras: Optional[Mapping[str, Tensor]] = None
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_prompts(
+        cls,
+        model,
+        clean: Sequence[str],
+        corrupted: Sequence[str],
+        answers: Sequence[str],
+        wrong_answers: Sequence[str],
+        *,
+        labels: Optional[Sequence[str]] = None,
+        task: str = "custom",
+        extras: Optional[Mapping[str, Tensor]] = None,
+        corrupted_extras: Optional[Mapping[str, Tensor]] = None,
+    ) -> "ContrastSet":
+        """Tokenize and validate plain strings.
+
+        Args:
+            model: the bridge whose tokenizer defines tokens (``model.to_tokens`` defaults).
+            clean, corrupted: prompts; pair ``i`` must have the same number of tokens.
+            answers, wrong_answers: one-token strings (mind the leading space: ``" Mary"``).
+            extras: extra forward inputs for both runs (e.g. ``{"pixel_values": ...}``);
+                ``corrupted_extras`` overrides them for the corrupted run.
+
+        Example:
+            >>> cs = ContrastSet.from_prompts(model,                       # doctest: +SKIP
+            ...     ["When Mary and John went to the store, John gave a drink to"],
+            ...     ["When Mary and John went to the store, Mary gave a drink to"],
+            ...     [" Mary"], [" John"])
+        """
+        clean = _check_strings("clean", clean)
+        if not clean:
+            raise ContrastSetError("clean is empty: give at least one prompt")
+        n = len(clean)
+        corrupted = _check_strings("corrupted", corrupted, n)
+        answers = _check_strings("answers", answers, n)
+        wrong_answers = _check_strings("wrong_answers", wrong_answers, n)
+        labels = tuple(labels) if labels is not None else ("",) * n
+        if len(labels) != n:
+            raise ContrastSetError(f"labels has {len(labels)} entries but clean has {n}")
+
+        def tok(text: str):
+            return model.to_tokens(text)[0].cpu()
+
+        clean_t = [tok(s) for s in clean]
+        corr_t = [tok(s) for s in corrupted]
+        for i, (a, b) in enumerate(zip(clean_t, corr_t)):
+            if len(a) != len(b):
+                raise ContrastSetError(
+                    f"prompt {i}: clean has {len(a)} tokens but corrupted has {len(b)} "
+                    f"(clean={clean[i]!r}, corrupted={corrupted[i]!r}). Patching compares positions "
+                    f"one to one: make the pair the same length in tokens (e.g. swap names that "
+                    f"are single tokens)"
+                )
+        ans = []
+        wrong = []
+        for i in range(n):
+            try:
+                ans.append(single_token_id(model, answers[i], what=f"answers[{i}]"))
+                wrong.append(single_token_id(model, wrong_answers[i], what=f"wrong_answers[{i}]"))
+            except ContrastSetError as e:
+                raise ContrastSetError(f"prompt {i} ({clean[i]!r}): {e}") from None
+        pad = model.tokenizer.pad_token_id
+        pad = int(pad if pad is not None else (model.tokenizer.eos_token_id or 0))
+        lengths = torch.tensor([len(t) for t in clean_t])
+        width = int(lengths.max())
+
+        def stack(seqs):
+            out = torch.full((n, width), pad, dtype=torch.long)
+            for i, s in enumerate(seqs):
+                out[i, : len(s)] = s
+            return out
+
+        cs = cls(
+            clean_tokens=stack(clean_t), corrupted_tokens=stack(corr_t),
+            answer_ids=torch.tensor(ans), wrong_ids=torch.tensor(wrong), last_pos=lengths - 1,
+            clean_prompts=tuple(clean), corrupted_prompts=tuple(corrupted),
+            answers=tuple(answers), wrong_answers=tuple(wrong_answers), labels=labels,
+            task=task, pad_id=pad, extras=dict(extras or {}),
+            corrupted_extras=dict(corrupted_extras) if corrupted_extras is not None else None,
+        )
+        cs._check_extras()
+        return cs
+
+    def _check_extras(self) -> None:
+        for side, ex in (("extras", self.extras), ("corrupted_extras", self.corrupted_extras or {})):
+            for k, v in ex.items():
+                if not isinstance(v, Tensor) or v.shape[0] != len(self):
+                    raise ContrastSetError(
+                        f"{side}[{k!r}] must be a tensor with batch axis {len(self)}, got "
+                        f"{getattr(v, 'shape', type(v).__name__)}"
+                    )
+
+    # ---------------------------------------------------------------- views
+    def __len__(self) -> int:
+        return int(self.clean_tokens.shape[0])
+
+    @property
+    def lengths(self) -> Int[Tensor, "batch"]:
+        return self.last_pos + 1
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.clean_tokens.shape[1])
+
+    @property
+    def same_length(self) -> bool:
+        """True when no prompt is padded (position-resolved results are then well defined)."""
+        return bool((self.lengths == self.n_pos).all())
+
+    def forward_extras(self, side: str = "clean") -> dict[str, Tensor]:
+        """Extra model inputs for the ``"clean"`` or ``"corrupted"`` run."""
+        if side == "corrupted" and self.corrupted_extras is not None:
+            return dict(self.corrupted_extras)
+        return dict(self.extras)
+
+    def subset(self, idx: Sequence[int] | slice) -> "ContrastSet":
+        """A ContrastSet of the chosen prompts (trailing all-pad columns trimmed)."""
+        if isinstance(idx, slice):
+            idx = list(range(len(self)))[idx]
+        idx = list(idx)
+        if not idx:
+            raise ContrastSetError("subset needs at least one index")
+        bad = [i for i in idx if not -len(self) <= i < len(self)]
+        if bad:
+            raise ContrastSetError(f"subset indices {bad} out of range for {len(self)} prompts")
+        t = torch.tensor(idx)
+        width = int(self.lengths[t].max())
+        pick = lambda xs: tuple(xs[i] for i in idx)  # noqa: E731
+        return replace(
+            self,
+            clean_tokens=self.clean_tokens[t, :width], corrupted_tokens=self.corrupted_tokens[t, :width],
+            answer_ids=self.answer_ids[t], wrong_ids=self.wrong_ids[t], last_pos=self.last_pos[t],
+            clean_prompts=pick(self.clean_prompts), corrupted_prompts=pick(self.corrupted_prompts),
+            answers=pick(self.answers), wrong_answers=pick(self.wrong_answers),
+            labels=pick(self.labels) if self.labels else (),
+            extras={k: v[t] for k, v in self.extras.items()},
+            corrupted_extras=({k: v[t] for k, v in self.corrupted_extras.items()}
+                              if self.corrupted_extras is not None else None),
+        )
+
+    def str_tokens(self, model, i: int = 0, side: str = "clean") -> list[str]:
+        toks = (self.clean_tokens if side == "clean" else self.corrupted_tokens)[i, : int(self.lengths[i])]
+        return [model.tokenizer.decode([int(t)]) for t in toks]
+
+    def __repr__(self) -> str:
+        return (f"ContrastSet(task={self.task!r}, n={len(self)}, n_pos={self.n_pos}, "
+                f"example={self.clean_prompts[0]!r} -> {self.answers[0]!r} vs {self.wrong_answers[0]!r})")
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame(dict(clean=self.clean_prompts, corrupted=self.corrupted_prompts,
+                                 answer=self.answers, wrong=self.wrong_answers,
+                                 label=self.labels or [""] * len(self),
+                                 n_tokens=self.lengths.tolist()))
+
+    def _repr_html_(self) -> str:
+        return (f"<b>ContrastSet</b> task=<code>{self.task}</code>, {len(self)} pairs, "
+                f"up to {self.n_pos} tokens" + self.to_dataframe().head(5).to_html())

@@ -1,0 +1,154 @@
+"""Seeded generators for the standard contrast tasks (templates and word lists in ``data/``)."""
+
+from __future__ import annotations
+
+import random
+from typing import Literal, Optional, Sequence
+
+from mechlib.tasks.contrast import ContrastSet, ContrastSetError
+from mechlib.tasks.data import load_data
+
+
+def _single_token_words(model, words: Sequence[str], *, what: str, need: int) -> list[str]:
+    """Words that are one token with a leading space (" Mary") for this tokenizer."""
+    ok = [w for w in words if len(model.tokenizer.encode(" " + w, add_special_tokens=False)) == 1]
+    if len(ok) < need:
+        raise ContrastSetError(
+            f"only {len(ok)} of the {len(words)} {what} in data/ are single tokens for this "
+            f"tokenizer ({ok}); need at least {need}: add single-token {what} to the data file"
+        )
+    return ok
+
+
+def ioi(
+    model,
+    n: int = 32,
+    *,
+    seed: int = 0,
+    corruption: Literal["s2_swap", "abc"] = "s2_swap",
+    order: Literal["mixed", "ABBA", "BABA"] = "mixed",
+    templates: Optional[Sequence[int]] = None,
+) -> ContrastSet:
+    """Indirect Object Identification prompts (Wang et al. 2022).
+
+    Clean: "When Mary and John went to the store, John gave a drink to" → answer " Mary" (the
+    indirect object, IO), wrong answer " John" (the subject, S). ABBA puts IO first in the first
+    clause, BABA puts S first; ``order="mixed"`` alternates them.
+
+    Corruptions (same token length as clean, seeded):
+        ``"s2_swap"``: the second mention of S becomes IO ("..., Mary gave a drink to"), which
+            flips the correct answer: the logit difference IO − S turns negative.
+        ``"abc"``: the three name slots get three fresh names (Wang et al.'s ABC distribution), so
+            nothing in the corrupted prompt says which of IO/S is the answer.
+
+    Labels are ``"ABBA"``/``"BABA"`` per prompt.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if corruption not in ("s2_swap", "abc"):
+        raise ValueError(f"corruption={corruption!r}: choose 's2_swap' or 'abc'")
+    if order not in ("mixed", "ABBA", "BABA"):
+        raise ValueError(f"order={order!r}: choose 'mixed', 'ABBA' or 'BABA'")
+    data = load_data("ioi")
+    rng = random.Random(seed)
+    names = _single_token_words(model, data["names"], what="names", need=5)
+    places = data["places"]
+    objects = data["objects"]
+    all_templates = data["templates"]
+    idx = list(templates) if templates is not None else list(range(len(all_templates)))
+    bad = [i for i in idx if not 0 <= i < len(all_templates)]
+    if bad:
+        raise ValueError(f"templates {bad} out of range: data/ioi.json has {len(all_templates)}")
+    clean, corrupted, answers, wrong, labels = [], [], [], [], []
+    for i in range(n):
+        t = all_templates[idx[i % len(idx)]]
+        io, s, c1, c2, c3 = rng.sample(names, 5)
+        form = order if order != "mixed" else ("ABBA" if i % 2 == 0 else "BABA")
+        n1, n2 = (io, s) if form == "ABBA" else (s, io)
+        fill = dict(PLACE=rng.choice(places), OBJECT=rng.choice(objects))
+        clean.append(t.format(N1=n1, N2=n2, S2=s, **fill))
+        if corruption == "s2_swap":
+            corrupted.append(t.format(N1=n1, N2=n2, S2=io, **fill))
+        else:
+            corrupted.append(t.format(N1=c1, N2=c2, S2=c3, **fill))
+        answers.append(" " + io)
+        wrong.append(" " + s)
+        labels.append(form)
+    return ContrastSet.from_prompts(model, clean, corrupted, answers, wrong, labels=labels,
+                                    task=f"ioi/{corruption}")
+
+
+def colored_objects(model, n: int = 32, *, seed: int = 0, n_shots: int = 1) -> ContrastSet:
+    """Colored Objects (BIG-bench, one-token colour answers as in Merullo et al. 2024).
+
+    Clean: "Q: On the table, there is a red pen, a blue cup, and a green book. What color is the
+    cup?\\nA:" → " blue"; wrong answer: the colour of another object in the scene. Corrupted: the
+    same scene asking about that other object, which flips the answer. ``n_shots`` solved examples
+    (identical in clean and corrupted) precede the question.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    data = load_data("colored_objects")
+    rng = random.Random(seed)
+    colors = _single_token_words(model, data["colors"], what="colors", need=3)
+    objects = _single_token_words(model, data["objects"], what="objects", need=3)
+    template = data["template"]
+
+    def scene():
+        objs = rng.sample(objects, 3)
+        cols = rng.sample(colors, 3)
+        return objs, cols, dict(SURFACE=rng.choice(data["surfaces"]),
+                                **{f"O{k+1}": objs[k] for k in range(3)},
+                                **{f"C{k+1}": cols[k] for k in range(3)})
+
+    clean, corrupted, answers, wrong = [], [], [], []
+    for _ in range(n):
+        shots = []
+        for _ in range(n_shots):
+            objs, cols, fill = scene()
+            q = rng.randrange(3)
+            shots.append(template.format(OQ=objs[q], **fill) + " " + cols[q])
+        prefix = "\n\n".join(shots) + ("\n\n" if shots else "")
+        objs, cols, fill = scene()
+        q, d = rng.sample(range(3), 2)
+        clean.append(prefix + template.format(OQ=objs[q], **fill))
+        corrupted.append(prefix + template.format(OQ=objs[d], **fill))
+        answers.append(" " + cols[q])
+        wrong.append(" " + cols[d])
+    return ContrastSet.from_prompts(model, clean, corrupted, answers, wrong,
+                                    task="colored_objects")
+
+
+def factual_recall(model, n: Optional[int] = None, *, seed: int = 0) -> ContrastSet:
+    """"The capital of France is" → " Paris" (wrong: the corrupted subject's capital).
+
+    Only facts whose answer is a single token are used. Each clean subject is paired with another
+    subject of the same token length; the corrupted prompt asks about that subject, so its capital
+    is the contrasting answer. ``n=None`` uses every usable fact.
+    """
+    data = load_data("capitals")
+    rng = random.Random(seed)
+    template = data["template"]
+    facts = [(s, c) for s, c in data["facts"]
+             if len(model.tokenizer.encode(" " + c, add_special_tokens=False)) == 1]
+    by_len: dict[int, list[tuple[str, str]]] = {}
+    for s, c in facts:
+        by_len.setdefault(len(model.to_tokens(template.format(subject=s))[0]), []).append((s, c))
+    pairs = []
+    for group in by_len.values():
+        if len(group) < 2:
+            continue
+        other = group[1:] + group[:1]  # a derangement within the group
+        pairs += list(zip(group, other))
+    if not pairs:
+        raise ContrastSetError("no two capital facts share a token length for this tokenizer")
+    rng.shuffle(pairs)
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        pairs = [pairs[i % len(pairs)] for i in range(n)]
+    clean = [template.format(subject=a[0]) for a, _ in pairs]
+    corrupted = [template.format(subject=b[0]) for _, b in pairs]
+    return ContrastSet.from_prompts(model, clean, corrupted, [" " + a[1] for a, _ in pairs],
+                                    [" " + b[1] for _, b in pairs], labels=[a[0] for a, _ in pairs],
+                                    task="factual_recall")
