@@ -166,3 +166,98 @@ def run_with_cache(
     with capture(model, names) as store:
         logits = forward(model, tokens, hooks=hooks, extras=extras)
     return logits, store
+
+
+# ------------------------------------------------------------------------------------------
+# Resuming a forward at a block (compute actually saved, unlike the bridge's start_at_layer)
+# ------------------------------------------------------------------------------------------
+
+
+class BlockInputs:
+    """What one block received during a forward: its residual input and keyword arguments
+    (attention mask, rotary embeddings, position ids). :func:`run_from` replays the rest of the
+    model from here, for ``k`` stacked copies of the batch, without recomputing earlier blocks."""
+
+    def __init__(self, resid: Tensor, kwargs: dict, batch: int):
+        self.resid = resid
+        self.kwargs = kwargs
+        self.batch = batch
+
+    def expanded_kwargs(self, k: int) -> dict:
+        """Keyword arguments for ``k`` stacked copies: batch-sized tensors are tiled copy-major,
+        broadcastable ones (first axis 1 while the batch is larger) are left alone."""
+
+        def rep(v):
+            if isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == self.batch and k > 1:
+                return v.repeat(k, *([1] * (v.ndim - 1)))
+            if isinstance(v, tuple):
+                return tuple(rep(x) for x in v)
+            return v
+
+        return {key: rep(v) for key, v in self.kwargs.items()}
+
+
+@contextmanager
+def record_block_inputs(model, layers: Sequence[int]) -> Iterator[dict[int, BlockInputs]]:
+    """Record the inputs of ``model.blocks[l]`` for ``l in layers`` during the forward in the block.
+
+    Uses plain PyTorch forward-pre-hooks on the block modules (removed on exit, exactly).
+    """
+    store: dict[int, BlockInputs] = {}
+    handles = []
+
+    def make(layer: int):
+        def pre(module, args, kwargs):
+            resid = args[0] if args else kwargs.get("hidden_states")
+            kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache",
+                                                                  "past_key_values", "past_key_value",
+                                                                  "use_cache", "layer_past")}
+            store[layer] = BlockInputs(resid.detach(), kw, int(resid.shape[0]))
+
+        return pre
+
+    try:
+        for l in dict.fromkeys(layers):
+            handles.append(model.blocks[l].register_forward_pre_hook(make(l), with_kwargs=True))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_from(
+    model,
+    start: BlockInputs,
+    layer: int,
+    *,
+    copies: int = 1,
+    hooks: Sequence[tuple[str, HookFn]] = (),
+    resid: Optional[Tensor] = None,
+) -> Tensor:
+    """Logits of the model resumed at block ``layer`` from recorded inputs, for ``copies`` stacked
+    copies of the batch (rows ``[k*B:(k+1)*B]`` are copy ``k``), with ``hooks`` attached.
+
+    Blocks before ``layer`` are not run. Callers should check once that resuming reproduces the
+    model's own logits (:func:`resume_matches`): architectures that post-process logits outside
+    ``ln_final``/``unembed`` would differ.
+    """
+    x = start.resid if resid is None else resid
+    if copies > 1 and resid is None:
+        x = x.repeat(copies, *([1] * (x.ndim - 1)))
+    kwargs = start.expanded_kwargs(copies)
+    with torch.no_grad(), attach(model, hooks):
+        for block in model.blocks[layer:]:
+            out = block(x, use_cache=False, **kwargs)
+            x = out[0] if isinstance(out, tuple) else out
+        return model.unembed(model.ln_final(x))
+
+
+def resume_matches(model, start: BlockInputs, layer: int, reference_logits: Tensor, atol: float = 1e-4) -> bool:
+    """True when resuming at ``layer`` reproduces ``reference_logits`` (the full forward's)."""
+    try:
+        logits = run_from(model, start, layer)
+    except Exception:
+        return False
+    return logits.shape == reference_logits.shape and bool(
+        torch.allclose(logits, reference_logits.to(logits.device), atol=atol, rtol=1e-4)
+    )
