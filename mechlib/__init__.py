@@ -22,3 +22,8 @@ __all__ = [
     "ContrastSet", "ContrastSetError", "Site", "SITES", "Result",
     "hooks", "metrics", "sites", "tasks", "viz",
 ]
+
+from mechlib.analyses.patching import (PatchingResult, activation_patching,  # noqa: E402
+                                       attribution_patching, path_patching)
+
+__all__ += ["activation_patching", "attribution_patching", "path_patching", "PatchingResult"]

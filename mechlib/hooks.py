@@ -233,11 +233,14 @@ def run_from(
     copies: int = 1,
     hooks: Sequence[tuple[str, HookFn]] = (),
     resid: Optional[Tensor] = None,
+    read_pos: Optional[Tensor] = None,
 ) -> Tensor:
     """Logits of the model resumed at block ``layer`` from recorded inputs, for ``copies`` stacked
     copies of the batch (rows ``[k*B:(k+1)*B]`` are copy ``k``), with ``hooks`` attached.
 
-    Blocks before ``layer`` are not run. Callers should check once that resuming reproduces the
+    Blocks before ``layer`` are not run. With ``read_pos`` (``[batch]`` positions, tiled over the
+    copies), the final norm and unembedding run at those positions only and the result is
+    ``[copies*batch, vocab]``. Callers should check once that resuming reproduces the
     model's own logits (:func:`resume_matches`): architectures that post-process logits outside
     ``ln_final``/``unembed`` would differ.
     """
@@ -249,6 +252,10 @@ def run_from(
         for block in model.blocks[layer:]:
             out = block(x, use_cache=False, **kwargs)
             x = out[0] if isinstance(out, tuple) else out
+        if read_pos is not None:
+            rows = torch.arange(x.shape[0], device=x.device)
+            x = x[rows, read_pos.to(x.device).repeat(x.shape[0] // read_pos.shape[0])][:, None]
+            return model.unembed(model.ln_final(x))[:, 0]
         return model.unembed(model.ln_final(x))
 
 

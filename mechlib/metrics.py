@@ -4,6 +4,11 @@ Each metric reads the logits at each prompt's *own* last token (``contrast.last_
 never shifts the answer position. A metric also accepts logits for ``k`` stacked copies of the set
 (batch ``k * n``, copy-major), which is how batched patching evaluates many variants per forward.
 
+Metrics made here carry ``last_token_only = True``: they read nothing but the last token, so
+patching engines may hand them ``[batch, vocab]`` logits computed at the last token only (the
+unembedding is a third of a resumed forward's cost on a 49k vocabulary). A custom metric without
+the flag always gets full ``[batch, pos, vocab]`` logits.
+
 Common misreading: a logit difference is not a probability; a large logit difference can sit on a
 token with tiny probability when both answer and wrong answer are unlikely. Report
 :func:`answer_prob` alongside when that matters.
@@ -30,13 +35,18 @@ class MetricError(ValueError):
 def last_token_logits(
     logits: Float[Tensor, "batch pos vocab"], contrast: ContrastSet
 ) -> Float[Tensor, "batch vocab"]:
-    """Logits at each prompt's last real token; ``batch`` may be any multiple of ``len(contrast)``."""
+    """Logits at each prompt's last real token; ``batch`` may be any multiple of ``len(contrast)``.
+
+    Logits that are already ``[batch, vocab]`` (read at the last token by the caller) pass through.
+    """
     n = len(contrast)
     b = logits.shape[0]
     if b % n:
         raise MetricError(
             f"logits have batch {b}, which is not a multiple of the contrast set's {n} prompts"
         )
+    if logits.ndim == 2:
+        return logits
     pos = contrast.last_pos.to(logits.device).repeat(b // n)
     return logits[torch.arange(b, device=logits.device), pos]
 
@@ -62,6 +72,7 @@ def logit_diff(contrast: ContrastSet) -> Metric:
         ]
 
     metric.__name__ = "logit_diff"
+    metric.last_token_only = True
     return metric
 
 
@@ -75,6 +86,7 @@ def answer_prob(contrast: ContrastSet) -> Metric:
         return probs[torch.arange(b, device=last.device), _tile(contrast.answer_ids, b, last.device)]
 
     metric.__name__ = "answer_prob"
+    metric.last_token_only = True
     return metric
 
 
@@ -94,6 +106,7 @@ def kl_to_clean(contrast: ContrastSet, clean_logits: Float[Tensor, "batch pos vo
         return -(r.exp() * (r - logp)).sum(-1)
 
     metric.__name__ = "kl_to_clean"
+    metric.last_token_only = True
     return metric
 
 

@@ -41,6 +41,8 @@ def ioi(
         ``"abc"``: the three name slots get three fresh names (Wang et al.'s ABC distribution), so
             nothing in the corrupted prompt says which of IO/S is the answer.
 
+    Names, places and objects are restricted to single tokens for this tokenizer, so prompts from
+    one template all have the same length (``templates=[i]`` gives a position-aligned set).
     Labels are ``"ABBA"``/``"BABA"`` per prompt.
     """
     if n < 1:
@@ -52,8 +54,10 @@ def ioi(
     data = load_data("ioi")
     rng = random.Random(seed)
     names = _single_token_words(model, data["names"], what="names", need=5)
-    places = data["places"]
-    objects = data["objects"]
+    # single-token places and objects too, so every prompt of one template has one token length
+    # (position-resolved patching then compares like with like, as in Wang et al.'s dataset)
+    places = _single_token_words(model, data["places"], what="places", need=2)
+    objects = _single_token_words(model, data["objects"], what="objects", need=2)
     all_templates = data["templates"]
     idx = list(templates) if templates is not None else list(range(len(all_templates)))
     bad = [i for i in idx if not 0 <= i < len(all_templates)]

@@ -1,0 +1,581 @@
+"""Activation patching, attribution patching and path patching — batched, exact, resumable.
+
+**Activation patching** (causal tracing; Meng et al. 2022, Wang et al. 2022): run the corrupted
+prompt, overwrite one activation (a residual position, a head's output ...) with its value from the
+clean run, and measure how much of the clean behaviour comes back. Values equal TransformerLens'
+``patching.get_act_patch_*`` on the same inputs (tested), but mechlib
+
+* stacks many patched variants into the batch axis (one forward per chunk, not per cell), and
+* resumes each forward at the patched layer from the recorded corrupted run, so earlier blocks are
+  not recomputed (the bridge's ``start_at_layer`` still runs them). Resuming is checked once per
+  call against the model's own logits; if it does not reproduce them, mechlib falls back to full
+  forwards, which also carry ``pixel_values`` and other extra inputs.
+
+**Attribution patching** (Nanda 2023; Syed et al. 2023): the first-order estimate
+``metric(corrupted) + (clean - corrupted) · ∂metric/∂activation`` for every cell at once, from
+one forward and one backward. Same result type, so the two tables compare directly.
+
+**Path patching** (Wang et al. 2022): the effect of sender heads on chosen receivers only: run the
+clean prompt with the senders' outputs taken from the corrupted run and every other head frozen
+to its clean output; record what the receivers (their query/key/value inputs, or the logits) now
+see; then patch just that into a clean run.
+
+Most common misreading: a large patching effect at a position says the *information* there
+matters for the metric, not that the component "computes the task"; and a zero effect can hide
+backup components (negative/backup name movers compensate). Compare with path patching and with
+several corruptions before naming a circuit.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from mechlib import hooks
+from mechlib.metrics import Metric, check_metric_values
+from mechlib.results import Result
+from mechlib.sites import Site, SiteError, SiteSpec, check_head, check_layer, n_heads, site_spec
+from mechlib.tasks.contrast import ContrastSet
+
+# ----------------------------------------------------------------------------------------------
+# result type
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class PatchingResult(Result):
+    """Patching table: ``values`` are metric values of the patched runs (mean over prompts).
+
+    Extra attributes:
+        clean_per_prompt, corrupted_per_prompt: ``[prompt]`` baseline metric values.
+    ``baselines`` holds their means (``"clean"``, ``"corrupted"``).
+    """
+
+    clean_per_prompt: Optional[Tensor] = None
+    corrupted_per_prompt: Optional[Tensor] = None
+
+    def normalized(self) -> Result:
+        """Recovery ``(value - corrupted) / (clean - corrupted)``: 0 = corrupted run, 1 = clean run."""
+        clean, corr = self.baselines["clean"], self.baselines["corrupted"]
+        if abs(clean - corr) < 1e-8:
+            raise ValueError("clean and corrupted baselines coincide: recovery is undefined")
+        f = lambda v: None if v is None else (v - corr) / (clean - corr)  # noqa: E731
+        return Result(values=f(self.values), axis_names=self.axis_names, labels=self.labels,
+                      per_prompt=f(self.per_prompt), baselines={"clean": 1.0, "corrupted": 0.0},
+                      metadata={**self.metadata, "normalized": True})
+
+    def effect(self) -> Result:
+        """``value - base run`` per cell (base = corrupted for denoising, clean for noising)."""
+        base_name = "clean" if self.metadata.get("direction") == "noising" else "corrupted"
+        base_pp = self.clean_per_prompt if base_name == "clean" else self.corrupted_per_prompt
+        shape = (-1,) + (1,) * self.values.ndim
+        return Result(
+            values=self.values - self.baselines[base_name], axis_names=self.axis_names,
+            labels=self.labels,
+            per_prompt=None if self.per_prompt is None or base_pp is None
+            else self.per_prompt - base_pp.reshape(shape),
+            baselines={base_name: 0.0}, metadata={**self.metadata, "effect_vs": base_name},
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# cells: which (layer, pos, head) combinations a sweep visits
+# ----------------------------------------------------------------------------------------------
+
+
+def _pos_labels(model, contrast: ContrastSet) -> list[str]:
+    if contrast.same_length:
+        return [f"{i}:{t}" for i, t in enumerate(contrast.str_tokens(model, 0))]
+    return [f"pos{i}" for i in range(contrast.n_pos)]
+
+
+def _check_indices(values: Optional[Iterable[int]], n: int, what: str) -> list[int]:
+    if values is None:
+        return list(range(n))
+    out = []
+    for v in values:
+        if not isinstance(v, int) or isinstance(v, bool) or not -n <= v < n:
+            raise SiteError(f"{what} {v!r} is out of range 0..{n - 1}")
+        out.append(v % n)
+    if not out:
+        raise SiteError(f"{what}s is empty")
+    return out
+
+
+@dataclass
+class _Plan:
+    spec: SiteSpec
+    layers: list[int]
+    positions: list[int]
+    heads: list[int]
+    by_position: bool
+
+    @property
+    def axis_names(self) -> tuple[str, ...]:
+        head_axis = "kv_head" if self.spec.kv else "head"
+        if not self.spec.per_head:
+            return ("layer", "pos")
+        if self.by_position:
+            return ("layer", "pos", head_axis)
+        return ("layer", head_axis)
+
+    def cells(self) -> list[tuple[int, ...]]:
+        """Cells within one layer: (pos,), (head,) or (pos, head)."""
+        if not self.spec.per_head:
+            return [(p,) for p in self.positions]
+        if self.by_position:
+            return [(p, h) for p in self.positions for h in self.heads]
+        return [(h,) for h in self.heads]
+
+    def shape(self) -> tuple[int, ...]:
+        if not self.spec.per_head:
+            return (len(self.layers), len(self.positions))
+        if self.by_position:
+            return (len(self.layers), len(self.positions), len(self.heads))
+        return (len(self.layers), len(self.heads))
+
+
+def _plan(model, contrast, site, by_position, layers, positions, heads) -> _Plan:
+    spec = site_spec(site)
+    if by_position and not spec.per_head:
+        raise SiteError(f"site {spec.kind!r} is already resolved by position; drop by_position=True")
+    layers = [check_layer(model, l) for l in (range(model.cfg.n_layers) if layers is None else layers)]
+    if not layers:
+        raise SiteError("layers is empty")
+    positions = _check_indices(positions, contrast.n_pos, "position")
+    head_list = [check_head(model, spec.kind, h) for h in heads] if heads is not None \
+        else list(range(n_heads(model, spec.kind)))
+    if spec.per_head and not head_list:
+        raise SiteError("heads is empty")
+    return _Plan(spec, layers, positions, head_list, by_position)
+
+
+def _cell_index(spec: SiteSpec, by_position: bool, cells: Sequence[tuple[int, ...]], B: int, device):
+    """Row-aligned index tensors for a chunk of cells (copy-major: rows k*B..(k+1)*B-1 = cell k)."""
+    C = len(cells)
+    rows = torch.arange(C * B, device=device)
+    src = rows % B
+    col = lambda i: torch.tensor([c[i] for c in cells], device=device).repeat_interleave(B)  # noqa: E731
+    if not spec.per_head:
+        return rows, src, col(0), None
+    if by_position:
+        return rows, src, col(0), col(1)
+    return rows, src, None, col(0)
+
+
+def _write_cells(spec: SiteSpec, act: Tensor, source: Tensor, idx) -> Tensor:
+    """Copy the chosen cells of ``source[src]`` into ``act[rows]`` (both stacked copy-major)."""
+    rows, src, pos, head = idx
+    act = act.clone()
+    if not spec.per_head:  # [batch, pos, d]
+        act[rows, pos] = source[src, pos]
+    elif spec.head_dim == 1:  # pattern [batch, head, q, k]; pos = destination (query) position
+        if pos is None:
+            act[rows, head] = source[src, head]
+        else:
+            act[rows, head, pos] = source[src, head, pos]
+    else:  # [batch, pos, head, d]
+        if pos is None:
+            act[rows, :, head] = source[src, :, head]
+        else:
+            act[rows, pos, head] = source[src, pos, head]
+    return act
+
+
+def _reduce_cells(spec: SiteSpec, prod: Tensor, by_position: bool) -> Tensor:
+    """Per-prompt attribution from an elementwise product ``(clean - corr) * grad``.
+
+    Returns ``[batch, pos]`` (resid-like), ``[batch, head]`` or ``[batch, pos, head]``.
+    """
+    if not spec.per_head:
+        return prod.sum(-1)
+    if spec.head_dim == 1:  # [b, head, q, k]
+        per = prod.sum(-1)  # [b, head, q]
+        return per.transpose(1, 2) if by_position else per.sum(-1)
+    per = prod.sum(-1)  # [b, pos, head]
+    return per if by_position else per.sum(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# shared plumbing
+# ----------------------------------------------------------------------------------------------
+
+
+def _metric_name(metric) -> str:
+    return getattr(metric, "__name__", type(metric).__name__)
+
+
+def _check_contrast(model, contrast: ContrastSet) -> None:
+    if not isinstance(contrast, ContrastSet):
+        raise TypeError(f"contrast must be a mechlib ContrastSet, got {type(contrast).__name__}; "
+                        f"build one with ContrastSet.from_prompts(model, clean, corrupted, answers, wrong)")
+    vocab = model.cfg.d_vocab
+    if int(contrast.clean_tokens.max()) >= vocab or int(contrast.corrupted_tokens.max()) >= vocab:
+        raise ValueError("the contrast set's token ids exceed this model's vocabulary: was it built "
+                         "with another model's tokenizer?")
+
+
+def _chunk_size(model, contrast: ContrastSet, memory_budget_mb: float, max_chunk: int,
+                last_only: bool = False) -> int:
+    """How many patched copies of the batch fit in one forward under the memory budget."""
+    cfg = model.cfg
+    B, P = len(contrast), contrast.n_pos
+    d_mlp = getattr(cfg, "d_mlp", None) or 4 * cfg.d_model
+    # live activations of one copy in a no-grad forward: a few residual-sized tensors, one MLP
+    # hidden, attention scores + pattern, and the logits at every position.
+    floats = B * P * (12 * cfg.d_model + 3 * d_mlp + 3 * cfg.n_heads * P)
+    floats += B * cfg.d_vocab * (1 if last_only else P)
+    per_copy = floats * torch.finfo(cfg.dtype).bits // 8
+    return int(max(1, min(max_chunk, memory_budget_mb * 2**20 // max(per_copy, 1))))
+
+
+def _progress(total: int, desc: str, progress: Optional[bool]):
+    from tqdm.auto import tqdm
+
+    show = progress if progress is not None else total >= 20
+    return tqdm(total=total, desc=desc, disable=not show, leave=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# activation patching
+# ----------------------------------------------------------------------------------------------
+
+
+def activation_patching(
+    model,
+    contrast: ContrastSet,
+    metric: Metric,
+    *,
+    site: str,
+    by_position: bool = False,
+    layers: Optional[Sequence[int]] = None,
+    positions: Optional[Sequence[int]] = None,
+    heads: Optional[Sequence[int]] = None,
+    memory_budget_mb: float = 2048,
+    max_chunk: int = 512,
+    resume: bool = True,
+    progress: Optional[bool] = None,
+) -> PatchingResult:
+    """Patch clean activations into the corrupted run, one cell at a time (denoising).
+
+    Args:
+        contrast: the clean/corrupted pairs; all prompts are patched together.
+        metric: ``logits -> [batch]`` (e.g. ``metrics.logit_diff(contrast)``); higher = cleaner.
+        site: ``resid_pre|resid_mid|resid_post|attn_out|mlp_out`` → ``[layer, pos]``;
+            ``head_out|head_q|head_k|head_v|pattern`` → ``[layer, head]`` (all positions at once),
+            or ``[layer, pos, head]`` with ``by_position=True``. ``head_k``/``head_v`` index KV
+            heads on grouped-query models; ``pattern`` by position patches one query row.
+        layers, positions, heads: restrict the sweep (default: everything).
+        memory_budget_mb: bound on one stacked forward; variants are chunked to fit.
+        resume: start each forward at the patched layer (verified once against the full forward).
+
+    Returns:
+        :class:`PatchingResult` with per-prompt values, ``baselines`` ``clean``/``corrupted``,
+        ``normalized()`` recovery and ``ci()`` bootstrap intervals.
+
+    Example:
+        >>> ioi = mechlib.tasks.ioi(model, n=8)                                  # doctest: +SKIP
+        >>> r = mechlib.activation_patching(model, ioi, metrics.logit_diff(ioi), site="resid_pre")
+        >>> r.normalized().plot()
+    """
+    _check_contrast(model, contrast)
+    plan = _plan(model, contrast, site, by_position, layers, positions, heads)
+    spec = plan.spec
+    B = len(contrast)
+    device = model.cfg.device
+    if "pos" in plan.axis_names and not contrast.same_length:
+        warnings.warn(
+            "the prompts differ in length, so position p is a different token in different prompts "
+            "(and padding in short ones): position-resolved values mix them. Sweep prompts of one "
+            "template/length (ContrastSet.subset) for per-position results.", stacklevel=2)
+    name = _metric_name(metric)
+    hook_names = [spec.hook_name(l) for l in plan.layers]
+
+    # clean run: cache only the patched site at the swept layers
+    clean_logits, clean_acts = hooks.run_with_cache(
+        model, contrast.clean_tokens, hook_names, extras=contrast.forward_extras("clean"))
+    clean_vals = check_metric_values(metric(clean_logits), B, name=name)
+    # corrupted run: record each swept block's inputs so patched forwards can resume there
+    with hooks.record_block_inputs(model, plan.layers) as starts:
+        corr_logits = hooks.forward(model, contrast.corrupted_tokens,
+                                    extras=contrast.forward_extras("corrupted"))
+    corr_vals = check_metric_values(metric(corr_logits), B, name=name)
+    resumed = resume and hooks.resume_matches(model, starts[min(plan.layers)], min(plan.layers), corr_logits)
+
+    cells = plan.cells()
+    read_pos = contrast.last_pos if getattr(metric, "last_token_only", False) else None
+    chunk = _chunk_size(model, contrast, memory_budget_mb, max_chunk, read_pos is not None)
+    per_prompt = torch.empty((B, len(plan.layers), len(cells)))
+    n_chunks = len(plan.layers) * -(-len(cells) // chunk)
+    corr_tokens = contrast.corrupted_tokens.to(device)
+    extras = hooks.check_inputs(model, contrast.forward_extras("corrupted"))
+    with _progress(n_chunks, f"patching {spec.kind}", progress) as bar:
+        for li, layer in enumerate(plan.layers):
+            source = clean_acts[spec.hook_name(layer)]
+            for c0 in range(0, len(cells), chunk):
+                part = cells[c0:c0 + chunk]
+                C = len(part)
+                idx = _cell_index(spec, plan.by_position, part, B, source.device)
+                patch = [(spec.hook_name(layer),
+                          lambda act, hook, idx=idx, source=source: _write_cells(spec, act, source, idx))]
+                if resumed:
+                    logits = hooks.run_from(model, starts[layer], layer, copies=C, hooks=patch,
+                                            read_pos=read_pos)
+                else:
+                    tiled = {k: v.repeat(C, *([1] * (v.ndim - 1))) for k, v in extras.items()}
+                    logits = hooks.forward(model, corr_tokens.repeat(C, 1), hooks=patch, extras=tiled)
+                vals = check_metric_values(metric(logits), C * B, name=name)
+                per_prompt[:, li, c0:c0 + C] = vals.reshape(C, B).T.cpu()
+                bar.update(1)
+
+    per_prompt = per_prompt.reshape(B, *plan.shape())
+    labels = {"layer": [f"L{l}" for l in plan.layers]}
+    if "pos" in plan.axis_names:
+        all_pos = _pos_labels(model, contrast)
+        labels["pos"] = [all_pos[p] for p in plan.positions]
+    if spec.per_head:
+        prefix = "KV" if spec.kv else "H"
+        labels[plan.axis_names[-1]] = [f"{prefix}{h}" for h in plan.heads]
+    return PatchingResult(
+        values=per_prompt.mean(0), axis_names=plan.axis_names, labels=labels, per_prompt=per_prompt,
+        baselines={"clean": float(clean_vals.mean()), "corrupted": float(corr_vals.mean())},
+        clean_per_prompt=clean_vals, corrupted_per_prompt=corr_vals,
+        metadata=dict(method="activation_patching", direction="denoising", site=spec.kind,
+                      by_position=plan.by_position, metric=name, task=contrast.task, n_prompts=B,
+                      resumed=resumed, chunk=chunk, layers=plan.layers, positions=plan.positions,
+                      heads=plan.heads if spec.per_head else None,
+                      title=f"activation patching: {spec.kind}" + (" by position" if plan.by_position else "")),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# attribution patching
+# ----------------------------------------------------------------------------------------------
+
+
+def attribution_patching(
+    model,
+    contrast: ContrastSet,
+    metric: Metric,
+    *,
+    site: str,
+    by_position: bool = False,
+    layers: Optional[Sequence[int]] = None,
+) -> PatchingResult:
+    """Gradient estimate of :func:`activation_patching` for every cell, in one forward/backward.
+
+    ``value ≈ metric(corrupted) + Σ (clean_act - corrupted_act) · ∂metric/∂act`` evaluated on the
+    corrupted run; same axes and result type as :func:`activation_patching`. The estimate is
+    good where the metric is locally linear (residual stream, head outputs) and poor where a patch
+    moves it far (e.g. patching a whole early residual position): check the correlation with exact
+    patching on a subset before trusting it.
+
+    Parameter gradients are never touched (``torch.autograd.grad`` on the activations only).
+    """
+    _check_contrast(model, contrast)
+    plan = _plan(model, contrast, site, by_position, layers, None, None)
+    spec = plan.spec
+    B = len(contrast)
+    name = _metric_name(metric)
+    hook_names = [spec.hook_name(l) for l in plan.layers]
+    clean_logits, clean_acts = hooks.run_with_cache(
+        model, contrast.clean_tokens, hook_names, extras=contrast.forward_extras("clean"))
+    clean_vals = check_metric_values(metric(clean_logits), B, name=name)
+
+    corr_acts: dict[str, Tensor] = {}
+
+    def keep(act, hook, name):
+        if not act.requires_grad:
+            act = act.detach().requires_grad_(True) if act.grad_fn is None else act
+        corr_acts[name] = act
+        return act
+
+    tracked = [(n, lambda act, hook, n=n: keep(act, hook, n)) for n in hook_names]
+    logits = hooks.forward(model, contrast.corrupted_tokens, hooks=tracked,
+                           extras=contrast.forward_extras("corrupted"), grad=True)
+    corr_vals = check_metric_values(metric(logits), B, name=name)
+    if not corr_vals.requires_grad:
+        raise RuntimeError("the metric is not differentiable w.r.t. the model's activations")
+    grads = torch.autograd.grad(corr_vals.sum(), [corr_acts[n] for n in hook_names], allow_unused=True)
+    per_layer = []
+    for n, g in zip(hook_names, grads):
+        corr = corr_acts[n].detach()
+        g = torch.zeros_like(corr) if g is None else g
+        per_layer.append(_reduce_cells(spec, (clean_acts[n].to(corr.device) - corr) * g, plan.by_position))
+    delta = torch.stack(per_layer, 1).detach().cpu()  # [batch, layer, ...]
+    corr_vals = corr_vals.detach().cpu()
+    per_prompt = delta + corr_vals.reshape((B,) + (1,) * (delta.ndim - 1))
+    labels = {"layer": [f"L{l}" for l in plan.layers]}
+    if "pos" in plan.axis_names:
+        labels["pos"] = _pos_labels(model, contrast)
+    if spec.per_head:
+        labels[plan.axis_names[-1]] = [f"{'KV' if spec.kv else 'H'}{h}" for h in plan.heads]
+    return PatchingResult(
+        values=per_prompt.mean(0), axis_names=plan.axis_names, labels=labels, per_prompt=per_prompt,
+        baselines={"clean": float(clean_vals.mean()), "corrupted": float(corr_vals.mean())},
+        clean_per_prompt=clean_vals.detach(), corrupted_per_prompt=corr_vals,
+        metadata=dict(method="attribution_patching", direction="denoising", site=spec.kind,
+                      by_position=plan.by_position, metric=name, task=contrast.task, n_prompts=B,
+                      layers=plan.layers,
+                      title=f"attribution patching: {spec.kind}" + (" by position" if plan.by_position else "")),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# path patching
+# ----------------------------------------------------------------------------------------------
+
+Receiver = Union[Site, tuple[int, int, str]]
+
+
+def _receivers(model, receivers) -> list[Site]:
+    if isinstance(receivers, str):
+        if receivers != "logits":
+            raise SiteError(f"receivers={receivers!r}: use 'logits' or a list of Site('head_q'|'head_k'|"
+                            f"'head_v', layer, head=...) / (layer, head, 'q'|'k'|'v') tuples")
+        return []
+    out = []
+    for r in receivers:
+        if isinstance(r, tuple):
+            if len(r) != 3 or r[2] not in ("q", "k", "v"):
+                raise SiteError(f"receiver {r!r}: tuples are (layer, head, 'q'|'k'|'v')")
+            r = Site(f"head_{r[2]}", r[0], head=r[1])
+        if not isinstance(r, Site) or r.kind not in ("head_q", "head_k", "head_v") or r.head is None:
+            raise SiteError(f"receiver {r!r}: receivers are heads' q/k/v inputs, e.g. Site('head_q', 9, head=6)")
+        out.append(r.validate(model))
+    if not out:
+        raise SiteError("receivers is empty; use receivers='logits' for the direct effect on the output")
+    return out
+
+
+def path_patching(
+    model,
+    contrast: ContrastSet,
+    metric: Metric,
+    *,
+    receivers: Union[str, Sequence[Receiver]] = "logits",
+    senders: Optional[Sequence[tuple[int, int]]] = None,
+    memory_budget_mb: float = 2048,
+    max_chunk: int = 256,
+    progress: Optional[bool] = None,
+) -> PatchingResult:
+    """Path patching (Wang et al. 2022): the effect of each sender head through the receivers only.
+
+    For each sender head ``(layer, head)``:
+
+    1. run the *clean* prompt with the sender's output (``hook_z``) taken from the corrupted run
+       and every other head's output frozen to its clean value (MLPs recompute), and record the
+       receivers' inputs (``hook_q``/``hook_k``/``hook_v`` of the receiver heads) — or, for
+       ``receivers="logits"``, the logits themselves;
+    2. run the clean prompt again with only the receivers' inputs replaced by those records.
+
+    The value is the metric of step 2 (noising: the clean run is the base, so important paths
+    *lower* the metric; :meth:`PatchingResult.effect` gives ``value - clean``).
+
+    Args:
+        receivers: ``"logits"`` (the senders' effect on the output through the residual stream,
+            paths via later MLPs included), or heads' inputs as ``Site("head_q", 9, head=6)`` or
+            ``(9, 6, "q")``. For ``k``/``v`` the head index is a **KV head**: on grouped-query
+            models one KV head is shared by ``n_heads // n_key_value_heads`` query heads, and
+            patching it changes all of them (TransformerLens refuses GQA here).
+        senders: ``(layer, head)`` pairs; default every head in a layer before the last receiver
+            (all layers for ``"logits"``).
+
+    Returns:
+        :class:`PatchingResult` over ``("layer", "head")`` of the senders (cells that are not
+        senders hold the clean value, so their effect is 0).
+    """
+    _check_contrast(model, contrast)
+    recv = _receivers(model, receivers)
+    n_layers, H = model.cfg.n_layers, model.cfg.n_heads
+    last = max((r.layer for r in recv), default=n_layers)
+    if senders is None:
+        senders = [(l, h) for l in range(last) for h in range(H)]
+    senders = [(check_layer(model, l, what="sender layer"), check_head(model, "head_out", h)) for l, h in senders]
+    bad = [s for s in senders if recv and s[0] >= last]
+    if bad:
+        raise SiteError(f"senders {bad} are not before the last receiver layer {last}: a head cannot "
+                        f"reach a receiver in its own or an earlier layer")
+    if not senders:
+        raise SiteError("senders is empty")
+    B = len(contrast)
+    name = _metric_name(metric)
+    z_names = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
+    first = min(l for l, _ in senders)
+    recv_first = min((r.layer for r in recv), default=None)
+    start_layers = [first] + ([recv_first] if recv_first is not None else [])
+
+    with hooks.record_block_inputs(model, start_layers) as starts:
+        clean_logits, clean_z = hooks.run_with_cache(model, contrast.clean_tokens, z_names,
+                                                     extras=contrast.forward_extras("clean"))
+    clean_vals = check_metric_values(metric(clean_logits), B, name=name)
+    corr_logits, corr_z = hooks.run_with_cache(
+        model, contrast.corrupted_tokens, sorted({z_names[l] for l, _ in senders}),
+        extras=contrast.forward_extras("corrupted"))
+    corr_vals = check_metric_values(metric(corr_logits), B, name=name)
+    for l in start_layers:
+        if not hooks.resume_matches(model, starts[l], l, clean_logits):
+            raise NotImplementedError(
+                "path patching resumes forwards at the sender/receiver layers, and resuming does "
+                "not reproduce this model's logits (its logits are post-processed outside "
+                "ln_final/unembed); this architecture is not supported yet")
+
+    read_pos = contrast.last_pos if getattr(metric, "last_token_only", False) else None
+    chunk = _chunk_size(model, contrast, memory_budget_mb, max_chunk, read_pos is not None)
+    values = torch.empty((B, len(senders)))
+    with _progress(-(-len(senders) // chunk), "path patching", progress) as bar:
+        for c0 in range(0, len(senders), chunk):
+            part = senders[c0:c0 + chunk]
+            C = len(part)
+            rows_of = {}
+            for k, (l, h) in enumerate(part):
+                rows_of.setdefault(l, []).append((k, h))
+
+            def freeze(act, hook, layer):
+                out = clean_z[z_names[layer]].repeat(C, 1, 1, 1)
+                for k, h in rows_of.get(layer, []):
+                    out[k * B:(k + 1) * B, :, h] = corr_z[z_names[layer]][:, :, h]
+                return out
+
+            frozen = [(z_names[l], lambda act, hook, l=l: freeze(act, hook, l)) for l in range(first, n_layers)]
+            if not recv:
+                logits = hooks.run_from(model, starts[first], first, copies=C, hooks=frozen,
+                                        read_pos=read_pos)
+            else:
+                recv_names = sorted({r.hook_name for r in recv})
+                with hooks.capture(model, recv_names) as seen:
+                    hooks.run_from(model, starts[first], first, copies=C, hooks=frozen)
+
+                def put(act, hook, hname):
+                    act = act.clone()
+                    for r in recv:
+                        if r.hook_name == hname:
+                            act[:, :, r.head] = seen[hname][:, :, r.head]
+                    return act
+
+                patch = [(n, lambda act, hook, n=n: put(act, hook, n)) for n in recv_names]
+                logits = hooks.run_from(model, starts[recv_first], recv_first, copies=C, hooks=patch,
+                                        read_pos=read_pos)
+            vals = check_metric_values(metric(logits), C * B, name=name)
+            values[:, c0:c0 + C] = vals.reshape(C, B).T.cpu()
+            bar.update(1)
+
+    # scatter into a [layer, head] table; non-senders keep the clean value (no effect)
+    per_prompt = clean_vals.cpu().reshape(B, 1, 1).repeat(1, n_layers, H)
+    for k, (l, h) in enumerate(senders):
+        per_prompt[:, l, h] = values[:, k]
+    return PatchingResult(
+        values=per_prompt.mean(0), axis_names=("layer", "head"),
+        labels={"layer": [f"L{l}" for l in range(n_layers)], "head": [f"H{h}" for h in range(H)]},
+        per_prompt=per_prompt,
+        baselines={"clean": float(clean_vals.mean()), "corrupted": float(corr_vals.mean())},
+        clean_per_prompt=clean_vals, corrupted_per_prompt=corr_vals,
+        metadata=dict(method="path_patching", direction="noising", metric=name, task=contrast.task,
+                      n_prompts=B, senders=[list(s) for s in senders],
+                      receivers="logits" if not recv else [str(r) for r in recv],
+                      title="path patching → " + ("logits" if not recv else ", ".join(map(str, recv)))),
+    )
