@@ -51,6 +51,61 @@ def single_token_id(model, text: str, *, what: str = "answer") -> int:
     return int(ids[0])
 
 
+def _pad_right(seqs: Sequence[Tensor], pad: int) -> Tensor:
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), pad, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+    return out
+
+
+def _pad_id(model) -> int:
+    pad = model.tokenizer.pad_token_id
+    return int(pad if pad is not None else (model.tokenizer.eos_token_id or 0))
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """Plain prompts for probes (no contrast): right-padded tokens and each prompt's length.
+
+    Build with :meth:`from_prompts` from strings (``model.to_tokens`` each, BOS first) or a
+    ``[batch, pos]`` token tensor (taken as unpadded).
+    """
+
+    tokens: Int[Tensor, "batch pos"]
+    lengths: Int[Tensor, "batch"]
+    prompts: tuple[str, ...]
+    extras: Mapping[str, Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def from_prompts(cls, model, prompts, *, extras: Optional[Mapping[str, Tensor]] = None) -> "PromptBatch":
+        if isinstance(prompts, PromptBatch):
+            return prompts
+        if isinstance(prompts, Tensor):
+            if prompts.ndim != 2 or prompts.shape[0] == 0 or prompts.shape[1] == 0:
+                raise ContrastSetError(f"token prompts must be a non-empty [batch, pos] tensor, got {tuple(prompts.shape)}")
+            toks = prompts.cpu().long()
+            texts = tuple(model.tokenizer.decode(t) for t in toks)
+            return cls(toks, torch.full((len(toks),), toks.shape[1]), texts, dict(extras or {}))
+        prompts = _check_strings("prompts", prompts)
+        if not prompts:
+            raise ContrastSetError("prompts is empty: give at least one prompt")
+        seqs = [model.to_tokens(p)[0].cpu() for p in prompts]
+        return cls(_pad_right(seqs, _pad_id(model)), torch.tensor([len(s) for s in seqs]),
+                   tuple(prompts), dict(extras or {}))
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def mask(self) -> Tensor:
+        """``[batch, pos]`` True on real tokens, False on padding."""
+        return torch.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]
+
+    def str_tokens(self, model, i: int) -> list[str]:
+        return [model.tokenizer.decode([int(t)]) for t in self.tokens[i, : int(self.lengths[i])]]
+
+
 @dataclass(frozen=True)
 class ContrastSet:
     """Validated clean/corrupted pairs. Build with :meth:`from_prompts` or a task generator.
@@ -142,19 +197,10 @@ class ContrastSet:
                 wrong.append(single_token_id(model, wrong_answers[i], what=f"wrong_answers[{i}]"))
             except ContrastSetError as e:
                 raise ContrastSetError(f"prompt {i} ({clean[i]!r}): {e}") from None
-        pad = model.tokenizer.pad_token_id
-        pad = int(pad if pad is not None else (model.tokenizer.eos_token_id or 0))
+        pad = _pad_id(model)
         lengths = torch.tensor([len(t) for t in clean_t])
-        width = int(lengths.max())
-
-        def stack(seqs):
-            out = torch.full((n, width), pad, dtype=torch.long)
-            for i, s in enumerate(seqs):
-                out[i, : len(s)] = s
-            return out
-
         cs = cls(
-            clean_tokens=stack(clean_t), corrupted_tokens=stack(corr_t),
+            clean_tokens=_pad_right(clean_t, pad), corrupted_tokens=_pad_right(corr_t, pad),
             answer_ids=torch.tensor(ans), wrong_ids=torch.tensor(wrong), last_pos=lengths - 1,
             clean_prompts=tuple(clean), corrupted_prompts=tuple(corrupted),
             answers=tuple(answers), wrong_answers=tuple(wrong_answers), labels=labels,

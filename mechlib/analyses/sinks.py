@@ -1,0 +1,332 @@
+"""Attention sinks, massive activations and sink dimensions.
+
+* :func:`massive_activations` — Sun et al. 2024 ("Massive Activations in Large Language Models"):
+  residual-stream entries that are huge both absolutely (default > 100) and relative to the
+  layer's median magnitude (default > 1000×). They sit in a few fixed dimensions, on the first
+  token and on delimiters, appear abruptly in an early layer and then stay.
+* :func:`attention_sinks` — Gu et al. 2024 ("When Attention Sink Emerges in Language Models"):
+  ``α_k^{l,h}`` = mean over queries ``t ≥ k`` of ``A^{l,h}[t, k]``; head ``(l, h)`` has a sink at
+  ``k`` if ``α_k > ε`` (default 0.3); the sink rate is the share of heads with a sink at ``k=0``.
+  Also non-initial ("hidden") sinks (ACT, Yu et al. 2024) and the value-norm view: a sink gets
+  large attention but has a small value vector, so it contributes little — it acts like a key bias.
+* :func:`sink_dimensions` — VAR (Kang et al. 2025): the dimensions where the RMS-normalised hidden
+  state of sink tokens is massive, discovered from data instead of hard-coded per model; a token
+  is a sink if ``max_{d ∈ D_sink} |RMSNorm(h)_d| > τ`` (τ = 20).
+
+Common misreading: a high attention weight on the first token is not "the model reading the
+first token" — the sink's value vector is small, so the head mostly writes nothing. Check
+``value_norm_ratio`` before interpreting attention to a sink as information flow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from mechlib import hooks
+from mechlib.results import Result
+from mechlib.sites import check_layer
+from mechlib.tasks.contrast import PromptBatch
+
+
+def _batch(model, prompts, extras) -> PromptBatch:
+    return PromptBatch.from_prompts(model, prompts, extras=extras)
+
+
+# ----------------------------------------------------------------------------------------------
+# massive activations
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class MassiveActivations(Result):
+    """``values[layer]``: largest |residual entry| per layer (mean over prompts).
+
+    Extra tensors (prompt-major): ``top_values``/``top_pos``/``top_dims`` ``[prompt, layer, k]``
+    (signed values of the k largest-|value| entries, their token positions and dimensions) and
+    ``medians`` ``[prompt, layer]`` (median |entry| of the layer's residual over real tokens).
+    """
+
+    top_values: Optional[Tensor] = None
+    top_pos: Optional[Tensor] = None
+    top_dims: Optional[Tensor] = None
+    medians: Optional[Tensor] = None
+
+    def massive_mask(self) -> Tensor:
+        """``[prompt, layer, k]`` True where an entry passes both Sun et al. thresholds."""
+        a, r = self.metadata["abs_threshold"], self.metadata["ratio_threshold"]
+        mag = self.top_values.abs()
+        return (mag > a) & (mag > r * self.medians[..., None])
+
+    def entries(self, massive_only: bool = False):
+        """One row per (prompt, layer, rank): value, position, token, dimension, massive flag."""
+        import pandas as pd
+
+        toks = self.metadata["str_tokens"]
+        mask = self.massive_mask()
+        rows = []
+        P, L, K = self.top_values.shape
+        for p in range(P):
+            for l in range(L):
+                for k in range(K):
+                    if massive_only and not mask[p, l, k]:
+                        continue
+                    pos = int(self.top_pos[p, l, k])
+                    rows.append(dict(prompt=p, layer=self.metadata["layers"][l], rank=k,
+                                     value=float(self.top_values[p, l, k]), pos=pos, token=toks[p][pos],
+                                     dim=int(self.top_dims[p, l, k]),
+                                     ratio_to_median=float(self.top_values[p, l, k].abs() / self.medians[p, l]),
+                                     massive=bool(mask[p, l, k])))
+        return pd.DataFrame(rows)
+
+    def massive_dims(self) -> list[int]:
+        """Dimensions that carry massive entries, most frequent first."""
+        d = self.top_dims[self.massive_mask()]
+        if d.numel() == 0:
+            return []
+        vals, counts = d.unique(return_counts=True)
+        return [int(v) for v in vals[counts.argsort(descending=True)]]
+
+    def first_layer(self) -> Optional[int]:
+        """The first layer at which every prompt has a massive entry (None if never)."""
+        per_layer = self.massive_mask().any(-1).all(0)
+        hit = per_layer.nonzero().flatten()
+        return None if hit.numel() == 0 else self.metadata["layers"][int(hit[0])]
+
+
+def massive_activations(
+    model,
+    prompts,
+    *,
+    top_k: int = 4,
+    abs_threshold: float = 100.0,
+    ratio_threshold: float = 1000.0,
+    layers: Optional[Sequence[int]] = None,
+    extras: Optional[dict] = None,
+) -> MassiveActivations:
+    """The largest residual-stream entries per layer (``blocks.{l}.hook_resid_post``).
+
+    Args:
+        prompts: strings, a ``[batch, pos]`` token tensor, or a ``PromptBatch``.
+        top_k: entries kept per (prompt, layer).
+        abs_threshold, ratio_threshold: Sun et al.'s criterion (|a| > 100 and > 1000 × median).
+
+    Example:
+        >>> r = mechlib.massive_activations(model, ["Summer is warm. Winter is cold."])  # doctest: +SKIP
+        >>> r.entries(massive_only=True).head(); r.massive_dims(); r.first_layer()
+    """
+    batch = _batch(model, prompts, extras)
+    layers = list(range(model.cfg.n_layers)) if layers is None else [check_layer(model, l) for l in layers]
+    names = [f"blocks.{l}.hook_resid_post" for l in layers]
+    _, acts = hooks.run_with_cache(model, batch.tokens, names, extras=batch.extras)
+    mask = batch.mask.to(acts[names[0]].device)
+    tv, tp, td, med = [], [], [], []
+    for n in names:
+        h = acts[n].float()  # [b, pos, d]
+        mag = h.abs().masked_fill(~mask[..., None], -1.0)
+        flat = mag.flatten(1)
+        idx = flat.topk(top_k, dim=1).indices
+        d = h.shape[-1]
+        tv.append(h.flatten(1).gather(1, idx))
+        tp.append(idx // d)
+        td.append(idx % d)
+        med.append(torch.stack([h[i, : int(batch.lengths[i])].abs().median() for i in range(len(batch))]))
+    top_values = torch.stack(tv, 1).cpu()
+    per_prompt = top_values.abs()[..., 0]
+    return MassiveActivations(
+        values=per_prompt.mean(0), axis_names=("layer",), labels={"layer": [f"L{l}" for l in layers]},
+        per_prompt=per_prompt, top_values=top_values, top_pos=torch.stack(tp, 1).cpu(),
+        top_dims=torch.stack(td, 1).cpu(), medians=torch.stack(med, 1).cpu(),
+        metadata=dict(method="massive_activations", abs_threshold=abs_threshold,
+                      ratio_threshold=ratio_threshold, layers=layers, top_k=top_k,
+                      str_tokens=[batch.str_tokens(model, i) for i in range(len(batch))],
+                      title="largest |residual entry| per layer"),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# attention sinks
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class AttentionSinks(Result):
+    """``values[layer, head]``: α_0, the mean attention to the first token (mean over prompts).
+
+    Extra tensors: ``alpha`` ``[prompt, layer, head, key_pos]`` (α_k for every key position; 0 on
+    padding) and ``value_norm_ratio`` ``[layer, head]`` (‖v‖ at the first token divided by the mean
+    ‖v‖ of the other tokens, mean over prompts; < 1 means the sink writes little).
+    ``baselines["sink_rate"]`` is Gu et al.'s Sink_0^ε.
+    """
+
+    alpha: Optional[Tensor] = None
+    value_norm_ratio: Optional[Tensor] = None
+
+    def sink_rate(self, k: int = 0) -> float:
+        """Share of (layer, head) pairs with α_k > ε, averaged over prompts."""
+        return float((self.alpha[..., k] > self.metadata["epsilon"]).float().mean())
+
+    def rate_by_layer(self, k: int = 0) -> Result:
+        """Sink rate per layer (share of heads with α_k > ε), as a 1-D result."""
+        per = (self.alpha[..., k] > self.metadata["epsilon"]).float().mean(-1)  # [prompt, layer]
+        return Result(values=per.mean(0), axis_names=("layer",), labels={"layer": self.labels["layer"]},
+                      per_prompt=per, metadata={"title": f"sink rate by layer (k={k}, ε={self.metadata['epsilon']})"})
+
+    def hidden_sinks(self, min_heads: int = 1, min_queries: int = 4):
+        """Non-initial sink tokens (ACT): per prompt and key position ``k > 0``, how many heads
+        have α_k > ε, with the token text, sorted by that count. Positions followed by fewer than
+        ``min_queries`` queries are skipped: α_k averages over queries ``t ≥ k``, so near the end
+        of a prompt it rests on one or two rows and is high by construction."""
+        import pandas as pd
+
+        eps = self.metadata["epsilon"]
+        toks = self.metadata["str_tokens"]
+        counts = (self.alpha > eps).sum((1, 2))  # [prompt, pos]
+        rows = []
+        for p in range(counts.shape[0]):
+            for k in range(1, len(toks[p]) - min_queries + 1):
+                c = int(counts[p, k])
+                if c >= min_heads:
+                    rows.append(dict(prompt=p, pos=k, token=toks[p][k], n_heads=c,
+                                     max_alpha=float(self.alpha[p, :, :, k].max())))
+        df = pd.DataFrame(rows, columns=["prompt", "pos", "token", "n_heads", "max_alpha"])
+        return df.sort_values("n_heads", ascending=False).reset_index(drop=True)
+
+
+def attention_sinks(
+    model,
+    prompts,
+    *,
+    epsilon: float = 0.3,
+    layers: Optional[Sequence[int]] = None,
+    extras: Optional[dict] = None,
+) -> AttentionSinks:
+    """Gu et al.'s sink scores for every layer and head, hidden sinks, and value norms.
+
+    Args:
+        prompts: strings, a ``[batch, pos]`` token tensor, or a ``PromptBatch``.
+        epsilon: a head has a sink at ``k`` when ``α_k > epsilon``.
+
+    Returns:
+        :class:`AttentionSinks`: ``values`` = α_0 ``[layer, head]``; ``sink_rate()``;
+        ``rate_by_layer()``; ``hidden_sinks()``; ``value_norm_ratio``.
+    """
+    if not 0 < epsilon < 1:
+        raise ValueError(f"epsilon={epsilon} must be in (0, 1)")
+    batch = _batch(model, prompts, extras)
+    if int(batch.lengths.min()) < 2:
+        raise ValueError("every prompt needs at least 2 tokens (the first token plus one query)")
+    layers = list(range(model.cfg.n_layers)) if layers is None else [check_layer(model, l) for l in layers]
+    pat = [f"blocks.{l}.attn.hook_pattern" for l in layers]
+    val = [f"blocks.{l}.attn.hook_v" for l in layers]
+    _, acts = hooks.run_with_cache(model, batch.tokens, pat + val, extras=batch.extras)
+    B, P = batch.tokens.shape
+    mask = batch.mask.float()  # [b, pos]
+    H = model.cfg.n_heads
+    group = H // int(getattr(model.cfg, "n_key_value_heads", None) or H)
+    alphas, ratios = [], []
+    # α_k = mean over real queries t >= k of A[t, k]
+    q_idx = torch.arange(P)
+    valid = (q_idx[:, None] >= q_idx[None, :]).float()[None] * mask[:, :, None]  # [b, t, k]
+    n_valid = valid.sum(1).clamp(min=1)  # [b, k]
+    for pn, vn in zip(pat, val):
+        A = acts[pn].float().cpu()  # [b, head, t, k]
+        alpha = (A * valid[:, None]).sum(2) / n_valid[:, None]  # [b, head, k]
+        alphas.append(alpha * mask[:, None])
+        v = acts[vn].float().cpu().norm(dim=-1)  # [b, pos, kv_head]
+        v = v.repeat_interleave(group, dim=-1)  # per query head
+        other = (v[:, 1:] * mask[:, 1:, None]).sum(1) / mask[:, 1:].sum(1, keepdim=True)
+        ratios.append(v[:, 0] / other)  # [b, head]
+    alpha = torch.stack(alphas, 1)  # [b, layer, head, pos]
+    per_prompt = alpha[..., 0]
+    result = AttentionSinks(
+        values=per_prompt.mean(0), axis_names=("layer", "head"),
+        labels={"layer": [f"L{l}" for l in layers], "head": [f"H{h}" for h in range(H)]},
+        per_prompt=per_prompt, alpha=alpha, value_norm_ratio=torch.stack(ratios, 1).mean(0),
+        metadata=dict(method="attention_sinks", epsilon=epsilon, layers=layers,
+                      str_tokens=[batch.str_tokens(model, i) for i in range(len(batch))],
+                      title="α_0: mean attention to the first token"),
+    )
+    return _with_rate(result)
+
+
+def _with_rate(r: AttentionSinks) -> AttentionSinks:
+    object.__setattr__(r, "baselines", {**r.baselines, "sink_rate": r.sink_rate(0)})
+    return r
+
+
+# ----------------------------------------------------------------------------------------------
+# sink dimensions
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class SinkDimensions(Result):
+    """``values[dim]``: share of (prompt, layer) pairs where the first token's RMS-normalised
+    hidden state exceeds τ in that dimension. ``sink_dims`` (metadata) are the dims above
+    ``min_share``; ``token_scores`` ``[prompt, pos]`` = max over sink dims of |RMSNorm(h)|,
+    averaged over the analysed layers; ``is_sink`` ``[prompt, pos]`` the VAR flag (> τ)."""
+
+    token_scores: Optional[Tensor] = None
+    is_sink: Optional[Tensor] = None
+
+    @property
+    def sink_dims(self) -> list[int]:
+        return list(self.metadata["sink_dims"])
+
+    def sink_tokens(self):
+        import pandas as pd
+
+        toks = self.metadata["str_tokens"]
+        rows = [dict(prompt=p, pos=k, token=toks[p][k], score=float(self.token_scores[p, k]))
+                for p in range(self.is_sink.shape[0]) for k in range(len(toks[p])) if self.is_sink[p, k]]
+        return pd.DataFrame(rows, columns=["prompt", "pos", "token", "score"])
+
+
+def sink_dimensions(
+    model,
+    prompts,
+    *,
+    tau: float = 20.0,
+    min_share: float = 0.5,
+    layers: Optional[Sequence[int]] = None,
+    extras: Optional[dict] = None,
+) -> SinkDimensions:
+    """Discover the sink dimensions (VAR's ``D_sink``) and flag sink tokens.
+
+    The RMS-normalised hidden state is ``blocks.{l}.ln1.hook_normalized`` (``h / rms(h)``, before
+    the norm's weight). A dimension is a sink dimension when the first token's |value| exceeds
+    ``tau`` in at least ``min_share`` of the (prompt, layer) pairs; a token is a sink when its
+    score (max over sink dims of |value|, averaged over the layers) exceeds ``tau``. Default
+    layers: 2 to the last-but-one.
+
+    Mind the scale: entries of ``h / rms(h)`` are bounded by ``sqrt(d_model)`` (all the mass in
+    one dimension). VAR's τ = 20 was set on Llama-2-7B (bound 64); on SmolLM2-135M the bound is
+    24, so τ = 20 asks for near-total concentration — which the first token shows (≈ 22) and
+    ordinary tokens do not (≈ 10–16 in the same dimension, which is large for every token).
+    """
+    batch = _batch(model, prompts, extras)
+    L = model.cfg.n_layers
+    layers = (list(range(min(2, L - 1), max(L - 1, 1))) if layers is None
+              else [check_layer(model, l) for l in layers])
+    names = [f"blocks.{l}.ln1.hook_normalized" for l in layers]
+    _, acts = hooks.run_with_cache(model, batch.tokens, names, extras=batch.extras)
+    x = torch.stack([acts[n].float().cpu() for n in names], 1)  # [b, layer, pos, d]
+    first = x[:, :, 0].abs()  # [b, layer, d]
+    share = (first > tau).float().mean((0, 1))  # [d]
+    dims = (share >= min_share).nonzero().flatten().tolist()
+    if dims:
+        scores = x[..., dims].abs().amax(-1).mean(1)  # [b, pos]
+    else:
+        scores = torch.zeros(x.shape[0], x.shape[2])
+    scores = scores * batch.mask
+    return SinkDimensions(
+        values=share, axis_names=("dim",), per_prompt=(first > tau).float().mean(1),
+        token_scores=scores, is_sink=(scores > tau) & batch.mask,
+        metadata=dict(method="sink_dimensions", tau=tau, min_share=min_share, layers=layers,
+                      sink_dims=dims, str_tokens=[batch.str_tokens(model, i) for i in range(len(batch))],
+                      title=f"share of first-token |RMSNorm(h)| > {tau:.1f}"),
+    )

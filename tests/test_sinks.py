@@ -1,0 +1,159 @@
+import pytest
+import torch
+
+import mechlib
+from mechlib import hooks, interventions
+from mechlib.tasks import ContrastSetError
+
+PROMPTS = ["When Mary and John went to the store , John gave a drink to Mary",
+           "The capital of France is Paris . The capital of Italy is Rome"]
+
+
+def test_planted_massive_activation_is_found(tiny_llama):
+    def plant(h, hook):
+        h = h.clone()
+        h[:, 0, 7] = 500.0
+        return h
+
+    with hooks.attach(tiny_llama, [("blocks.0.hook_resid_post", plant)]):
+        r = mechlib.massive_activations(tiny_llama, PROMPTS)
+    assert r.massive_dims() == [7]
+    assert r.first_layer() == 0
+    top = r.entries(massive_only=True)
+    assert set(top["pos"]) == {0} and set(top["dim"]) == {7} and (top["value"] > 499).all()  # carried on by the residual stream
+    strict = mechlib.massive_activations(tiny_llama, PROMPTS, abs_threshold=1e4)
+    assert strict.massive_dims() == [] and strict.first_layer() is None
+    assert hooks.active_hooks(tiny_llama) == []
+
+
+def test_planted_sinks_are_found(tiny_llama):
+    def plant(A, hook):
+        A = A.clone()
+        A[:, 1] = 0.0  # head 1: every query attends only to the first token
+        A[:, 1, :, 0] = 1.0
+        A[:, 2, 4:] *= 0.1  # head 2: from query 4 on, 90% of the attention on token 3
+        A[:, 2, 4:, 3] += 0.9
+        return A
+
+    with hooks.attach(tiny_llama, [("blocks.1.attn.hook_pattern", plant)]):
+        r = mechlib.attention_sinks(tiny_llama, PROMPTS, epsilon=0.5)
+    assert torch.allclose(r.values[1, 1], torch.tensor(1.0))
+    assert r.alpha[:, 1, 2, 3].min() > 0.5
+    hidden = r.hidden_sinks()
+    assert ((hidden["pos"] == 3) & (hidden["n_heads"] >= 1)).sum() == 2  # both prompts
+    assert 0 < r.sink_rate() <= 1 and r.baselines["sink_rate"] == r.sink_rate()
+    assert r.rate_by_layer().values.shape == (2,)
+
+
+def test_planted_sink_dimension_is_found(tiny_llama):
+    def plant(x, hook):
+        x = x.clone()
+        x[:, 0, 5] = 30.0
+        return x
+
+    names = [f"blocks.{l}.ln1.hook_normalized" for l in range(2)]
+    with hooks.attach(tiny_llama, [(n, plant) for n in names]):
+        r = mechlib.sink_dimensions(tiny_llama, PROMPTS, layers=[0, 1])
+    assert r.sink_dims == [5]
+    assert r.is_sink[:, 0].all() and not r.is_sink[:, 1:].any()
+    assert set(r.sink_tokens()["pos"]) == {0}
+
+
+def test_probe_input_errors(tiny_llama):
+    with pytest.raises(ContrastSetError, match="empty"):
+        mechlib.attention_sinks(tiny_llama, [])
+    with pytest.raises(ContrastSetError, match=r"prompts\[1\] is empty"):
+        mechlib.massive_activations(tiny_llama, ["Mary", " "])
+    with pytest.raises(ValueError, match="epsilon"):
+        mechlib.attention_sinks(tiny_llama, PROMPTS, epsilon=1.5)
+    with pytest.raises(mechlib.sites.SiteError, match="layers 0..1"):
+        mechlib.massive_activations(tiny_llama, PROMPTS, layers=[5])
+
+
+def _pattern(model, tokens, layer):
+    with hooks.capture(model, [f"blocks.{layer}.attn.hook_pattern"]) as seen:
+        logits = model(tokens)
+    return logits, seen[f"blocks.{layer}.attn.hook_pattern"]
+
+
+def test_redistribute_attention_moves_the_share_p(tiny_llama):
+    tokens = tiny_llama.to_tokens(PROMPTS[0])
+    base_logits, base = _pattern(tiny_llama, tokens, 1)
+    with mechlib.redistribute_attention(tiny_llama, [(1, 2)], span=(3, 9), sink_positions=[0], p=0.6):
+        logits, edited = _pattern(tiny_llama, tokens, 1)
+    q = slice(9, None)  # queries that see the whole span
+    assert torch.allclose(edited[0, 2, q, 0], base[0, 2, q, 0] * 0.4, atol=1e-6)
+    assert torch.allclose(edited.sum(-1), torch.ones_like(edited.sum(-1)), atol=1e-5)
+    gained = (edited[0, 2, q, 3:9] - base[0, 2, q, 3:9]).sum(-1)
+    assert torch.allclose(gained, base[0, 2, q, 0] * 0.6, atol=1e-5)
+    assert torch.equal(edited[0, [0, 1, 3]], base[0, [0, 1, 3]])  # other heads untouched
+    assert not torch.allclose(logits, base_logits)
+    assert torch.allclose(tiny_llama(tokens), base_logits)  # restored on exit
+    assert hooks.active_hooks(tiny_llama) == []
+
+
+def test_calibrate_attention_scales_non_initial_sinks(tiny_llama):
+    tokens = tiny_llama.to_tokens(PROMPTS[1])
+    _, base = _pattern(tiny_llama, tokens, 0)
+    with mechlib.calibrate_attention(tiny_llama, [(0, 0), (0, 3)], beta=0.25, sink_positions=[4]):
+        _, edited = _pattern(tiny_llama, tokens, 0)
+    for h in (0, 3):
+        assert torch.allclose(edited[0, h, 5:, 4], base[0, h, 5:, 4] * 0.25, atol=1e-6)
+    assert torch.allclose(edited.sum(-1), torch.ones_like(edited.sum(-1)), atol=1e-5)
+    assert torch.equal(edited[0, 1], base[0, 1])
+    # adaptive mode finds sinks itself and still keeps rows normalised
+    with mechlib.calibrate_attention(tiny_llama, [(0, h) for h in range(4)], epsilon=0.05) as fired:
+        _, adaptive = _pattern(tiny_llama, tokens, 0)
+    assert fired["blocks.0.attn.hook_pattern"] == 1
+    assert torch.allclose(adaptive.sum(-1), torch.ones_like(adaptive.sum(-1)), atol=1e-5)
+
+
+def test_ablate_massive_writes_zero_or_mean(tiny_llama):
+    tokens = tiny_llama.to_tokens(PROMPTS[0])
+    name = "blocks.0.hook_resid_post"
+    with mechlib.ablate_massive(tiny_llama, [3, 9], positions=[0], layers=[0]):
+        with hooks.capture(tiny_llama, [name]) as seen:
+            tiny_llama(tokens)
+    assert (seen[name][0, 0, [3, 9]] == 0).all() and (seen[name][0, 1, [3, 9]] != 0).all()
+    with mechlib.ablate_massive(tiny_llama, [3], layers=[0], mode="mean", values=torch.tensor([2.5]), positions=None):
+        with hooks.capture(tiny_llama, [name]) as seen:
+            tiny_llama(tokens)
+    assert (seen[name][0, :, 3] == 2.5).all()
+    with pytest.raises(ValueError, match="needs values"):
+        with mechlib.ablate_massive(tiny_llama, [3], mode="mean"):
+            pass
+    with pytest.raises(ValueError, match="within 0..63"):
+        with mechlib.ablate_massive(tiny_llama, [64]):
+            pass
+
+
+def test_intervention_errors(tiny_llama, monkeypatch):
+    tokens = tiny_llama.to_tokens(PROMPTS[0])
+    with pytest.raises(IndexError, match="exceed"):
+        with mechlib.redistribute_attention(tiny_llama, [(1, 0)], span=(3, 99), sink_positions=[0]):
+            tiny_llama(tokens)
+    assert hooks.active_hooks(tiny_llama) == []
+    with pytest.raises(mechlib.sites.SiteError, match="head=9"):
+        with mechlib.calibrate_attention(tiny_llama, [(0, 9)]):
+            pass
+    with pytest.raises(ValueError, match="span"):
+        with mechlib.redistribute_attention(tiny_llama, [(1, 0)], span=(5, 2), sink_positions=[0]):
+            pass
+    monkeypatch.setattr(interventions, "_REIMPLEMENTED", ())
+    with pytest.raises(interventions.UnsupportedBridgeError, match="silently discarded"):
+        with mechlib.calibrate_attention(tiny_llama, [(0, 0)]):
+            pass
+
+
+def test_smollm2_has_sinks_and_a_massive_dimension(model):
+    prompts = ["The quick brown fox jumps over the lazy dog. It was a sunny day.",
+               "Summer is warm. Winter is cold.\nSpring is mild, and autumn is cool."]
+    s = mechlib.attention_sinks(model, prompts)
+    assert s.sink_rate() > 0.5
+    assert float(s.value_norm_ratio.mean()) < 1.0  # the sink's values are small: a key bias
+    m = mechlib.massive_activations(model, prompts)
+    assert m.massive_dims()[:1] == [507]
+    assert set(m.entries(massive_only=True)["pos"]) == {0}
+    d = mechlib.sink_dimensions(model, prompts)
+    assert 507 in d.sink_dims
+    assert d.is_sink[:, 0].all()
