@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from mechlib.tasks.contrast import ContrastSet, ContrastSetError, single_token_id
 from mechlib.tasks.data import load_data, vocabulary_words
-from mechlib.tasks.generators import colored_objects, factual_recall, ioi
+from mechlib.tasks.generators import colored_objects, factual_recall, ioi, sentiment
 
 __all__ = ["ContrastSet", "ContrastSetError", "single_token_id", "ioi", "colored_objects",
-           "factual_recall", "load_data", "vocabulary_words"]
+           "factual_recall", "sentiment", "load_data", "vocabulary_words"]

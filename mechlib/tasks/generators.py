@@ -156,3 +156,28 @@ def factual_recall(model, n: Optional[int] = None, *, seed: int = 0) -> Contrast
     return ContrastSet.from_prompts(model, clean, corrupted, [" " + a[1] for a, _ in pairs],
                                     [" " + b[1] for _, b in pairs], labels=[a[0] for a, _ in pairs],
                                     task="factual_recall")
+
+
+def sentiment(model, n: Optional[int] = None, *, seed: int = 0, n_shots: int = 2) -> ContrastSet:
+    """Few-shot binary sentiment classification (reviews in ``data/sentiment.json``).
+
+    Answer: the label token (" positive"/" negative"); wrong answer: the other label. This is a
+    classification set, not a contrast: ``corrupted`` repeats ``clean`` (use it for accuracy under
+    interventions, not for patching). ``n=None`` uses every item; labels are the gold labels.
+    """
+    data = load_data("sentiment")
+    rng = random.Random(seed)
+    items = list(data["items"])
+    rng.shuffle(items)
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        items = items[:n]
+    shots = data["shots"][:n_shots]
+    prefix = "".join(data["template"].format(text=t) + data["labels"][l] + "\n\n" for t, l in shots)
+    prompts = [prefix + data["template"].format(text=t) for t, _ in items]
+    other = {"positive": "negative", "negative": "positive"}
+    answers = [data["labels"][l] for _, l in items]
+    wrong = [data["labels"][other[l]] for _, l in items]
+    return ContrastSet.from_prompts(model, prompts, prompts, answers, wrong,
+                                    labels=[l for _, l in items], task="sentiment")

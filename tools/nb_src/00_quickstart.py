@@ -76,14 +76,19 @@ viz.attention_view(model, ioi.clean_prompts[0], layer)
 # ## Activation patching: where does the clean behaviour come back?
 #
 # Patch each residual-stream position (and each head's output) from the clean run into the
-# corrupted run and measure the recovered logit difference (0 = corrupted, 1 = clean). mechlib
+# corrupted run and measure the recovered logit difference (0 = corrupted, 1 = clean). The
+# information starts at the changed S2 token and moves to the final token in the late layers. mechlib
 # batches the patched variants and resumes each forward at the patched layer; the values equal
 # TransformerLens' `get_act_patch_*` (see `tests/test_patching.py`).
 
 # %%
-one_template = tasks.ioi(model, n=min(N_PROMPTS, 8), seed=SEED, templates=[15])  # position-aligned
+one_template = tasks.ioi(model, n=min(N_PROMPTS, 4), seed=SEED, templates=[15])  # position-aligned
 ld1 = metrics.logit_diff(one_template)
 resid = mechlib.activation_patching(model, one_template, ld1, site="resid_pre")
+recovery = resid.normalized().values                      # [layer, pos]
+s2 = int((one_template.clean_tokens[0] != one_template.corrupted_tokens[0]).nonzero()[0])  # the changed token
+print(f"recovery at the S2 token: layer 0 {recovery[0, s2]:.2f}, last layer {recovery[-1, s2]:.2f}; "
+      f"at the final token: last layer {recovery[-1, -1]:.2f}")
 fig = resid.normalized().plot(title="resid_pre patching: recovered share of the logit difference")
 
 # %%
@@ -102,7 +107,7 @@ print(f"correlation of attribution patching with exact head patching: r = {r_att
 # Path patching (Wang et al.): which late heads carry the answer straight to the logits?
 
 # %%
-senders = [(l, h) for l in range(18, model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+senders = [(l, h) for l in range(20, model.cfg.n_layers) for h in range(model.cfg.n_heads)]
 paths = mechlib.path_patching(model, one_template, ld1, senders=senders, receivers="logits")
 paths.effect().top(5, largest=False)
 
@@ -118,8 +123,8 @@ assert prediction == " Paris"
 assert clean.mean() >= 2.0, "IOI clean logit difference should be clearly positive"
 assert corrupted.mean() <= 0.0, "the S2->IO corruption should flip the preference"
 assert to_io.max() > 0.3, "some head should attend strongly from the end to the IO name"
-final_pos = resid.normalized().values[:, -1]
-assert final_pos[-1] > 0.99, "patching the last position of the last layer restores the clean run"
+assert abs(recovery[0, s2] - 1) < 1e-3, "at layer 0 only the changed token carries the difference"
+assert recovery[-1, s2] < 0.2 and recovery[-1, -1] > 0.8, "by the last layer it has moved to the final token"
 assert r_attr > 0.5, "attribution patching should track exact patching"
 top_path = paths.effect().top(1, largest=False).iloc[0]
 assert top_path["value"] < -1.0, "some late head's direct path should carry the answer"
