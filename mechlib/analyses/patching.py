@@ -131,6 +131,15 @@ class _Plan:
             return [(p, h) for p in self.positions for h in self.heads]
         return [(h,) for h in self.heads]
 
+    def labels(self, model, contrast: ContrastSet) -> dict[str, list[str]]:
+        out = {"layer": [f"L{l}" for l in self.layers]}
+        if "pos" in self.axis_names:
+            every = _pos_labels(model, contrast)
+            out["pos"] = [every[p] for p in self.positions]
+        if self.spec.per_head:
+            out[self.axis_names[-1]] = [f"{'KV' if self.spec.kv else 'H'}{h}" for h in self.heads]
+        return out
+
     def shape(self) -> tuple[int, ...]:
         if not self.spec.per_head:
             return (len(self.layers), len(self.positions))
@@ -333,13 +342,7 @@ def activation_patching(
                 bar.update(1)
 
     per_prompt = per_prompt.reshape(B, *plan.shape())
-    labels = {"layer": [f"L{l}" for l in plan.layers]}
-    if "pos" in plan.axis_names:
-        all_pos = _pos_labels(model, contrast)
-        labels["pos"] = [all_pos[p] for p in plan.positions]
-    if spec.per_head:
-        prefix = "KV" if spec.kv else "H"
-        labels[plan.axis_names[-1]] = [f"{prefix}{h}" for h in plan.heads]
+    labels = plan.labels(model, contrast)
     return PatchingResult(
         values=per_prompt.mean(0), axis_names=plan.axis_names, labels=labels, per_prompt=per_prompt,
         baselines={"clean": float(clean_vals.mean()), "corrupted": float(corr_vals.mean())},
@@ -409,11 +412,7 @@ def attribution_patching(
     delta = torch.stack(per_layer, 1).detach().cpu()  # [batch, layer, ...]
     corr_vals = corr_vals.detach().cpu()
     per_prompt = delta + corr_vals.reshape((B,) + (1,) * (delta.ndim - 1))
-    labels = {"layer": [f"L{l}" for l in plan.layers]}
-    if "pos" in plan.axis_names:
-        labels["pos"] = _pos_labels(model, contrast)
-    if spec.per_head:
-        labels[plan.axis_names[-1]] = [f"{'KV' if spec.kv else 'H'}{h}" for h in plan.heads]
+    labels = plan.labels(model, contrast)
     return PatchingResult(
         values=per_prompt.mean(0), axis_names=plan.axis_names, labels=labels, per_prompt=per_prompt,
         baselines={"clean": float(clean_vals.mean()), "corrupted": float(corr_vals.mean())},
