@@ -51,6 +51,15 @@ def _heads_by_layer(model, heads: Sequence[tuple[int, int]]) -> dict[int, list[i
     return out
 
 
+@contextmanager
+def _editing_patterns(model, by_layer: dict[int, list[int]], edit) -> Iterator[dict[str, int]]:
+    """Attach ``edit(pattern, hook, heads)`` at each layer's ``hook_pattern`` for its heads."""
+    hk = [(f"blocks.{l}.attn.hook_pattern", lambda A, hook, hs=hs: edit(A, hook, hs))
+          for l, hs in by_layer.items()]
+    with hooks.attach(model, hk, must_fire=False) as fired:
+        yield fired
+
+
 def _move_mass(A: Tensor, take: Tensor, recipients: Tensor) -> Tensor:
     """Remove ``take`` (same shape as A, ≥ 0) and add its row sum to ``recipients`` (bool mask over
     keys, broadcastable), proportionally to their current attention; rows whose recipients hold no
@@ -105,8 +114,7 @@ def calibrate_attention(
         A[:, hs] = _move_mass(sub, take, ~sink)
         return A
 
-    hk = [(f"blocks.{l}.attn.hook_pattern", lambda A, hook, hs=hs: edit(A, hook, hs)) for l, hs in by_layer.items()]
-    with hooks.attach(model, hk, must_fire=False) as fired:
+    with _editing_patterns(model, by_layer, edit) as fired:
         yield fired
 
 
@@ -155,8 +163,7 @@ def redistribute_attention(
         A[:, hs] = new
         return A
 
-    hk = [(f"blocks.{l}.attn.hook_pattern", lambda A, hook, hs=hs: edit(A, hook, hs)) for l, hs in by_layer.items()]
-    with hooks.attach(model, hk, must_fire=False) as fired:
+    with _editing_patterns(model, by_layer, edit) as fired:
         yield fired
 
 
