@@ -106,8 +106,8 @@ def check_inputs(model, extras: Optional[Mapping[str, Tensor]]) -> dict[str, Ten
         raise MissingModelInputError(
             "this is a multimodal model but no pixel_values were given: its image tokens would be "
             "run without the image (TransformerLens does this silently). Pass pixel_values, e.g. "
-            "ContrastSet.from_prompts(..., extras={'pixel_values': pixels}) or "
-            "prompts_inputs(..., pixel_values=pixels)"
+            "ContrastSet.from_prompts(..., extras={'pixel_values': pixels}), or "
+            "extras={'pixel_values': pixels} to the probes (attention_sinks, ...)"
         )
     return extras
 

@@ -178,7 +178,7 @@ def test_attribution_tracks_exact_patching_on_the_embedded_model(model):
 # ------------------------------------------------------------------------------ path patching
 
 
-def slow_path_patching(model, cs, metric, sender, receivers):
+def slow_path_patching(model, cs, metric, sender, receivers, last_only=False):
     """Obviously-correct reference: full forwards, one sender, TransformerLens' run_with_hooks."""
     L = model.cfg.n_layers
     _, clean = model.run_with_cache(cs.clean_tokens)
@@ -210,7 +210,12 @@ def slow_path_patching(model, cs, metric, sender, receivers):
         def fn(x, hook):
             x = x.clone()
             for h in heads:
-                x[:, :, h] = seen[name][:, :, h]
+                if last_only:
+                    for b in range(x.shape[0]):
+                        p = int(cs.last_pos[b])
+                        x[b, p, h] = seen[name][b, p, h]
+                else:
+                    x[:, :, h] = seen[name][:, :, h]
             return x
         return fn
 
@@ -231,6 +236,22 @@ def test_path_patching_matches_slow_reference(receivers):
     untouched = r.values[2] if receivers == "logits" else r.values[1]
     assert torch.allclose(untouched, torch.full_like(untouched, r.baselines["clean"]))
     assert hooks.active_hooks(model) == []
+
+
+def test_path_patching_receivers_at_the_last_token_only():
+    model = mechlib.tiny_model("llama", seed=2, n_layers=3)
+    cs = tasks.ioi(model, n=2, seed=0, templates=[2])
+    ld = metrics.logit_diff(cs)
+    receivers = [(2, 1, "q"), (2, 0, "k")]
+    r = mechlib.path_patching(model, cs, ld, senders=[(0, 1), (1, 2)], receivers=receivers,
+                              receiver_positions="last")
+    everywhere = mechlib.path_patching(model, cs, ld, senders=[(0, 1), (1, 2)], receivers=receivers)
+    for l, h in [(0, 1), (1, 2)]:
+        ref = slow_path_patching(model, cs, ld, (l, h), receivers, last_only=True)
+        assert torch.allclose(r.per_prompt[:, l, h], ref, atol=1e-4)
+    assert not torch.allclose(r.values, everywhere.values)
+    with pytest.raises(ValueError, match="receiver_positions"):
+        mechlib.path_patching(model, cs, ld, receivers=receivers, receiver_positions="end")
 
 
 def test_path_patching_on_the_embedded_model_finds_late_heads(model):

@@ -458,6 +458,7 @@ def path_patching(
     *,
     receivers: Union[str, Sequence[Receiver]] = "logits",
     senders: Optional[Sequence[tuple[int, int]]] = None,
+    receiver_positions: str = "all",
     memory_budget_mb: float = 2048,
     max_chunk: int = 256,
     progress: Optional[bool] = None,
@@ -483,12 +484,17 @@ def path_patching(
             patching it changes all of them (TransformerLens refuses GQA here).
         senders: ``(layer, head)`` pairs; default every head in a layer before the last receiver
             (all layers for ``"logits"``).
+        receiver_positions: ``"all"`` patches the receivers' inputs at every position;
+            ``"last"`` only at each prompt's last token (the IOI paper's END position, e.g. for
+            name-mover queries).
 
     Returns:
         :class:`PatchingResult` over ``("layer", "head")`` of the senders (cells that are not
         senders hold the clean value, so their effect is 0).
     """
     _check_contrast(model, contrast)
+    if receiver_positions not in ("all", "last"):
+        raise ValueError(f"receiver_positions={receiver_positions!r}: choose 'all' or 'last'")
     recv = _receivers(model, receivers)
     n_layers, H = model.cfg.n_layers, model.cfg.n_heads
     last = max((r.layer for r in recv), default=n_layers)
@@ -549,11 +555,19 @@ def path_patching(
                 with hooks.capture(model, recv_names) as seen:
                     hooks.run_from(model, starts[first], first, copies=C, hooks=frozen)
 
+                rows = torch.arange(C * B)
+                last = contrast.last_pos.repeat(C)
+
                 def put(act, hook, hname):
                     act = act.clone()
                     for r in recv:
-                        if r.hook_name == hname:
+                        if r.hook_name != hname:
+                            continue
+                        if receiver_positions == "all":
                             act[:, :, r.head] = seen[hname][:, :, r.head]
+                        else:
+                            r_rows, r_pos = rows.to(act.device), last.to(act.device)
+                            act[r_rows, r_pos, r.head] = seen[hname][r_rows, r_pos, r.head]
                     return act
 
                 patch = [(n, lambda act, hook, n=n: put(act, hook, n)) for n in recv_names]
@@ -576,5 +590,6 @@ def path_patching(
         metadata=dict(method="path_patching", direction="noising", metric=name, task=contrast.task,
                       n_prompts=B, senders=[list(s) for s in senders],
                       receivers="logits" if not recv else [str(r) for r in recv],
+                      receiver_positions=receiver_positions,
                       title="path patching → " + ("logits" if not recv else ", ".join(map(str, recv)))),
     )
