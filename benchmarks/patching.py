@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     compare("head_out, all positions [L,H]",
             lambda: tlp.get_act_patch_attn_head_out_all_pos(model, cs.corrupted_tokens, clean_cache, tl_metric),
             lambda: mechlib.activation_patching(model, cs, ld, site="head_out", progress=False))
-    exact_resid = compare("resid_pre by position [L,pos]",
+    compare("resid_pre by position [L,pos]",
             lambda: tlp.get_act_patch_resid_pre(model, cs.corrupted_tokens, clean_cache, tl_metric),
             lambda: mechlib.activation_patching(model, cs, ld, site="resid_pre", progress=False))
     if args.full:

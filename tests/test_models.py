@@ -1,5 +1,4 @@
 import importlib.metadata
-import json
 import os
 import shutil
 import subprocess

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-import mechlib
 from mechlib import hooks, sites
 from mechlib.sites import Site, SiteError
 

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-import mechlib
 from mechlib import ContrastSet, ContrastSetError, metrics, tasks
 
 IOI_CLEAN = "When Mary and John went to the store, John gave a drink to"
