@@ -153,8 +153,12 @@ def _cache_is_valid(path: Path, *, full: bool = False) -> bool:
     weights = path / "model.safetensors"
     try:
         meta = json.loads(manifest.read_text())
-        if weights.stat().st_size != meta["size"]:
+        st = weights.stat()
+        if st.st_size != meta["size"]:
             return False
+        # The quick check hashes the ends only; a file touched since the manifest was written
+        # (mtime changed: an overwrite, a copy) gets the full hash.
+        full = full or st.st_mtime_ns != meta.get("mtime_ns")
         if _file_sha256(weights, head_tail=_QUICK) != meta["quick_sha256"]:
             return False
         if full and _file_sha256(weights) != meta["sha256"]:
@@ -202,6 +206,7 @@ def _build_embedded_cache(dest: Path, dtype: torch.dtype) -> None:
             "size": weights.stat().st_size,
             "sha256": _file_sha256(weights),
             "quick_sha256": _file_sha256(weights, head_tail=_QUICK),
+            "mtime_ns": weights.stat().st_mtime_ns,
             "files": files,
             "seconds_to_build": round(time.perf_counter() - t0, 1),
         }

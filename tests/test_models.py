@@ -104,6 +104,16 @@ def test_corrupted_cache_bytes_are_detected(tmp_path, monkeypatch):
     assert not models._cache_is_valid(dest)
 
 
+def test_corruption_in_the_middle_is_detected(tmp_path, monkeypatch):
+    _, dest = _copy_cache(tmp_path, monkeypatch)
+    assert models._cache_is_valid(dest)  # copytree keeps mtimes: the quick path
+    w = dest / "model.safetensors"
+    with open(w, "r+b") as f:
+        f.seek(w.stat().st_size // 2)
+        f.write(b"\x00garbage\x00")
+    assert not models._cache_is_valid(dest)  # mtime changed -> full hash
+
+
 def test_missing_manifest_means_incomplete(tmp_path, monkeypatch):
     _, dest = _copy_cache(tmp_path, monkeypatch)
     (dest / "mechlib-manifest.json").unlink()
