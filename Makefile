@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 model: $(STAMP)
-	@$(PY) -m mechlib.models --prepare
+	@$(PY) -c "from mechlib.models import prepare_embedded; print('embedded model cache:', prepare_embedded())"
 
 notebooks: setup
 	$(PY) tools/run_notebooks.py notebooks reports
