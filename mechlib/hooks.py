@@ -232,7 +232,6 @@ def run_from(
     *,
     copies: int = 1,
     hooks: Sequence[tuple[str, HookFn]] = (),
-    resid: Optional[Tensor] = None,
     read_pos: Optional[Tensor] = None,
 ) -> Tensor:
     """Logits of the model resumed at block ``layer`` from recorded inputs, for ``copies`` stacked
@@ -244,8 +243,8 @@ def run_from(
     model's own logits (:func:`resume_matches`): architectures that post-process logits outside
     ``ln_final``/``unembed`` would differ.
     """
-    x = start.resid if resid is None else resid
-    if copies > 1 and resid is None:
+    x = start.resid
+    if copies > 1:
         x = x.repeat(copies, *([1] * (x.ndim - 1)))
     kwargs = start.expanded_kwargs(copies)
     with torch.no_grad(), attach(model, hooks):

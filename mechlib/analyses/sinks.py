@@ -242,20 +242,15 @@ def attention_sinks(
         ratios.append(v[:, 0] / other)  # [b, head]
     alpha = torch.stack(alphas, 1)  # [b, layer, head, pos]
     per_prompt = alpha[..., 0]
-    result = AttentionSinks(
+    return AttentionSinks(
         values=per_prompt.mean(0), axis_names=("layer", "head"),
         labels={"layer": [f"L{l}" for l in layers], "head": [f"H{h}" for h in range(H)]},
         per_prompt=per_prompt, alpha=alpha, value_norm_ratio=torch.stack(ratios, 1).mean(0),
+        baselines={"sink_rate": float((per_prompt > epsilon).float().mean())},
         metadata=dict(method="attention_sinks", epsilon=epsilon, layers=layers,
                       str_tokens=[batch.str_tokens(model, i) for i in range(len(batch))],
                       title="α_0: mean attention to the first token"),
     )
-    return _with_rate(result)
-
-
-def _with_rate(r: AttentionSinks) -> AttentionSinks:
-    object.__setattr__(r, "baselines", {**r.baselines, "sink_rate": r.sink_rate(0)})
-    return r
 
 
 # ----------------------------------------------------------------------------------------------

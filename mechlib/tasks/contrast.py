@@ -59,6 +59,10 @@ def _pad_right(seqs: Sequence[Tensor], pad: int) -> Tensor:
     return out
 
 
+def _decode_each(model, tokens: Tensor) -> list[str]:
+    return [model.tokenizer.decode([int(t)]) for t in tokens]
+
+
 def _pad_id(model) -> int:
     pad = model.tokenizer.pad_token_id
     return int(pad if pad is not None else (model.tokenizer.eos_token_id or 0))
@@ -103,7 +107,7 @@ class PromptBatch:
         return torch.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]
 
     def str_tokens(self, model, i: int) -> list[str]:
-        return [model.tokenizer.decode([int(t)]) for t in self.tokens[i, : int(self.lengths[i])]]
+        return _decode_each(model, self.tokens[i, : int(self.lengths[i])])
 
 
 @dataclass(frozen=True)
@@ -269,7 +273,7 @@ class ContrastSet:
 
     def str_tokens(self, model, i: int = 0, side: str = "clean") -> list[str]:
         toks = (self.clean_tokens if side == "clean" else self.corrupted_tokens)[i, : int(self.lengths[i])]
-        return [model.tokenizer.decode([int(t)]) for t in toks]
+        return _decode_each(model, toks)
 
     def __repr__(self) -> str:
         return (f"ContrastSet(task={self.task!r}, n={len(self)}, n_pos={self.n_pos}, "
