@@ -11,9 +11,18 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.mechlib-setup
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup model notebooks test test-fast lab bench clean
+.PHONY: setup system model notebooks test test-fast lab bench clean
 
-setup: $(STAMP) model
+setup: system $(STAMP) model
+
+# System programs: graphviz's `dot` (circuit diagrams; a pure-Python fallback exists) and Debian's
+# Chromium (the headless browser test of the HTML reports). Installed with apt-get when missing.
+system:
+	@if command -v dot >/dev/null && command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing graphviz and chromium (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq graphviz chromium >/dev/null; \
+	else echo "note: install graphviz and chromium (e.g. sudo apt-get install graphviz chromium)"; fi
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -36,3 +36,8 @@ from mechlib.tasks.contrast import PromptBatch  # noqa: E402
 
 __all__ += ["attention_sinks", "massive_activations", "sink_dimensions", "interventions",
             "ablate_massive", "ablate_sink_values", "calibrate_attention", "redistribute_attention", "PromptBatch"]
+
+from mechlib.analyses.circuits import Circuit, OverlapResult, circuit_overlap, find_circuit  # noqa: E402
+from mechlib.interventions import scale_heads, steer_attention  # noqa: E402
+
+__all__ += ["find_circuit", "circuit_overlap", "Circuit", "OverlapResult", "scale_heads", "steer_attention"]

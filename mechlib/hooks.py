@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 from contextlib import contextmanager
+import weakref
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -258,12 +259,24 @@ def run_from(
         return model.unembed(model.ln_final(x))
 
 
+_RESUME_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def resume_matches(model, start: BlockInputs, layer: int, reference_logits: Tensor, atol: float = 1e-4) -> bool:
-    """True when resuming at ``layer`` reproduces ``reference_logits`` (the full forward's)."""
+    """True when resuming at ``layer`` reproduces ``reference_logits`` (the full forward's).
+
+    A success is remembered per model and layer (it is a property of the architecture), so
+    repeated sweeps on one model pay for the check once.
+    """
+    if layer in _RESUME_OK.get(model, ()):
+        return True
     try:
         logits = run_from(model, start, layer)
     except Exception:
         return False
-    return logits.shape == reference_logits.shape and bool(
+    ok = logits.shape == reference_logits.shape and bool(
         torch.allclose(logits, reference_logits.to(logits.device), atol=atol, rtol=1e-4)
     )
+    if ok:
+        _RESUME_OK.setdefault(model, set()).add(layer)
+    return ok

@@ -5,6 +5,11 @@
 * :func:`calibrate_attention` — ACT (Yu et al. 2024): in chosen heads, scale down the attention
   on non-initial sink tokens (found per input: α_k > ε) and give the removed mass to the other
   tokens, proportionally to their attention.
+* :func:`scale_heads` — VHR (vision-aware head reinforcement) and head ablation: multiply chosen
+  heads' outputs (``hook_z``) by a factor.
+* :func:`steer_attention` — the circuit-repair intervention of Merullo et al. (2024): make chosen
+  heads attend, at the answer position, to given tokens (e.g. the wrong colour options, as IOI's
+  S-inhibition heads attend to the repeated name).
 * :func:`redistribute_attention` — VAR (Kang et al. 2025): in chosen heads, move a share ``p`` of
   the attention on sink tokens to the non-sink tokens of a span (the image; a context passage in
   the text analogue), proportionally to their attention.
@@ -17,6 +22,7 @@ these raise :class:`UnsupportedBridgeError` instead.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence, Union
 
@@ -239,4 +245,92 @@ def ablate_sink_values(
 
     hk = [(f"blocks.{l}.attn.hook_v", edit) for l in layers]
     with hooks.attach(model, hk, must_fire=False) as fired:
+        yield fired
+
+
+@contextmanager
+def scale_heads(
+    model,
+    heads: Sequence[tuple[int, int]],
+    alpha: float,
+    *,
+    positions: Optional[Sequence[int]] = None,
+) -> Iterator[dict[str, int]]:
+    """Multiply the outputs (``hook_z``) of ``heads`` by ``alpha`` while active.
+
+    ``alpha > 1`` reinforces the heads (VHR), ``0`` ablates them, ``1`` changes nothing.
+    ``positions`` restricts the scaling to those query positions (default all).
+
+    Example:
+        >>> with mechlib.interventions.scale_heads(model, [(23, 3)], 2.0):   # doctest: +SKIP
+        ...     logits = model(tokens)
+    """
+    by_layer = _heads_by_layer(model, heads)
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha={alpha} must be finite")
+    pos = slice(None) if positions is None else list(positions)
+
+    def edit(z, hook, hs):
+        z = z.clone()
+        sub = z[:, pos]
+        sub[:, :, hs] = sub[:, :, hs] * alpha
+        z[:, pos] = sub
+        return z
+
+    hk = [(f"blocks.{l}.attn.hook_z", lambda z, hook, hs=hs: edit(z, hook, hs)) for l, hs in by_layer.items()]
+    with hooks.attach(model, hk, must_fire=False) as fired:
+        yield fired
+
+
+@contextmanager
+def steer_attention(
+    model,
+    heads: Sequence[tuple[int, int]],
+    keys: Tensor,
+    *,
+    query_pos: Tensor,
+    weight: float = 1.0,
+) -> Iterator[dict[str, int]]:
+    """At each prompt's ``query_pos``, move a share ``weight`` of the chosen heads' attention onto
+    the key positions in ``keys`` (spread evenly over them); the rest keeps its pattern.
+
+    Args:
+        keys: ``[batch, pos]`` bool mask of the key positions to attend to, per prompt.
+        query_pos: ``[batch]`` the query position edited in each prompt (e.g. ``contrast.last_pos``).
+        weight: 1.0 replaces the attention row; 0 changes nothing.
+
+    Forwards must have the same batch as ``keys`` (a multiple of it, for stacked copies).
+    """
+    if not 0 <= weight <= 1:
+        raise ValueError(f"weight={weight} must be in [0, 1]")
+    if keys.ndim != 2 or keys.dtype != torch.bool:
+        raise ValueError(f"keys must be a [batch, pos] bool mask, got {keys.dtype} {tuple(keys.shape)}")
+    if query_pos.shape != (keys.shape[0],):
+        raise ValueError(f"query_pos has shape {tuple(query_pos.shape)}; need [{keys.shape[0]}] (one per prompt)")
+    empty = (~keys.any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"keys selects no position for prompt(s) {empty}")
+    bad = [i for i in range(len(query_pos)) if not keys[i, int(query_pos[i]) + 1:].logical_not().all()]
+    if bad:
+        raise ValueError(f"prompt(s) {bad}: keys after the query position cannot be attended (causal mask)")
+    by_layer = _heads_by_layer(model, heads)
+    _check_pattern_editable(model, list(by_layer))
+
+    def edit(A, hook, hs):
+        b, _, Q, K = A.shape
+        if b % keys.shape[0] or (K < keys.shape[1] and keys[:, K:].any()):
+            raise ValueError(f"steer_attention was set up for {keys.shape[0]} prompts of "
+                             f"{keys.shape[1]} tokens; this forward has batch {b}, {K} tokens")
+        m = keys[:, :K].to(A.device).repeat(b // keys.shape[0], 1).to(A.dtype)  # [b, K]
+        if K > keys.shape[1]:
+            m = torch.nn.functional.pad(m, (0, K - keys.shape[1]))
+        target = m / m.sum(-1, keepdim=True)
+        rows = torch.arange(b, device=A.device)
+        qp = query_pos.to(A.device).repeat(b // keys.shape[0])
+        A = A.clone()
+        for h in hs:
+            A[rows, h, qp] = (1 - weight) * A[rows, h, qp] + weight * target
+        return A
+
+    with _editing_patterns(model, by_layer, edit) as fired:
         yield fired

@@ -90,6 +90,34 @@ def answer_prob(contrast: ContrastSet) -> Metric:
     return metric
 
 
+def accuracy(contrast: ContrastSet, *, among: str = "answers") -> Metric:
+    """1.0 where the answer is the top prediction at the last token, else 0.0, per prompt.
+
+    Args:
+        among: ``"answers"`` ranks only the task's candidate tokens (every answer and wrong answer
+            in the set, e.g. all colours of Colored Objects — the usual multiple-choice
+            accuracy); ``"vocab"`` ranks the whole vocabulary (greedy-decoding accuracy).
+    """
+    if among not in ("answers", "vocab"):
+        raise ValueError(f"among={among!r}: choose 'answers' or 'vocab'")
+    cand = torch.unique(torch.cat([contrast.answer_ids, contrast.wrong_ids]))
+
+    def metric(logits):
+        last = last_token_logits(logits, contrast)
+        b = last.shape[0]
+        ans = _tile(contrast.answer_ids, b, last.device)
+        if among == "answers":
+            c = cand.to(last.device)
+            pred = c[last[:, c].argmax(-1)]
+        else:
+            pred = last.argmax(-1)
+        return (pred == ans).float()
+
+    metric.__name__ = f"accuracy({among})"
+    metric.last_token_only = True
+    return metric
+
+
 def kl_to_clean(contrast: ContrastSet, clean_logits: Float[Tensor, "batch pos vocab"]) -> Metric:
     """``-KL(clean || run)`` of the next-token distributions at the last token (0 = identical).
 

@@ -90,3 +90,171 @@ def attention_view(
         attentionHeadNames=[f"L{layer}H{h}" for h in heads],
     )
     return HTMLView(html, title=f"attention L{layer}")
+
+
+# ----------------------------------------------------------------------------------------------
+# circuit diagrams
+# ----------------------------------------------------------------------------------------------
+
+_CLASS_COLORS = ["#4C72B0", "#DD8452", "#55A868", "#8172B3", "#937860", "#DA8BC3"]
+_MEMBER_COLORS = {"both": "#B39DDB", "a": "#90CAF9", "b": "#FFCC80"}
+
+
+def _stage_of(cls: str, order: Sequence[str]) -> int:
+    base = cls[len("negative "):] if cls.startswith("negative ") else cls
+    return order.index(base) if base in order else len(order)
+
+
+def _diagram_graph(circuits: Sequence, names: Sequence[str]):
+    """Nodes ``{label: dict(column, layer, cls, member)}`` and edges ``[(src, dst, w, k)]``."""
+    from mechlib.analyses.circuits import head_label
+
+    order: list[str] = []
+    for c in circuits:
+        for s in c.metadata.get("stages", []) or [st.name for st in c.stages]:
+            if s not in order:
+                order.append(s)
+    n_cols = len(order) + 1
+    nodes: dict[str, dict] = {"logits": dict(column=n_cols - 1, layer=10 ** 6, cls="logits", member="both")}
+    for k, c in enumerate(circuits):
+        for h in c.heads:
+            lab = head_label(h)
+            col = n_cols - 2 - _stage_of(c.classes[h], order)
+            if lab in nodes:
+                nodes[lab]["member"] = "both"
+            else:
+                nodes[lab] = dict(column=max(col, 0), layer=h[0], cls=c.classes[h],
+                                  member=names[k] if len(circuits) > 1 else "both",
+                                  score=c.scores[h])
+    edges = [(s, d, w, k) for k, c in enumerate(circuits) for s, d, w in c.edges if s in nodes and d in nodes]
+    return nodes, edges, order
+
+
+def _edge_width(w: float, wmax: float) -> float:
+    return 0.8 + 5.0 * min(abs(w) / wmax, 1.0) if wmax > 0 else 1.0
+
+
+def _dot_source(nodes, edges, order, title: str) -> str:
+    classes = sorted({n["cls"] for n in nodes.values() if n["cls"] != "logits"},
+                     key=lambda c: (_stage_of(c, order), c))
+    color = {c: _CLASS_COLORS[_stage_of(c, order) % len(_CLASS_COLORS)] for c in classes}
+    wmax = max((abs(e[2]) for e in edges), default=0.0)
+    multi = len({n["member"] for n in nodes.values()}) > 1
+    lines = ["digraph circuit {", "  rankdir=LR; splines=true; nodesep=0.15; ranksep=0.9;",
+             f'  label="{title}"; labelloc=t; fontname="Helvetica";',
+             '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=11];',
+             '  logits [shape=doubleoctagon, fillcolor="#eeeeee"];']
+    for i, c in enumerate(classes):
+        lines.append(f'  subgraph cluster_{i} {{ label="{c}"; color="{color[c]}"; fontcolor="{color[c]}"; style=rounded;')
+        for lab, n in sorted(nodes.items(), key=lambda kv: kv[1]["layer"]):
+            if n["cls"] == c:
+                fill = _MEMBER_COLORS[n["member"]] if multi else "#ffffff"
+                lines.append(f'    "{lab}" [fillcolor="{fill}", color="{color[c]}", penwidth=2];')
+        lines.append("  }")
+    for s, d, w, k in edges:
+        col = "#2E7D32" if w > 0 else "#C62828"
+        style = "solid" if k == 0 else "dashed"
+        lines.append(f'  "{s}" -> "{d}" [penwidth={_edge_width(w, wmax):.2f}, color="{col}", style={style}, '
+                     f'tooltip="{s} → {d}: {w:+.3f}"];')
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _svg_fallback(nodes, edges, order, title: str) -> str:
+    """A dependency-free SVG: one column per stage (earliest left, logits right), heads by layer."""
+    W, H_ROW, COL_W, BOX_W, BOX_H, TOP = 0, 34, 190, 92, 24, 56
+    cols: dict[int, list[str]] = {}
+    for lab, n in sorted(nodes.items(), key=lambda kv: kv[1]["layer"]):
+        cols.setdefault(n["column"], []).append(lab)
+    n_cols = max(cols) + 1
+    W = n_cols * COL_W + 20
+    height = TOP + max(len(v) for v in cols.values()) * H_ROW + 30
+    pos = {}
+    for c, labs in cols.items():
+        y0 = TOP + (height - TOP - 30 - len(labs) * H_ROW) / 2
+        for i, lab in enumerate(labs):
+            pos[lab] = (20 + c * COL_W, y0 + i * H_ROW)
+    wmax = max((abs(e[2]) for e in edges), default=0.0)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" '
+           f'viewBox="0 0 {W} {height}" font-family="Helvetica, Arial, sans-serif" font-size="11">',
+           f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="13">{_html.escape(title)}</text>']
+    for c in range(n_cols - 1):
+        name = order[n_cols - 2 - c] if 0 <= n_cols - 2 - c < len(order) else ""
+        out.append(f'<text x="{20 + c * COL_W + BOX_W / 2}" y="40" text-anchor="middle" '
+                   f'fill="{_CLASS_COLORS[(n_cols - 2 - c) % len(_CLASS_COLORS)]}">{_html.escape(name)}</text>')
+    for s, d, w, k in edges:
+        (x1, y1), (x2, y2) = pos[s], pos[d]
+        col = "#2E7D32" if w > 0 else "#C62828"
+        dash = "" if k == 0 else ' stroke-dasharray="5,3"'
+        out.append(f'<path d="M{x1 + BOX_W},{y1 + BOX_H / 2} C{x1 + BOX_W + 40},{y1 + BOX_H / 2} '
+                   f'{x2 - 40},{y2 + BOX_H / 2} {x2},{y2 + BOX_H / 2}" fill="none" stroke="{col}" '
+                   f'stroke-opacity="0.7" stroke-width="{_edge_width(w, wmax):.2f}"{dash}>'
+                   f'<title>{s} → {d}: {w:+.3f}</title></path>')
+    multi = len({n["member"] for n in nodes.values()}) > 1
+    for lab, (x, y) in pos.items():
+        n = nodes[lab]
+        stroke = "#555" if n["cls"] == "logits" else _CLASS_COLORS[_stage_of(n["cls"], order) % len(_CLASS_COLORS)]
+        fill = _MEMBER_COLORS[n["member"]] if multi else ("#eeeeee" if lab == "logits" else "#ffffff")
+        dash = ' stroke-dasharray="3,2"' if n["cls"].startswith("negative ") else ""
+        out.append(f'<g class="node"><rect x="{x}" y="{y}" width="{BOX_W}" height="{BOX_H}" rx="6" '
+                   f'fill="{fill}" stroke="{stroke}" stroke-width="2"{dash}/>'
+                   f'<text x="{x + BOX_W / 2}" y="{y + 16}" text-anchor="middle">{_html.escape(lab)}</text>'
+                   f'<title>{_html.escape(lab)}: {_html.escape(n["cls"])}</title></g>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _legend(names: Sequence[str], circuits: Sequence) -> str:
+    if len(circuits) < 2:
+        return ""
+    items = [("both", "in both"), ("a", f"only {circuits[0].task}"), ("b", f"only {circuits[1].task}")]
+    return "<div style='font:12px sans-serif'>" + " ".join(
+        f"<span style='background:{_MEMBER_COLORS[k]};padding:1px 6px;border-radius:4px'>{_html.escape(t)}</span>"
+        for k, t in items) + " &nbsp; edges: solid = first circuit, dashed = second; green supports the answer, red opposes</div>"
+
+
+def circuit_diagram(circuit, other=None, *, layout: str = "overlay", engine: str = "auto",
+                    title: Optional[str] = None) -> HTMLView:
+    """An SVG circuit diagram: heads grouped by class (stage) and ordered by layer, edges weighted
+    by their path effect (green: supports the clean answer, red: opposes it).
+
+    Args:
+        other: a second circuit on the same model — ``layout="overlay"`` colours each head by
+            membership (both / only the first / only the second); ``"side_by_side"`` draws two
+            diagrams next to each other.
+        engine: ``"dot"`` (graphviz, needs the ``dot`` program), ``"python"`` (built-in SVG
+            layout, no dependency) or ``"auto"`` (dot when installed).
+
+    Returns:
+        an :class:`HTMLView` with the inline SVG (``.html``), displayed by Jupyter.
+    """
+    import shutil
+
+    if engine not in ("auto", "dot", "python"):
+        raise ValueError(f"engine={engine!r}: choose 'auto', 'dot' or 'python'")
+    if layout not in ("overlay", "side_by_side"):
+        raise ValueError(f"layout={layout!r}: choose 'overlay' or 'side_by_side'")
+    use_dot = engine == "dot" or (engine == "auto" and shutil.which("dot") is not None)
+    if engine == "dot" and shutil.which("dot") is None:
+        raise RuntimeError("engine='dot' needs graphviz's `dot` program (Debian: apt-get install graphviz; "
+                           "`make setup` installs it); engine='python' needs nothing")
+    if other is not None and layout == "side_by_side":
+        left = circuit_diagram(circuit, engine=engine, title=title)
+        right = circuit_diagram(other, engine=engine, title=None)
+        return HTMLView(f"<div style='display:flex;gap:16px;align-items:flex-start'>{left.html}{right.html}</div>",
+                        title="circuits")
+    circuits = [circuit] if other is None else [circuit, other]
+    if other is not None and (circuit.n_layers, circuit.n_heads) != (other.n_layers, other.n_heads):
+        raise ValueError("the two circuits come from different models; use layout='side_by_side'")
+    names = ["a", "b"]
+    nodes, edges, order = _diagram_graph(circuits, names)
+    title = title or (f"{circuit.task} circuit ({len(circuit)} heads)" if other is None
+                      else f"{circuit.task} vs {other.task}")
+    if use_dot:
+        import graphviz
+
+        svg = graphviz.Source(_dot_source(nodes, edges, order, title)).pipe(format="svg").decode()
+        svg = svg[svg.find("<svg"):]
+    else:
+        svg = _svg_fallback(nodes, edges, order, title)
+    return HTMLView(svg + _legend(names, circuits), title=title)

@@ -510,9 +510,11 @@ def path_patching(
     B = len(contrast)
     name = _metric_name(metric)
     z_names = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
-    first = min(l for l, _ in senders)
+    senders = sorted(dict.fromkeys(senders))  # by layer, so each chunk resumes at its own first layer
+    first = senders[0][0]
     recv_first = min((r.layer for r in recv), default=None)
-    start_layers = [first] + ([recv_first] if recv_first is not None else [])
+    check_layers = [first] + ([recv_first] if recv_first is not None else [])
+    start_layers = sorted({l for l, _ in senders} | set(check_layers))
 
     with hooks.record_block_inputs(model, start_layers) as starts:
         clean_logits, clean_z = hooks.run_with_cache(model, contrast.clean_tokens, z_names,
@@ -522,7 +524,7 @@ def path_patching(
         model, contrast.corrupted_tokens, sorted({z_names[l] for l, _ in senders}),
         extras=contrast.forward_extras("corrupted"))
     corr_vals = check_metric_values(metric(corr_logits), B, name=name)
-    for l in start_layers:
+    for l in check_layers:
         if not hooks.resume_matches(model, starts[l], l, clean_logits):
             raise NotImplementedError(
                 "path patching resumes forwards at the sender/receiver layers, and resuming does "
@@ -546,14 +548,15 @@ def path_patching(
                     out[k * B:(k + 1) * B, :, h] = corr_z[z_names[layer]][:, :, h]
                 return out
 
-            frozen = [(z_names[l], lambda act, hook, l=l: freeze(act, hook, l)) for l in range(first, n_layers)]
+            c_first = part[0][0]
+            frozen = [(z_names[l], lambda act, hook, l=l: freeze(act, hook, l)) for l in range(c_first, n_layers)]
             if not recv:
-                logits = hooks.run_from(model, starts[first], first, copies=C, hooks=frozen,
+                logits = hooks.run_from(model, starts[c_first], c_first, copies=C, hooks=frozen,
                                         read_pos=read_pos)
             else:
                 recv_names = sorted({r.hook_name for r in recv})
                 with hooks.capture(model, recv_names) as seen:
-                    hooks.run_from(model, starts[first], first, copies=C, hooks=frozen)
+                    hooks.run_from(model, starts[c_first], c_first, copies=C, hooks=frozen)
 
                 rows = torch.arange(C * B)
                 last = contrast.last_pos.repeat(C)

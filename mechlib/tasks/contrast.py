@@ -271,6 +271,28 @@ class ContrastSet:
                               if self.corrupted_extras is not None else None),
         )
 
+    def option_positions(self, n_options: int, *, exclude_answer: bool = True, side: str = "clean") -> Tensor:
+        """``[batch, pos]`` bool mask of where the answer options occur in each prompt.
+
+        An option is any token that is some prompt's answer or wrong answer (e.g. every colour in
+        Colored Objects); the last ``n_options`` occurrences before the answer position are taken
+        (the options of the question, not of the few-shot examples), minus the prompt's own
+        answer with ``exclude_answer``. Raises if a prompt lists fewer than ``n_options``.
+        """
+        toks = self.clean_tokens if side == "clean" else self.corrupted_tokens
+        cand = torch.unique(torch.cat([self.answer_ids, self.wrong_ids]))
+        mask = torch.zeros_like(toks, dtype=torch.bool)
+        for i in range(len(self)):
+            L = int(self.lengths[i])
+            hits = torch.isin(toks[i, :L], cand).nonzero().flatten()
+            if len(hits) < n_options:
+                raise ContrastSetError(f"prompt {i} ({self.clean_prompts[i]!r}) lists {len(hits)} "
+                                       f"option tokens, fewer than n_options={n_options}")
+            for p in hits[-n_options:].tolist():
+                if not (exclude_answer and int(toks[i, p]) == int(self.answer_ids[i])):
+                    mask[i, p] = True
+        return mask
+
     def str_tokens(self, model, i: int = 0, side: str = "clean") -> list[str]:
         toks = (self.clean_tokens if side == "clean" else self.corrupted_tokens)[i, : int(self.lengths[i])]
         return _decode_each(model, toks)
