@@ -41,3 +41,13 @@ from mechlib.analyses.circuits import Circuit, OverlapResult, circuit_overlap, f
 from mechlib.interventions import scale_heads, steer_attention  # noqa: E402
 
 __all__ += ["find_circuit", "circuit_overlap", "Circuit", "OverlapResult", "scale_heads", "steer_attention"]
+
+from mechlib.analyses.attribution import (DLAResult, HeadScores, direct_logit_attribution,  # noqa: E402
+                                          head_divergence)
+
+__all__ += ["head_divergence", "direct_logit_attribution", "HeadScores", "DLAResult"]
+
+from mechlib.analyses.lens import (ComponentTokens, LensResult, component_tokens, logit_lens,  # noqa: E402
+                                   self_logits_augmentation)
+
+__all__ += ["logit_lens", "component_tokens", "self_logits_augmentation", "LensResult", "ComponentTokens"]

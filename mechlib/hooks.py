@@ -100,10 +100,18 @@ def attach(
             )
 
 
-def check_inputs(model, extras: Optional[Mapping[str, Tensor]]) -> dict[str, Tensor]:
-    """Validate extra forward inputs; a multimodal model must get ``pixel_values``."""
+def _has_image_tokens(model, tokens: Optional[Tensor]) -> bool:
+    hf = getattr(model, "original_model", None)
+    tid = getattr(getattr(hf, "config", None), "image_token_id", None)
+    return tokens is None or tid is None or bool((tokens == tid).any())
+
+
+def check_inputs(model, extras: Optional[Mapping[str, Tensor]], tokens: Optional[Tensor] = None) -> dict[str, Tensor]:
+    """Validate extra forward inputs: a multimodal model must get ``pixel_values`` (unless the
+    ``tokens`` are known to hold no image token: a text-only run of a VLM is legitimate)."""
     extras = dict(extras or {})
-    if getattr(model.cfg, "is_multimodal", False) and extras.get("pixel_values") is None:
+    if (getattr(model.cfg, "is_multimodal", False) and extras.get("pixel_values") is None
+            and _has_image_tokens(model, tokens)):
         raise MissingModelInputError(
             "this is a multimodal model but no pixel_values were given: its image tokens would be "
             "run without the image (TransformerLens does this silently). Pass pixel_values, e.g. "
@@ -128,7 +136,7 @@ def forward(
     must_fire: bool = True,
 ) -> Tensor:
     """Logits ``[batch, pos, vocab]`` of one forward with ``hooks`` attached (no grad by default)."""
-    extras = _on_device(model, check_inputs(model, extras))
+    extras = _on_device(model, check_inputs(model, extras, tokens))
     tokens = tokens.to(model.cfg.device)
     with torch.set_grad_enabled(grad), attach(model, hooks, must_fire=must_fire):
         return model(tokens, **extras)

@@ -36,7 +36,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from mechlib.analyses.patching import attribution_patching, path_patching
+from mechlib.analyses.patching import _PathBase, attribution_patching, path_patching
 from mechlib.metrics import Metric
 from mechlib.results import Result, atomic_write_bytes
 from mechlib.sites import Site
@@ -268,6 +268,7 @@ def find_circuit(
         est = (attr.values - attr.baselines["corrupted"]).abs().flatten()
         ranked = [all_heads[i] for i in torch.argsort(est, descending=True).tolist()]
 
+    base = _PathBase.record(model, contrast, metric, list(range(L)))  # shared by every path patching below
     gap = None
     records, heads, classes, scores, zs, edge_list = [], [], {}, {}, {}, []
     receivers: list[Head] = []
@@ -281,7 +282,7 @@ def find_circuit(
             break
         recv = "logits" if st.via == "logits" else _receiver_sites(model, receivers, st.via)
         res = path_patching(model, contrast, metric, receivers=recv, senders=senders,
-                            receiver_positions=st.positions, progress=progress)
+                            receiver_positions=st.positions, progress=progress, _base=base)
         if gap is None:
             gap = res.baselines["clean"] - res.baselines["corrupted"]
             if abs(gap) < 1e-6:
@@ -305,7 +306,7 @@ def find_circuit(
                 for r in receivers:
                     one = path_patching(model, contrast, metric, receivers=_receiver_sites(model, [r], st.via),
                                         senders=[h for h, _, _ in found if h[0] < r[0]] or None,
-                                        receiver_positions=st.positions, progress=False) \
+                                        receiver_positions=st.positions, progress=False, _base=base) \
                         if any(h[0] < r[0] for h, _, _ in found) else None
                     if one is None:
                         continue

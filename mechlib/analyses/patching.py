@@ -451,6 +451,34 @@ def _receivers(model, receivers) -> list[Site]:
     return out
 
 
+@dataclass
+class _PathBase:
+    """The clean and corrupted runs path patching starts from (shared by repeated calls on one
+    contrast set, e.g. the stages of circuit discovery)."""
+
+    contrast: ContrastSet
+    metric: Metric
+    starts: dict
+    clean_logits: Tensor
+    clean_z: dict
+    corr_z: dict
+    clean_vals: Tensor
+    corr_vals: Tensor
+
+    @classmethod
+    def record(cls, model, contrast: ContrastSet, metric: Metric, layers: Sequence[int]) -> "_PathBase":
+        B, name = len(contrast), _metric_name(metric)
+        z_names = [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)]
+        with hooks.record_block_inputs(model, layers) as starts:
+            clean_logits, clean_z = hooks.run_with_cache(model, contrast.clean_tokens, z_names,
+                                                         extras=contrast.forward_extras("clean"))
+        clean_vals = check_metric_values(metric(clean_logits), B, name=name)
+        corr_logits, corr_z = hooks.run_with_cache(model, contrast.corrupted_tokens, z_names,
+                                                   extras=contrast.forward_extras("corrupted"))
+        corr_vals = check_metric_values(metric(corr_logits), B, name=name)
+        return cls(contrast, metric, dict(starts), clean_logits, clean_z, corr_z, clean_vals, corr_vals)
+
+
 def path_patching(
     model,
     contrast: ContrastSet,
@@ -462,6 +490,7 @@ def path_patching(
     memory_budget_mb: float = 2048,
     max_chunk: int = 256,
     progress: Optional[bool] = None,
+    _base: Optional["_PathBase"] = None,
 ) -> PatchingResult:
     """Path patching (Wang et al. 2022): the effect of each sender head through the receivers only.
 
@@ -514,18 +543,14 @@ def path_patching(
     first = senders[0][0]
     recv_first = min((r.layer for r in recv), default=None)
     check_layers = [first] + ([recv_first] if recv_first is not None else [])
-    start_layers = sorted({l for l, _ in senders} | set(check_layers))
-
-    with hooks.record_block_inputs(model, start_layers) as starts:
-        clean_logits, clean_z = hooks.run_with_cache(model, contrast.clean_tokens, z_names,
-                                                     extras=contrast.forward_extras("clean"))
-    clean_vals = check_metric_values(metric(clean_logits), B, name=name)
-    corr_logits, corr_z = hooks.run_with_cache(
-        model, contrast.corrupted_tokens, sorted({z_names[l] for l, _ in senders}),
-        extras=contrast.forward_extras("corrupted"))
-    corr_vals = check_metric_values(metric(corr_logits), B, name=name)
+    base = _base if _base is not None else _PathBase.record(
+        model, contrast, metric, sorted({l for l, _ in senders} | set(check_layers)))
+    if base.contrast is not contrast or base.metric is not metric:
+        raise ValueError("_base was recorded for another contrast set or metric")
+    starts, clean_z, corr_z = base.starts, base.clean_z, base.corr_z
+    clean_vals, corr_vals = base.clean_vals, base.corr_vals
     for l in check_layers:
-        if not hooks.resume_matches(model, starts[l], l, clean_logits):
+        if not hooks.resume_matches(model, starts[l], l, base.clean_logits):
             raise NotImplementedError(
                 "path patching resumes forwards at the sender/receiver layers, and resuming does "
                 "not reproduce this model's logits (its logits are post-processed outside "

@@ -3,6 +3,8 @@
 * :func:`ioi` — Indirect Object Identification (Wang et al. 2022), ABBA and BABA templates.
 * :func:`colored_objects` — BIG-bench colored objects with one-token colour answers (Merullo et al.).
 * :func:`factual_recall` — "The capital of X is" → capital.
+* :func:`context_qa` — a context that contradicts the prior (text analogue of hallucination).
+* :func:`sentiment` — zero/few-shot sentiment classification.
 
 Each generator is seeded, filters its word lists to words that are single tokens for the model's
 tokenizer, and pairs every clean prompt with a corrupted one of the same token length.
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 from mechlib.tasks.contrast import ContrastSet, ContrastSetError, single_token_id
 from mechlib.tasks.data import load_data, vocabulary_words
-from mechlib.tasks.generators import colored_objects, factual_recall, ioi, sentiment
+from mechlib.tasks.generators import colored_objects, context_qa, factual_recall, ioi, sentiment
 
 __all__ = ["ContrastSet", "ContrastSetError", "single_token_id", "ioi", "colored_objects",
-           "factual_recall", "sentiment", "load_data", "vocabulary_words"]
+           "factual_recall", "sentiment", "context_qa", "load_data", "vocabulary_words"]

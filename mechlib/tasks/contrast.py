@@ -122,6 +122,8 @@ class ContrastSet:
         labels: per-prompt labels (e.g. the IOI template family, ``"ABBA"``/``"BABA"``).
         extras: extra model inputs carried through every forward (``pixel_values`` for VLMs),
             each a tensor whose first axis is the batch.
+        spans: optional per-prompt ``(start, end)`` token span of interest (the context passage of
+            a context-QA prompt; what :func:`mechlib.head_divergence` removes).
     """
 
     clean_tokens: Int[Tensor, "batch pos"]
@@ -138,6 +140,7 @@ class ContrastSet:
     pad_id: int = 0
     extras: Mapping[str, Tensor] = field(default_factory=dict)
     corrupted_extras: Optional[Mapping[str, Tensor]] = None
+    spans: tuple[tuple[int, int], ...] = ()
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -266,6 +269,7 @@ class ContrastSet:
             clean_prompts=pick(self.clean_prompts), corrupted_prompts=pick(self.corrupted_prompts),
             answers=pick(self.answers), wrong_answers=pick(self.wrong_answers),
             labels=pick(self.labels) if self.labels else (),
+            spans=pick(self.spans) if self.spans else (),
             extras={k: v[t] for k, v in self.extras.items()},
             corrupted_extras=({k: v[t] for k, v in self.corrupted_extras.items()}
                               if self.corrupted_extras is not None else None),

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Literal, Optional, Sequence
+
+import torch
 
 from mechlib.tasks.contrast import ContrastSet, ContrastSetError
 from mechlib.tasks.data import load_data
@@ -181,3 +184,43 @@ def sentiment(model, n: Optional[int] = None, *, seed: int = 0, n_shots: int = 2
     wrong = [data["labels"][other[l]] for _, l in items]
     return ContrastSet.from_prompts(model, prompts, prompts, answers, wrong,
                                     labels=[l for _, l in items], task="sentiment")
+
+
+def context_qa(model, n: Optional[int] = None, *, seed: int = 0) -> ContrastSet:
+    """Counterfactual context QA: the context states a capital that contradicts the model's prior.
+
+    Clean: "France's capital is Tokyo.\nQuestion: What is the capital of France?\nAnswer:" → " Tokyo"
+    (context-faithful); wrong answer: " Paris" (the prior). Corrupted: the same prompt with the true
+    capital in the context. ``spans`` hold each prompt's context-sentence tokens (what
+    :func:`mechlib.head_divergence` removes). Faithfulness = logit(context answer) > logit(prior).
+    """
+    data = load_data("context_qa")
+    facts = [(s, c) for s, c in load_data(data["facts_from"])["facts"]
+             if len(model.tokenizer.encode(" " + c, add_special_tokens=False)) == 1]
+    if len(facts) < 2:
+        raise ContrastSetError("fewer than two capital facts have one-token answers for this tokenizer")
+    rng = random.Random(seed)
+    order = list(range(len(facts)))
+    rng.shuffle(order)
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        order = [order[i % len(order)] for i in range(n)]
+    clean, corrupted, answers, wrong, spans, labels = [], [], [], [], [], []
+    for k, i in enumerate(order):
+        subject, true = facts[i]
+        fake = facts[(i + 1 + rng.randrange(len(facts) - 1)) % len(facts)][1]
+        ctx = data["context"].format(subject=subject, capital=fake)
+        q = data["question"].format(subject=subject)
+        clean.append(ctx + q)
+        corrupted.append(data["context"].format(subject=subject, capital=true) + q)
+        answers.append(" " + fake)
+        wrong.append(" " + true)
+        labels.append(subject)
+        n_ctx = model.to_tokens(ctx).shape[1]
+        full = model.to_tokens(ctx + q)[0]
+        if not torch.equal(full[:n_ctx], model.to_tokens(ctx)[0]):
+            raise ContrastSetError(f"the context of prompt {k} does not tokenize as a prefix: {ctx!r}")
+        spans.append((1, n_ctx))
+    cs = ContrastSet.from_prompts(model, clean, corrupted, answers, wrong, labels=labels, task="context_qa")
+    return replace(cs, spans=tuple(spans))

@@ -1,0 +1,271 @@
+"""Head attribution: vision-aware head divergence (VHD) and direct logit attribution (DLA).
+
+**VHD** (He et al. 2024, "Cracking the Code of Hallucination in LVLMs with Vision-aware Head
+Divergence"): how far each head's output moves when the visual context is taken away — the L2
+distance between the head's output (``hook_z``, at the answer position) with and without the
+image, same text. Heads with high VHD are "vision-aware"; VHR reinforces them
+(:func:`mechlib.scale_heads`). On a text model the "image" is a context span (a passage the
+answer should come from); removing it tests which heads read the context.
+
+**DLA**: the final residual stream is a sum of component outputs (embedding, each head, each
+MLP, biases); with the final norm's scale frozen at its value on the clean run, the logit
+difference splits exactly into one term per component. TransformerLens'
+``direct_logit_attribution`` does this on a bridge in compatibility mode (folded norms); this one
+works on the raw bridge, and the two agree (tested).
+
+Most common misreading: VHD measures *sensitivity* to the context, not that the head helps the
+answer; DLA measures a component's *direct* effect only — indirect effects through later layers
+(and the final norm's dependence on everything) are not in it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from mechlib import hooks
+from mechlib.results import Result
+from mechlib.tasks.contrast import ContrastSet, PromptBatch, _pad_id, _pad_right
+
+Span = Union[tuple[int, int], Sequence[tuple[int, int]], str, None]
+
+
+def image_token_id(model) -> Optional[int]:
+    """The image placeholder token of a VLM bridge (``None`` for a text model)."""
+    hf = getattr(model, "original_model", None)
+    cfg = getattr(hf, "config", None)
+    return getattr(cfg, "image_token_id", None) or getattr(cfg, "image_token_index", None)
+
+
+def _spans(model, batch: PromptBatch, span: Span, contrast: Optional[ContrastSet]) -> list[list[int]]:
+    """Per prompt, the sorted token positions to remove."""
+    B = len(batch)
+    if span is None:
+        if contrast is None or not contrast.spans:
+            raise ValueError("span is required: (start, end), one (start, end) per prompt, or 'image'")
+        span = list(contrast.spans)
+    if span == "image":
+        tid = image_token_id(model)
+        if tid is None:
+            raise ValueError("span='image' needs a VLM; for a text model give the context span (start, end)")
+        out = [(batch.tokens[i, : int(batch.lengths[i])] == tid).nonzero().flatten().tolist() for i in range(B)]
+        empty = [i for i, o in enumerate(out) if not o]
+        if empty:
+            raise ValueError(f"prompt(s) {empty} have no image token ({tid}): nothing to remove")
+        return out
+    if isinstance(span, tuple) and len(span) == 2 and all(isinstance(x, int) for x in span):
+        span = [span] * B
+    span = list(span)
+    if len(span) != B:
+        raise ValueError(f"span has {len(span)} entries for {B} prompts")
+    out = []
+    for i, (s, e) in enumerate(span):
+        L = int(batch.lengths[i])
+        if not (1 <= s < e < L):
+            raise ValueError(f"prompt {i}: span ({s}, {e}) must satisfy 1 <= start < end < {L} (the prompt's "
+                             f"length; the first token and the answer position must stay)")
+        out.append(list(range(s, e)))
+    return out
+
+
+@dataclass(frozen=True, repr=False)
+class HeadScores(Result):
+    """Per-head scores ``[layer, head]`` (mean over prompts) with per-prompt values."""
+
+    def top_heads(self, k: int = 10) -> list[tuple[int, int]]:
+        flat = torch.argsort(self.values.flatten(), descending=True)[:k].tolist()
+        H = self.values.shape[1]
+        return [(i // H, i % H) for i in flat]
+
+
+def head_divergence(
+    model,
+    prompts,
+    *,
+    span: Span = None,
+    relative: bool = False,
+    extras: Optional[dict] = None,
+) -> HeadScores:
+    """VHD: per head, ``‖z_with − z_without‖₂`` of its output at the last token, with the span
+    present vs removed (same text otherwise).
+
+    Args:
+        prompts: strings, a :class:`PromptBatch`, or a :class:`ContrastSet` (its clean prompts, and
+            its ``spans`` when ``span`` is not given).
+        span: the tokens to remove: ``(start, end)`` (end exclusive) for every prompt, one such
+            pair per prompt, or ``"image"`` on a VLM (its image tokens; the run without the image
+            also drops ``pixel_values``).
+        relative: divide each distance by ``‖z_with‖₂`` (scale-free across layers).
+        extras: forward inputs of the run *with* the span (``pixel_values`` for a VLM).
+
+    Returns:
+        :class:`HeadScores` over ``("layer", "head")``; ``.top_heads(k)`` are the most
+        context-/vision-aware heads.
+
+    Example:
+        >>> qa = mechlib.tasks.context_qa(model, n=16)                        # doctest: +SKIP
+        >>> vhd = mechlib.head_divergence(model, qa)   # spans = the context sentences
+        >>> vhd.top_heads(5)
+    """
+    contrast = prompts if isinstance(prompts, ContrastSet) else None
+    if contrast is not None:
+        extras = dict(contrast.extras) if extras is None else extras
+        batch = PromptBatch(contrast.clean_tokens, contrast.lengths, contrast.clean_prompts, dict(extras))
+    else:
+        batch = PromptBatch.from_prompts(model, prompts, extras=extras)
+    removed = _spans(model, batch, span, contrast)
+    B, L, H = len(batch), model.cfg.n_layers, model.cfg.n_heads
+    without = []
+    for i in range(B):
+        t = batch.tokens[i, : int(batch.lengths[i])]
+        keep = torch.ones(len(t), dtype=torch.bool)
+        keep[removed[i]] = False
+        without.append(t[keep])
+    w_tokens = _pad_right(without, _pad_id(model))
+    w_last = torch.tensor([len(t) - 1 for t in without])
+    names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
+    rows = torch.arange(B)
+    _, with_z = hooks.run_with_cache(model, batch.tokens, names, extras=batch.extras)
+    w_extras = {} if span == "image" else batch.extras
+    _, without_z = hooks.run_with_cache(model, w_tokens, names, extras=w_extras)
+    zw = torch.stack([with_z[n][rows, batch.lengths - 1] for n in names], 1).float()  # [B, L, H, d_head]
+    zo = torch.stack([without_z[n][rows, w_last] for n in names], 1).float()
+    per_prompt = (zw - zo).norm(dim=-1)  # [B, L, H]
+    if relative:
+        per_prompt = per_prompt / zw.norm(dim=-1).clamp(min=1e-9)
+    return HeadScores(
+        values=per_prompt.mean(0), axis_names=("layer", "head"),
+        labels={"layer": [f"L{l}" for l in range(L)], "head": [f"H{h}" for h in range(H)]},
+        per_prompt=per_prompt,
+        metadata=dict(method="head_divergence", relative=relative, n_prompts=B,
+                      span="image" if span == "image" else "context",
+                      title="head divergence (VHD)" + (" relative" if relative else "")),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# direct logit attribution
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class DLAResult(Result):
+    """Direct logit attribution over ``("component",)``: ``embed``, ``L{l}H{h}``, ``L{l} mlp``,
+    bias terms. ``values`` sum to the mean logit difference (``baselines["logit_diff"]``)."""
+
+    n_layers: int = 0
+    n_heads: int = 0
+
+    def heads(self) -> Result:
+        """The head terms as a ``[layer, head]`` table."""
+        L, H = self.n_layers, self.n_heads
+        idx = [self.labels["component"].index(f"L{l}H{h}") for l in range(L) for h in range(H)]
+        pp = None if self.per_prompt is None else self.per_prompt[:, idx].reshape(-1, L, H)
+        return Result(values=self.values[idx].reshape(L, H), axis_names=("layer", "head"),
+                      labels={"layer": [f"L{l}" for l in range(L)], "head": [f"H{h}" for h in range(H)]},
+                      per_prompt=pp, metadata={**self.metadata, "title": "DLA per head"})
+
+    def mlps(self) -> Result:
+        """The MLP terms as a ``[layer]`` table."""
+        idx = [self.labels["component"].index(f"L{l} mlp") for l in range(self.n_layers)]
+        return Result(values=self.values[idx], axis_names=("layer",),
+                      labels={"layer": [f"L{l}" for l in range(self.n_layers)]},
+                      per_prompt=None if self.per_prompt is None else self.per_prompt[:, idx],
+                      metadata={**self.metadata, "title": "DLA per MLP"})
+
+
+def _final_norm_frozen(model, x: Tensor, y: Tensor):
+    """Return ``f(component) -> normalized component`` with the final norm's statistics frozen at
+    the residual ``x`` (``[b, d]``), checked against the norm's real output ``y``; and its bias."""
+    eps = float(getattr(model.cfg, "eps", 1e-5))
+    kind = getattr(model.cfg, "normalization_type", None)
+    if kind in ("RMS", "RMSPre"):
+        scale = (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
+        center = False
+    elif kind in ("LN", "LNPre"):
+        scale = (x.var(-1, keepdim=True, unbiased=False) + eps).rsqrt()
+        center = True
+    else:
+        raise NotImplementedError(f"DLA supports RMSNorm and LayerNorm final norms, not {kind!r}")
+    params = dict(model.ln_final.named_parameters())
+    w = next((v.detach().float().cpu() for k, v in params.items() if k.endswith("weight")), None)
+    b = next((v.detach().float().cpu() for k, v in params.items() if k.endswith("bias")), None)
+    if kind.endswith("Pre"):
+        w = b = None
+
+    def f(c: Tensor) -> Tensor:
+        c = c - c.mean(-1, keepdim=True) if center else c
+        c = c * (scale if c.ndim == 2 else scale[:, None])  # [b, d] or [b, component, d]
+        return c * w if w is not None else c
+
+    bias = torch.zeros_like(x) if b is None else b.expand_as(x)
+    recon = f(x) + bias
+    if not torch.allclose(recon, y, atol=1e-3 * float(y.abs().max()) + 1e-5):
+        raise NotImplementedError("could not reproduce this model's final norm from its input: DLA "
+                                  "would not decompose its logits exactly")
+    return f, bias
+
+
+def direct_logit_attribution(model, contrast: ContrastSet) -> DLAResult:
+    """Split each prompt's logit difference (answer − wrong answer, last token) into the direct
+    contributions of the embedding, every head, every MLP and the bias terms.
+
+    The final norm's scale is frozen at the clean run's value, so the terms sum exactly (up to
+    float error) to the logit difference. Works on the raw bridge (RMSNorm or LayerNorm).
+
+    Returns:
+        :class:`DLAResult` over ``("component",)``; ``.heads()`` ``[layer, head]``, ``.mlps()``
+        ``[layer]``.
+
+    Example:
+        >>> dla = mechlib.direct_logit_attribution(model, mechlib.tasks.ioi(model, n=8))  # doctest: +SKIP
+        >>> dla.heads().top(5)
+    """
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    names = (["blocks.0.hook_resid_pre", "ln_final.hook_in", "ln_final.hook_out"]
+             + [f"blocks.{l}.attn.hook_z" for l in range(L)] + [f"blocks.{l}.hook_mlp_out" for l in range(L)]
+             + [f"blocks.{l}.hook_attn_out" for l in range(L)])
+    logits, acts = hooks.run_with_cache(model, contrast.clean_tokens, names, extras=contrast.forward_extras("clean"))
+    B = len(contrast)
+    rows = torch.arange(B)
+    last = contrast.last_pos
+    at = lambda n: acts[n][rows, last.to(acts[n].device)].float().cpu()  # noqa: E731  [B, ...] at each prompt's last token
+    x, y = at("ln_final.hook_in"), at("ln_final.hook_out")
+    norm, ln_bias = _final_norm_frozen(model, x, y)
+    W_U = model.W_U.detach().float().cpu()
+    direction = (W_U[:, contrast.answer_ids] - W_U[:, contrast.wrong_ids]).T  # [B, d_model]
+
+    comps, labels = [at("blocks.0.hook_resid_pre")], ["embed"]
+    for l in range(L):
+        W_O = model.blocks[l].attn.W_O.detach().float().cpu()  # [H, d_head, d_model]
+        z = at(f"blocks.{l}.attn.hook_z")  # [B, H, d_head]
+        heads = torch.einsum("bhe,hed->bhd", z, W_O)
+        attn_out = at(f"blocks.{l}.hook_attn_out")
+        comps += list(heads.unbind(1)) + [attn_out - heads.sum(1), at(f"blocks.{l}.hook_mlp_out")]
+        labels += [f"L{l}H{h}" for h in range(H)] + [f"L{l} attn bias", f"L{l} mlp"]
+    stack = torch.stack(comps, 1)  # [B, component, d_model]
+    if not torch.allclose(stack.sum(1), x, atol=1e-3 * float(x.abs().max()) + 1e-4):
+        raise NotImplementedError("the final residual is not the sum of embedding, head, MLP and bias "
+                                  "outputs on this architecture (e.g. parallel blocks or extra norms)")
+    per_prompt = torch.einsum("bcd,bd->bc", norm(stack), direction)
+    extra = (ln_bias * direction).sum(-1, keepdim=True)
+    b_U = getattr(model, "b_U", None)
+    if b_U is not None:
+        b_U = b_U.detach().float().cpu()
+        extra = extra + (b_U[contrast.answer_ids] - b_U[contrast.wrong_ids])[:, None]
+    per_prompt = torch.cat([per_prompt, extra], 1)
+    labels.append("final norm / unembed bias")
+    from mechlib.metrics import logit_diff
+
+    ld = logit_diff(contrast)(logits).float().cpu()
+    return DLAResult(
+        values=per_prompt.mean(0), axis_names=("component",), labels={"component": labels},
+        per_prompt=per_prompt, baselines={"logit_diff": float(ld.mean())},
+        n_layers=L, n_heads=H,
+        metadata=dict(method="direct_logit_attribution", task=contrast.task, n_prompts=B,
+                      max_sum_error=float((per_prompt.sum(1) - ld).abs().max()),
+                      title="direct logit attribution"),
+    )

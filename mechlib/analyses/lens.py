@@ -1,0 +1,270 @@
+"""The logit lens: what each layer's residual stream would predict, and how target tokens rise and
+fall through the layers.
+
+Built on TransformerLens 4.3's ``logit_lens`` (``tools/analysis/logit_lens.py``: accumulated
+residual stack → final norm with recomputed statistics → unembedding, chunked over the vocabulary,
+checked against the model's own logits). mechlib adds what the papers need on top:
+
+* per-prompt reading at each prompt's own last token (mixed lengths are grouped, not padded);
+* target probabilities and full-vocabulary ranks per layer (``rank trajectories``; VISTA,
+  Li et al. 2025), and **early excitation** — the layer where a token's probability peaks vs the
+  final layer (Lv et al. 2024's final-layer suppression is the same picture: the answer peaks
+  before the last layer and is pushed down at the end);
+* :func:`component_tokens` — decompose each MLP's (or attention layer's) output at the last token
+  into the vocabulary tokens it promotes (factual recall: which MLP writes "Paris");
+* :func:`self_logits_augmentation` — VISTA's SLA: mix earlier layers' lens logits into the final
+  logits.
+
+Most common misreading: the lens reads early layers through the *final* norm and unembedding,
+which they were not trained for; low early ranks mean "not linearly readable by the final
+readout yet", not "absent". A tuned lens (TL's ``lens=`` hook) corrects for this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from mechlib import hooks
+from mechlib.results import Result
+from mechlib.tasks.contrast import ContrastSet, PromptBatch, single_token_id
+
+
+def _batch_and_targets(model, prompts, targets) -> tuple[PromptBatch, Optional[Tensor], list[str]]:
+    """Prompts as a batch, and targets as ``[batch, k]`` ids with names."""
+    if isinstance(prompts, ContrastSet):
+        batch = PromptBatch(prompts.clean_tokens, prompts.lengths, prompts.clean_prompts, dict(prompts.extras))
+        if targets is None:
+            return batch, torch.stack([prompts.answer_ids, prompts.wrong_ids], 1), ["answer", "wrong"]
+    else:
+        batch = PromptBatch.from_prompts(model, prompts)
+    if targets is None:
+        return batch, None, []
+    if isinstance(targets, str):
+        targets = [targets]
+    ids = [single_token_id(model, t, what=f"target {t!r}") if isinstance(t, str) else int(t) for t in targets]
+    names = [t if isinstance(t, str) else model.tokenizer.decode([int(t)]) for t in targets]
+    return batch, torch.tensor(ids).repeat(len(batch), 1), names
+
+
+@dataclass(frozen=True, repr=False)
+class LensResult(Result):
+    """Logit-lens readout at each prompt's last token.
+
+    ``values``: ``[layer, target]`` target probabilities (mean over prompts); ``per_prompt`` the
+    same per prompt; ``ranks``: ``[prompt, layer, target]`` full-vocabulary ranks (0 = top);
+    ``top_tokens[prompt][layer]``: the layer's top-k tokens. Layers are TL's stack labels
+    (``"0_pre"`` … ``"29_pre"``, ``"final_post"``).
+    """
+
+    ranks: Optional[Tensor] = None
+    top_tokens: tuple = ()
+
+    def rank_trajectory(self, target: Union[int, str] = 0) -> Tensor:
+        """``[prompt, layer]`` ranks of one target (index or name)."""
+        k = target if isinstance(target, int) else list(self.labels["target"]).index(target)
+        return self.ranks[:, :, k]
+
+    def early_excitation(self):
+        """Per prompt and target: the layer of peak probability, the peak and final probability and
+        rank; ``early`` where the peak is before the last layer and at least twice the final value."""
+        import pandas as pd
+
+        rows = []
+        layers = self.labels["layer"]
+        for i in range(self.per_prompt.shape[0]):
+            for k, name in enumerate(self.labels["target"]):
+                p = self.per_prompt[i, :, k]
+                peak = int(p.argmax())
+                rows.append(dict(prompt=i, target=name, peak_layer=layers[peak], peak_index=peak,
+                                 peak_prob=float(p[peak]), final_prob=float(p[-1]),
+                                 final_rank=int(self.ranks[i, -1, k]), best_rank=int(self.ranks[i, :, k].min()),
+                                 early=peak < len(layers) - 1 and float(p[peak]) >= 2 * float(p[-1])))
+        return pd.DataFrame(rows)
+
+    def plot_trajectories(self, target: Union[int, str] = 0, ax=None, *, log: bool = True):
+        """Rank trajectory of one target, one line per prompt (returns the figure)."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(7, 3.2))
+        else:
+            fig = ax.figure
+        r = self.rank_trajectory(target).float() + 1
+        for row in r:
+            ax.plot(row.numpy(), color="C0", alpha=0.35)
+        ax.plot(r.median(0).values.numpy(), color="C3", lw=2, label="median")
+        if log:
+            ax.set_yscale("log")
+        ax.invert_yaxis()
+        name = target if isinstance(target, str) else self.labels["target"][target]
+        ax.set(xlabel="layer (residual stream read by the logit lens)", ylabel="rank + 1",
+               title=f"rank trajectory of {name!r}")
+        ax.legend()
+        return fig
+
+
+def logit_lens(
+    model,
+    prompts,
+    *,
+    targets: Optional[Sequence[Union[str, int]]] = None,
+    top_k: int = 5,
+) -> LensResult:
+    """Logit lens at each prompt's last token, with target probabilities and ranks per layer.
+
+    Args:
+        prompts: strings, a :class:`PromptBatch`, or a :class:`ContrastSet` (then the default
+            targets are each prompt's answer and wrong answer).
+        targets: tokens to follow (one-token strings or ids), shared by all prompts.
+        top_k: top tokens kept per layer and prompt.
+
+    Returns:
+        :class:`LensResult` over ``("layer", "target")``.
+
+    Example:
+        >>> lens = mechlib.logit_lens(model, ["The capital of France is"], targets=[" Paris"])  # doctest: +SKIP
+        >>> lens.rank_trajectory(" Paris")
+    """
+    from transformer_lens.tools.analysis import logit_lens as tl_logit_lens
+
+    batch, ids, names = _batch_and_targets(model, prompts, targets)
+    if ids is None:
+        raise ValueError("targets are required for plain prompts (e.g. targets=[' Paris'])")
+    B, K = ids.shape
+    probs, ranks, tops, labels = [None] * B, [None] * B, [None] * B, None
+    resid = [f"blocks.{l}.hook_resid_pre" for l in range(model.cfg.n_layers)] + [
+        f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    for length in sorted(set(batch.lengths.tolist())):
+        rows = (batch.lengths == length).nonzero().flatten()
+        toks = batch.tokens[rows, :length].to(model.cfg.device)
+        extras = hooks._on_device(model, hooks.check_inputs(model, {k: v[rows] for k, v in batch.extras.items()}, toks))
+        with torch.no_grad():
+            _, cache = model.run_with_cache(toks, names_filter=lambda n: n in resid, **extras)
+        cols_p, cols_r = [], []
+        for k in range(K):
+            res = tl_logit_lens(cache, targets=ids[rows, k].to(model.cfg.device), return_type="probs")
+            labels = res.labels
+            cols_p.append(res.readout.values[..., 0].float().cpu())  # [layer, g]
+            cols_r.append(res.readout.target_ranks[..., 0].float().cpu())
+        top_ids = tl_logit_lens(cache, top_k=top_k).readout.top_ids.cpu()  # [layer, g, top_k]
+        p, r = torch.stack(cols_p, -1), torch.stack(cols_r, -1)  # [layer, g, K]
+        for j, i in enumerate(rows.tolist()):
+            probs[i], ranks[i] = p[:, j], r[:, j]
+            tops[i] = tuple(tuple(model.tokenizer.decode([int(t)]) for t in top_ids[l, j]) for l in range(len(labels)))
+    per_prompt = torch.stack(probs)  # [B, layer, K]
+    return LensResult(
+        values=per_prompt.mean(0), axis_names=("layer", "target"),
+        labels={"layer": labels, "target": names}, per_prompt=per_prompt,
+        ranks=torch.stack(ranks), top_tokens=tuple(tops),
+        metadata=dict(method="logit_lens", n_prompts=B, top_k=top_k, title="logit lens: target probability"),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# component decomposition and self-logits augmentation
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class ComponentTokens(Result):
+    """Each layer's component output at the last token read as tokens.
+
+    ``values``: ``[layer, target]`` direct logit contribution to the targets (final-norm scale
+    frozen; mean over prompts); ``top_tokens[layer]``: the tokens the component promotes most
+    (mean over prompts)."""
+
+    top_tokens: tuple = ()
+
+    def table(self):
+        import pandas as pd
+
+        return pd.DataFrame({"layer": self.labels["layer"],
+                             **{f"→ {t}": self.values[:, k].tolist() for k, t in enumerate(self.labels["target"])},
+                             "top tokens": [", ".join(repr(t) for t in row) for row in self.top_tokens]})
+
+
+def component_tokens(
+    model,
+    prompts,
+    *,
+    site: str = "mlp_out",
+    layers: Optional[Sequence[int]] = None,
+    targets: Optional[Sequence[Union[str, int]]] = None,
+    top_k: int = 8,
+) -> ComponentTokens:
+    """Decompose each layer's ``mlp_out`` (or ``attn_out``) at the last token into token directions:
+    ``component · scale · w_norm · W_U`` with the final norm's scale frozen at the real residual.
+
+    Args:
+        prompts: strings / :class:`PromptBatch` / :class:`ContrastSet` (default targets: answer, wrong).
+        site: ``"mlp_out"`` or ``"attn_out"``.
+        layers: layers to read (default all).
+        targets: tokens whose direct contribution is tabulated.
+    """
+    from mechlib.analyses.attribution import _final_norm_frozen
+
+    if site not in ("mlp_out", "attn_out"):
+        raise ValueError(f"site={site!r}: choose 'mlp_out' or 'attn_out'")
+    batch, ids, names = _batch_and_targets(model, prompts, targets)
+    L = model.cfg.n_layers
+    layers = list(range(L)) if layers is None else [int(l) for l in layers]
+    hook = "hook_mlp_out" if site == "mlp_out" else "hook_attn_out"
+    hnames = ["ln_final.hook_in", "ln_final.hook_out"] + [f"blocks.{l}.{hook}" for l in layers]
+    _, acts = hooks.run_with_cache(model, batch.tokens, hnames, extras=batch.extras)
+    rows = torch.arange(len(batch))
+    last = batch.lengths - 1
+    at = lambda n: acts[n][rows, last.to(acts[n].device)].float().cpu()  # noqa: E731
+    norm, _ = _final_norm_frozen(model, at("ln_final.hook_in"), at("ln_final.hook_out"))
+    W_U = model.W_U.detach().float().cpu()
+    comp = torch.stack([at(f"blocks.{l}.{hook}") for l in layers], 1)  # [B, layer, d]
+    logits = norm(comp) @ W_U  # [B, layer, vocab]
+    mean_logits = logits.mean(0)
+    top = torch.topk(mean_logits, top_k, dim=-1).indices
+    tops = tuple(tuple(model.tokenizer.decode([int(t)]) for t in row) for row in top)
+    if ids is None:
+        per_prompt = torch.zeros(len(batch), len(layers), 0)
+    else:
+        per_prompt = torch.gather(logits, 2, ids[:, None, :].expand(-1, len(layers), -1))
+    return ComponentTokens(
+        values=per_prompt.mean(0), axis_names=("layer", "target"),
+        labels={"layer": [f"L{l}" for l in layers], "target": names}, per_prompt=per_prompt,
+        top_tokens=tops, metadata=dict(method="component_tokens", site=site, title=f"{site} read as tokens"),
+    )
+
+
+def self_logits_augmentation(
+    model,
+    prompts,
+    *,
+    layers: Sequence[int],
+    gamma: float = 0.3,
+) -> Tensor:
+    """VISTA's self-logits augmentation at each prompt's last token:
+    ``(1 − γ) · final logits + γ · mean_l lens_logits(resid_post_l)`` over ``layers``.
+
+    Returns ``[batch, vocab]`` logits (what mechlib metrics accept directly).
+    """
+    if not 0 <= gamma <= 1:
+        raise ValueError(f"gamma={gamma} must be in [0, 1]")
+    if isinstance(prompts, ContrastSet):
+        batch = PromptBatch(prompts.clean_tokens, prompts.lengths, prompts.clean_prompts, dict(prompts.extras))
+    else:
+        batch = PromptBatch.from_prompts(model, prompts)
+    layers = [int(l) for l in layers]
+    if not layers:
+        raise ValueError("layers is empty")
+    from mechlib.sites import check_layer
+
+    names = [f"blocks.{check_layer(model, l)}.hook_resid_post" for l in layers]
+    logits, acts = hooks.run_with_cache(model, batch.tokens, names, extras=batch.extras)
+    rows = torch.arange(len(batch))
+    last = batch.lengths - 1
+    final = logits[rows, last.to(logits.device)]
+    with torch.no_grad():
+        early = torch.stack([model.unembed(model.ln_final(acts[n][rows, last.to(acts[n].device)][:, None]))[:, 0]
+                             for n in names]).mean(0)
+    return ((1 - gamma) * final + gamma * early).detach()
