@@ -38,9 +38,9 @@ __all__ += ["attention_sinks", "massive_activations", "sink_dimensions", "interv
             "ablate_massive", "ablate_sink_values", "calibrate_attention", "redistribute_attention", "PromptBatch"]
 
 from mechlib.analyses.circuits import Circuit, OverlapResult, circuit_overlap, find_circuit  # noqa: E402
-from mechlib.interventions import scale_heads, steer_attention  # noqa: E402
+from mechlib.interventions import scale_heads, steer_attention, steer_residual  # noqa: E402
 
-__all__ += ["find_circuit", "circuit_overlap", "Circuit", "OverlapResult", "scale_heads", "steer_attention"]
+__all__ += ["find_circuit", "circuit_overlap", "Circuit", "OverlapResult", "scale_heads", "steer_attention", "steer_residual"]
 
 from mechlib.analyses.attribution import (DLAResult, HeadScores, direct_logit_attribution,  # noqa: E402
                                           head_divergence)

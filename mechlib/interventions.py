@@ -10,6 +10,7 @@
 * :func:`steer_attention` — the circuit-repair intervention of Merullo et al. (2024): make chosen
   heads attend, at the answer position, to given tokens (e.g. the wrong colour options, as IOI's
   S-inhibition heads attend to the repeated name).
+* :func:`steer_residual` — VISTA's steering vector (activation addition in the residual stream).
 * :func:`redistribute_attention` — VAR (Kang et al. 2025): in chosen heads, move a share ``p`` of
   the attention on sink tokens to the non-sink tokens of a span (the image; a context passage in
   the text analogue), proportionally to their attention.
@@ -333,4 +334,35 @@ def steer_attention(
         return A
 
     with _editing_patterns(model, by_layer, edit) as fired:
+        yield fired
+
+
+@contextmanager
+def steer_residual(
+    model,
+    vectors: dict[int, Tensor],
+    *,
+    scale: float = 1.0,
+    positions: Optional[Sequence[int]] = None,
+) -> Iterator[dict[str, int]]:
+    """Add ``scale * vectors[layer]`` (``[d_model]``) to the residual stream after each block
+    ``layer`` (``hook_resid_post``), at ``positions`` (default all) — VISTA's visual steering
+    vector, or any activation-addition steering.
+    """
+    if not vectors:
+        raise ValueError("vectors is empty: give {layer: [d_model] tensor}")
+    d = model.cfg.d_model
+    for l, v in vectors.items():
+        check_layer(model, l)
+        if v.shape != (d,):
+            raise ValueError(f"vectors[{l}] has shape {tuple(v.shape)}; need [{d}] (d_model)")
+    pos = slice(None) if positions is None else list(positions)
+
+    def edit(x, hook, v):
+        x = x.clone()
+        x[:, pos] = x[:, pos] + scale * v.to(x.device, x.dtype)
+        return x
+
+    hk = [(f"blocks.{l}.hook_resid_post", lambda x, hook, v=v: edit(x, hook, v)) for l, v in vectors.items()]
+    with hooks.attach(model, hk, must_fire=False) as fired:
         yield fired
