@@ -64,6 +64,17 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
+def bootstrap_ci(x: Tensor, *, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of ``x`` (``[n]``, e.g. per-prompt paired differences)."""
+    x = torch.as_tensor(x).float().flatten().cpu()
+    if len(x) < 2:
+        raise ValueError(f"bootstrap_ci needs at least 2 values, got {len(x)}")
+    g = torch.Generator().manual_seed(seed)
+    boot = torch.stack([x[torch.randint(len(x), (len(x),), generator=g)].mean() for _ in range(n_boot)])
+    lo, hi = torch.quantile(boot, torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2])).tolist()
+    return lo, hi
+
+
 @dataclass(frozen=True)
 class Result:
     """Base result. Subclasses add fields; tensors are stored on the CPU, detached.

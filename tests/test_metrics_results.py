@@ -118,3 +118,17 @@ def test_load_rejects_foreign_files(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "f.safetensors"))
     with pytest.raises(ValueError, match="not a mechlib result"):
         Result.load(tmp_path / "f.safetensors")
+
+
+def test_bootstrap_ci_brackets_the_mean_and_narrows_with_n():
+    from mechlib.results import bootstrap_ci
+
+    g = torch.Generator().manual_seed(1)
+    small, big = torch.randn(20, generator=g) + 1.0, torch.randn(2000, generator=g) + 1.0
+    lo_s, hi_s = bootstrap_ci(small)
+    lo_b, hi_b = bootstrap_ci(big, n_boot=300)
+    assert lo_s < float(small.mean()) < hi_s and lo_b < float(big.mean()) < hi_b
+    assert (hi_b - lo_b) < (hi_s - lo_s) and lo_b < 1.0 < hi_b
+    assert bootstrap_ci(torch.ones(5)) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        bootstrap_ci(torch.ones(1))

@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 import mechlib
 from mechlib import metrics, tasks
+from mechlib.results import bootstrap_ci
 
 torch.manual_seed(0)
 model = mechlib.load_model(MODEL, device=DEVICE)
@@ -72,11 +73,8 @@ def faithful(heads=None, alpha=ALPHA):
             return (ld(model(held.clean_tokens)) > 0).float()
 
 
-def paired_ci(a, b, n=2000, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    d = (a - b)
-    boot = torch.stack([d[torch.randint(len(d), (len(d),), generator=g)].mean() for _ in range(n)])
-    return float(d.mean()), *torch.quantile(boot, torch.tensor([0.025, 0.975])).tolist()
+def paired_ci(a, b):
+    return float((a - b).mean()), *bootstrap_ci(a - b)
 
 
 base = faithful()

@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 import mechlib
 from mechlib import metrics, tasks, viz
+from mechlib.results import bootstrap_ci
 
 torch.manual_seed(0)
 model = mechlib.load_model(MODEL, device=DEVICE)
@@ -130,9 +131,7 @@ after = accuracy_with(inhibition)
 rng = random.Random(0)
 pool = [(l, h) for l in sorted({l for l, _ in inhibition}) for h in range(model.cfg.n_heads) if (l, h) not in inhibition]
 controls = [accuracy_with(rng.sample(pool, len(inhibition))).mean().item() for _ in range(N_CONTROLS)]
-g = torch.Generator().manual_seed(0)
-boot = torch.stack([(after - before)[torch.randint(N_EVAL, (N_EVAL,), generator=g)].mean() for _ in range(2000)])
-lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975])).tolist()
+lo, hi = bootstrap_ci(after - before)
 print(f"accuracy before {before.mean():.1%}, after {after.mean():.1%} "
       f"(change {float((after - before).mean()):+.1%}, 95% CI [{lo:+.1%}, {hi:+.1%}]); "
       f"random heads: {sum(controls) / len(controls):.1%} (range {min(controls):.1%}–{max(controls):.1%})")

@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 import mechlib
 from mechlib import metrics, tasks, viz
+from mechlib.results import bootstrap_ci
 
 torch.manual_seed(0)
 model = mechlib.load_model(MODEL, device=DEVICE)
@@ -113,9 +114,7 @@ with torch.no_grad(), mechlib.scale_heads(model, suppressors or [(last, 0)], 0.0
 p_after = metrics.answer_prob(facts)(logits_m)
 acc_after = metrics.accuracy(facts, among="vocab")(logits_m)
 d = p_after - p_answer
-g = torch.Generator().manual_seed(0)
-boot = torch.stack([d[torch.randint(len(d), (len(d),), generator=g)].mean() for _ in range(2000)])
-lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975])).tolist()
+lo, hi = bootstrap_ci(d)
 print(f"P(answer) {p_answer.mean():.3f} → {p_after.mean():.3f} (change {d.mean():+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}]); "
       f"accuracy {acc.mean():.0%} → {acc_after.mean():.0%}")
 

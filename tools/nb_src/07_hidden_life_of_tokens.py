@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 import mechlib
 from mechlib import metrics, tasks
+from mechlib.results import bootstrap_ci
 
 torch.manual_seed(0)
 model = mechlib.load_model(MODEL, device=DEVICE)
@@ -100,16 +101,10 @@ sla_logits = mechlib.self_logits_augmentation(model, held, layers=range(L - 1 - 
 sla_ld = ld(sla_logits)
 
 
-def ci(x, n=2000, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    b = torch.stack([x[torch.randint(len(x), (len(x),), generator=g)].mean() for _ in range(n)])
-    return torch.quantile(b, torch.tensor([0.025, 0.975])).tolist()
-
-
 res = []
 for name, x in [("no intervention", base_ld), ("steering vector", vsv_ld), ("self-logits augmentation", sla_ld)]:
     f = (x > 0).float()
-    lo, hi = ci(f - (base_ld > 0).float())
+    lo, hi = bootstrap_ci(f - (base_ld > 0).float())
     res.append((name, f.mean().item(), float(x.mean()), "" if name == "no intervention" else f"[{lo:+.0%}, {hi:+.0%}]"))
 results = pd.DataFrame(res, columns=["condition", "context-faithful", "mean logit diff (context − prior)", "95% CI of change"])
 results
