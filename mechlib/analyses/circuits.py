@@ -304,15 +304,14 @@ def find_circuit(
                 edge_list += [(head_label(h), "logits", s) for h, s, _ in found]
             else:
                 for r in receivers:
-                    one = path_patching(model, contrast, metric, receivers=_receiver_sites(model, [r], st.via),
-                                        senders=[h for h, _, _ in found if h[0] < r[0]] or None,
-                                        receiver_positions=st.positions, progress=False, _base=base) \
-                        if any(h[0] < r[0] for h, _, _ in found) else None
-                    if one is None:
+                    upstream = [h for h, _, _ in found if h[0] < r[0]]  # only earlier heads reach r
+                    if not upstream:
                         continue
+                    one = path_patching(model, contrast, metric, receivers=_receiver_sites(model, [r], st.via),
+                                        senders=upstream, receiver_positions=st.positions, progress=False,
+                                        _base=base)
                     e = _scores(one, gap).mean(0)
-                    edge_list += [(head_label(h), head_label(r), float(e[h[0] * H + h[1]]))
-                                  for h, _, _ in found if h[0] < r[0]]
+                    edge_list += [(head_label(h), head_label(r), float(e[h[0] * H + h[1]])) for h in upstream]
         receivers = [h for h, s, _ in found if s > 0]
     name = getattr(model.cfg, "model_name", None) or type(model).__name__
     return Circuit(
