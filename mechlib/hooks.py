@@ -16,8 +16,8 @@ as in TransformerLens.
 from __future__ import annotations
 
 import difflib
-from contextlib import contextmanager
 import weakref
+from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -100,9 +100,14 @@ def attach(
             )
 
 
+def image_token_id(model) -> Optional[int]:
+    """The image placeholder token of a VLM bridge (``None`` for a text model)."""
+    cfg = getattr(getattr(model, "original_model", None), "config", None)
+    return getattr(cfg, "image_token_id", None) or getattr(cfg, "image_token_index", None)
+
+
 def _has_image_tokens(model, tokens: Optional[Tensor]) -> bool:
-    hf = getattr(model, "original_model", None)
-    tid = getattr(getattr(hf, "config", None), "image_token_id", None)
+    tid = image_token_id(model)
     return tokens is None or tid is None or bool((tokens == tid).any())
 
 

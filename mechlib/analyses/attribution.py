@@ -27,17 +27,11 @@ import torch
 from torch import Tensor
 
 from mechlib import hooks
+from mechlib.hooks import image_token_id
 from mechlib.results import Result
 from mechlib.tasks.contrast import ContrastSet, PromptBatch, _pad_id, _pad_right
 
 Span = Union[tuple[int, int], Sequence[tuple[int, int]], str, None]
-
-
-def image_token_id(model) -> Optional[int]:
-    """The image placeholder token of a VLM bridge (``None`` for a text model)."""
-    hf = getattr(model, "original_model", None)
-    cfg = getattr(hf, "config", None)
-    return getattr(cfg, "image_token_id", None) or getattr(cfg, "image_token_index", None)
 
 
 def _spans(model, batch: PromptBatch, span: Span, contrast: Optional[ContrastSet]) -> list[list[int]]:
@@ -111,11 +105,7 @@ def head_divergence(
         >>> vhd.top_heads(5)
     """
     contrast = prompts if isinstance(prompts, ContrastSet) else None
-    if contrast is not None:
-        extras = dict(contrast.extras) if extras is None else extras
-        batch = PromptBatch(contrast.clean_tokens, contrast.lengths, contrast.clean_prompts, dict(extras))
-    else:
-        batch = PromptBatch.from_prompts(model, prompts, extras=extras)
+    batch = PromptBatch.from_prompts(model, prompts, extras=extras)
     removed = _spans(model, batch, span, contrast)
     B, L, H = len(batch), model.cfg.n_layers, model.cfg.n_heads
     without = []
@@ -124,15 +114,13 @@ def head_divergence(
         keep = torch.ones(len(t), dtype=torch.bool)
         keep[removed[i]] = False
         without.append(t[keep])
-    w_tokens = _pad_right(without, _pad_id(model))
-    w_last = torch.tensor([len(t) - 1 for t in without])
+    wo = PromptBatch(_pad_right(without, _pad_id(model)), torch.tensor([len(t) for t in without]), batch.prompts,
+                     {} if span == "image" else dict(batch.extras))  # the image goes with its tokens
     names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
-    rows = torch.arange(B)
     _, with_z = hooks.run_with_cache(model, batch.tokens, names, extras=batch.extras)
-    w_extras = {} if span == "image" else batch.extras
-    _, without_z = hooks.run_with_cache(model, w_tokens, names, extras=w_extras)
-    zw = torch.stack([with_z[n][rows, batch.lengths - 1] for n in names], 1).float()  # [B, L, H, d_head]
-    zo = torch.stack([without_z[n][rows, w_last] for n in names], 1).float()
+    _, without_z = hooks.run_with_cache(model, wo.tokens, names, extras=wo.extras)
+    zw = torch.stack([batch.at_last(with_z[n]) for n in names], 1).float()  # [B, L, H, d_head]
+    zo = torch.stack([wo.at_last(without_z[n]) for n in names], 1).float()
     per_prompt = (zw - zo).norm(dim=-1)  # [B, L, H]
     if relative:
         per_prompt = per_prompt / zw.norm(dim=-1).clamp(min=1e-9)
@@ -230,9 +218,8 @@ def direct_logit_attribution(model, contrast: ContrastSet) -> DLAResult:
              + [f"blocks.{l}.hook_attn_out" for l in range(L)])
     logits, acts = hooks.run_with_cache(model, contrast.clean_tokens, names, extras=contrast.forward_extras("clean"))
     B = len(contrast)
-    rows = torch.arange(B)
-    last = contrast.last_pos
-    at = lambda n: acts[n][rows, last.to(acts[n].device)].float().cpu()  # noqa: E731  [B, ...] at each prompt's last token
+    batch = PromptBatch.from_prompts(model, contrast)
+    at = lambda n: batch.at_last(acts[n]).float().cpu()  # noqa: E731  [B, ...] at each prompt's last token
     x, y = at("ln_final.hook_in"), at("ln_final.hook_out")
     norm, ln_bias = _final_norm_frozen(model, x, y)
     W_U = model.W_U.detach().float().cpu()

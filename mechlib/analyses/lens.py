@@ -35,12 +35,9 @@ from mechlib.tasks.contrast import ContrastSet, PromptBatch, single_token_id
 
 def _batch_and_targets(model, prompts, targets) -> tuple[PromptBatch, Optional[Tensor], list[str]]:
     """Prompts as a batch, and targets as ``[batch, k]`` ids with names."""
-    if isinstance(prompts, ContrastSet):
-        batch = PromptBatch(prompts.clean_tokens, prompts.lengths, prompts.clean_prompts, dict(prompts.extras))
-        if targets is None:
-            return batch, torch.stack([prompts.answer_ids, prompts.wrong_ids], 1), ["answer", "wrong"]
-    else:
-        batch = PromptBatch.from_prompts(model, prompts)
+    batch = PromptBatch.from_prompts(model, prompts)
+    if isinstance(prompts, ContrastSet) and targets is None:
+        return batch, torch.stack([prompts.answer_ids, prompts.wrong_ids], 1), ["answer", "wrong"]
     if targets is None:
         return batch, None, []
     if isinstance(targets, str):
@@ -215,9 +212,7 @@ def component_tokens(
     hook = "hook_mlp_out" if site == "mlp_out" else "hook_attn_out"
     hnames = ["ln_final.hook_in", "ln_final.hook_out"] + [f"blocks.{l}.{hook}" for l in layers]
     _, acts = hooks.run_with_cache(model, batch.tokens, hnames, extras=batch.extras)
-    rows = torch.arange(len(batch))
-    last = batch.lengths - 1
-    at = lambda n: acts[n][rows, last.to(acts[n].device)].float().cpu()  # noqa: E731
+    at = lambda n: batch.at_last(acts[n]).float().cpu()  # noqa: E731
     norm, _ = _final_norm_frozen(model, at("ln_final.hook_in"), at("ln_final.hook_out"))
     W_U = model.W_U.detach().float().cpu()
     comp = torch.stack([at(f"blocks.{l}.{hook}") for l in layers], 1)  # [B, layer, d]
@@ -250,10 +245,7 @@ def self_logits_augmentation(
     """
     if not 0 <= gamma <= 1:
         raise ValueError(f"gamma={gamma} must be in [0, 1]")
-    if isinstance(prompts, ContrastSet):
-        batch = PromptBatch(prompts.clean_tokens, prompts.lengths, prompts.clean_prompts, dict(prompts.extras))
-    else:
-        batch = PromptBatch.from_prompts(model, prompts)
+    batch = PromptBatch.from_prompts(model, prompts)
     layers = [int(l) for l in layers]
     if not layers:
         raise ValueError("layers is empty")
@@ -261,10 +253,8 @@ def self_logits_augmentation(
 
     names = [f"blocks.{check_layer(model, l)}.hook_resid_post" for l in layers]
     logits, acts = hooks.run_with_cache(model, batch.tokens, names, extras=batch.extras)
-    rows = torch.arange(len(batch))
-    last = batch.lengths - 1
-    final = logits[rows, last.to(logits.device)]
+    final = batch.at_last(logits)
     with torch.no_grad():
-        early = torch.stack([model.unembed(model.ln_final(acts[n][rows, last.to(acts[n].device)][:, None]))[:, 0]
+        early = torch.stack([model.unembed(model.ln_final(batch.at_last(acts[n])[:, None]))[:, 0]
                              for n in names]).mean(0)
     return ((1 - gamma) * final + gamma * early).detach()

@@ -83,8 +83,13 @@ class PromptBatch:
 
     @classmethod
     def from_prompts(cls, model, prompts, *, extras: Optional[Mapping[str, Tensor]] = None) -> "PromptBatch":
+        """From strings, a token tensor, a PromptBatch (returned as is) or a :class:`ContrastSet`
+        (its clean side; ``extras`` default to the set's)."""
         if isinstance(prompts, PromptBatch):
             return prompts
+        if isinstance(prompts, ContrastSet):
+            return cls(prompts.clean_tokens, prompts.lengths, prompts.clean_prompts,
+                       dict(prompts.extras if extras is None else extras))
         if isinstance(prompts, Tensor):
             if prompts.ndim != 2 or prompts.shape[0] == 0 or prompts.shape[1] == 0:
                 raise ContrastSetError(f"token prompts must be a non-empty [batch, pos] tensor, got {tuple(prompts.shape)}")
@@ -108,6 +113,11 @@ class PromptBatch:
 
     def str_tokens(self, model, i: int) -> list[str]:
         return _decode_each(model, self.tokens[i, : int(self.lengths[i])])
+
+    def at_last(self, x: Tensor) -> Tensor:
+        """``x[b, pos, ...]`` read at each prompt's last real token → ``[b, ...]`` (same device)."""
+        rows = torch.arange(len(self), device=x.device)
+        return x[rows, (self.lengths - 1).to(x.device)]
 
 
 @dataclass(frozen=True)
