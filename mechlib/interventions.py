@@ -14,6 +14,8 @@
 * :func:`redistribute_attention` — VAR (Kang et al. 2025): in chosen heads, move a share ``p`` of
   the attention on sink tokens to the non-sink tokens of a span (the image; a context passage in
   the text analogue), proportionally to their attention.
+* :func:`position_invariant` — PINE (Wang et al. 2024): bidirectional attention between segments
+  (options, documents) and each segment's position set by attention importance, not input order.
 
 Attention edits go through ``hook_pattern``, which only changes the output on bridges that
 re-implement attention (Llama/GPT-2-style ``PositionEmbeddingsAttentionBridge`` /
@@ -24,6 +26,7 @@ these raise :class:`UnsupportedBridgeError` instead.
 from __future__ import annotations
 
 import math
+import numbers
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence, Union
 
@@ -366,3 +369,172 @@ def steer_residual(
     hk = [(f"blocks.{l}.hook_resid_post", lambda x, hook, v=v: edit(x, hook, v)) for l, v in vectors.items()]
     with hooks.attach(model, hk, must_fire=False) as fired:
         yield fired
+
+
+# --- PINE: position-invariant inference ----------------------------------------------------------
+
+
+def _rotary_module(model):
+    """The HF rotary embedding module (one ``inv_freq`` for all layers), or UnsupportedBridgeError."""
+    cfg = model.cfg
+    if getattr(cfg, "positional_embedding_type", None) != "rotary" or getattr(
+            cfg, "rotary_adjacent_pairs", False) or getattr(cfg, "rotary_interleaved_cos_sin", False):
+        raise UnsupportedBridgeError(
+            "position_invariant needs a rotate-half RoPE model (Llama/Qwen/Mistral style); this one "
+            f"has positional_embedding_type={getattr(cfg, 'positional_embedding_type', None)!r}")
+    found = [m for m in model.original_model.modules() if isinstance(getattr(m, "inv_freq", None), Tensor)]
+    freqs = {tuple(m.inv_freq.flatten().tolist()) for m in found}
+    if len(freqs) != 1:
+        raise UnsupportedBridgeError(f"found {len(freqs)} different rotary embeddings; position_invariant "
+                                     "supports one RoPE shared by every layer")
+    rot = found[0]
+    if float(getattr(rot, "attention_scaling", 1.0)) != 1.0 or 2 * rot.inv_freq.numel() != cfg.d_head:
+        raise UnsupportedBridgeError("position_invariant supports full-width RoPE without attention "
+                                     "scaling (rotary dim == d_head, attention_scaling == 1)")
+    return rot
+
+
+def _rope_scores(qr: Tensor, kr: Tensor, shift: Tensor, inv_freq: Tensor) -> Tensor:
+    """``score[h, i, j] = qr_i · R(shift[h, i, j]) kr_j`` for queries/keys already rotated at their
+    standard positions (``[T, H, D]``); ``shift`` (integer, broadcastable to ``[H, T, T]``) is the
+    change of the key's position relative to the query's. ``shift = 0`` gives the model's scores;
+    ``shift = i - j`` gives the scores without position (un-rotated q·k)."""
+    ang = shift.to(inv_freq.dtype)[..., None] * inv_freq  # [H, T, T, D/2]
+    cos, sin = torch.cos(ang).repeat(1, 1, 1, 2), torch.sin(ang).repeat(1, 1, 1, 2)
+    half = kr.shape[-1] // 2
+    k_rh = torch.cat([-kr[..., half:], kr[..., :half]], dim=-1)  # rotate_half
+    q = qr.permute(1, 0, 2)[:, :, None, :]  # [H, T, 1, D]
+    return (q * (kr.permute(1, 0, 2)[:, None] * cos + k_rh.permute(1, 0, 2)[:, None] * sin)).sum(-1)
+
+
+def _order_shift(importance: Tensor, lens: Tensor) -> Tensor:
+    """``importance[..., n]`` → ``shift[..., n]``: docs sorted by importance (descending, stable);
+    each doc moves back by the total length of the docs ranked before it."""
+    order = torch.argsort(importance, dim=-1, descending=True, stable=True)
+    before = torch.cumsum(lens[order], -1) - lens[order]
+    return torch.empty_like(before).scatter_(-1, order, before)
+
+
+def _pine_pattern(qr: Tensor, kr: Tensor, spans: Sequence[tuple[int, int]], scale: float,
+                  inv_freq: Tensor) -> Tensor:
+    """One prompt's attention pattern ``[H, T, T]`` under PINE (see :func:`position_invariant`)."""
+    T, H, _ = qr.shape
+    dev = qr.device
+    s0, e = spans[0][0], spans[-1][1]
+    lens = torch.tensor([b - a for a, b in spans], device=dev)
+    pos = torch.arange(T, device=dev)
+    doc = torch.full((T,), -1, dtype=torch.long, device=dev)
+    base = pos.clone()  # each doc as if it were the last one before the suffix
+    for m, (a, b) in enumerate(spans):
+        doc[a:b] = m
+        base[a:b] = e - (b - a) + torch.arange(b - a, device=dev)
+    in_doc = doc >= 0
+    # importance without position: softmax of q·k/√d over the docs' keys, mean per doc
+    plain = _rope_scores(qr, kr[s0:e], (pos[:, None] - pos[None, s0:e]).expand(H, T, e - s0), inv_freq) * scale
+    own = (doc[:, None] == doc[None, s0:e]) & in_doc[:, None]  # a doc query ignores its own doc
+    w = torch.softmax(plain.masked_fill(own, float("-inf")), -1).nan_to_num(0.0)
+    onehot = torch.nn.functional.one_hot(doc[s0:e], len(spans)).to(w.dtype)  # [e-s0, n]
+    per_doc = (w @ onehot) / lens.to(w.dtype)  # [H, T, n]
+    doc2doc = torch.stack([per_doc[:, a:b].sum(1) for a, b in spans], 1)  # [H, n, n]
+    doc2doc = doc2doc + torch.diag(torch.full((len(spans),), float("inf"), device=dev))
+    shift_rows = torch.zeros(H, T, len(spans), dtype=torch.long, device=dev)
+    shift_rows[:, e:] = _order_shift(per_doc[:, e:], lens)
+    shift_rows[:, in_doc] = _order_shift(doc2doc, lens)[:, doc[in_doc]]
+    # key positions as seen from each query; queries sit at their base positions
+    kpos = pos.expand(H, T, T).clone()
+    d_shift = torch.gather(shift_rows, 2, doc.clamp(min=0)[None, None, :].expand(H, T, T))
+    kpos = torch.where(in_doc[None, None, :], base[None, None, :] - d_shift, kpos)
+    qpos = base[None, :, None]
+    scores = _rope_scores(qr, kr, (pos[:, None] - pos[None, :]) + (kpos - qpos), inv_freq) * scale
+    return torch.softmax(scores.masked_fill(kpos > qpos, float("-inf")), -1)
+
+
+def _check_spans(spans, T: int, where: str) -> tuple[tuple[int, int], ...]:
+    spans = tuple((int(a), int(b)) for a, b in spans)
+    if not spans:
+        raise ValueError(f"{where}: no segments; give at least one (start, end) span")
+    for (a, b), nxt in zip(spans, spans[1:] + ((spans[-1][1], None),)):
+        if not 1 <= a < b <= T:
+            raise ValueError(f"{where}: segment ({a}, {b}) is out of range for {T} tokens "
+                             "(need 1 <= start < end <= length; position 0 is BOS)")
+        if nxt[0] != b:
+            raise ValueError(f"{where}: segments {list(spans)} must be contiguous and in order "
+                             "(each starts where the previous ends); put separators inside segments")
+    return spans
+
+
+@contextmanager
+def position_invariant(
+    model,
+    segments,
+    *,
+    layers: Optional[Sequence[int]] = None,
+) -> Iterator[dict[str, int]]:
+    """PINE (Wang et al. 2024, "Eliminating Position Bias of Language Models: A Mechanistic
+    Approach"): forwards inside the block treat the segments (options, documents) as unordered.
+
+    In every head of the chosen layers (default all), following the paper's public code:
+
+    * bidirectional attention between segments: a segment's tokens see all other segments (causal
+      inside their own segment); the prefix and the suffix keep causal attention;
+    * positions from importance, not input order: each query ranks the segments by its attention
+      to them computed *without* position (q·k of un-rotated states, softmax over the segments'
+      tokens, mean per segment; a segment's tokens rank the others by their summed attention and
+      place themselves last), then lays them out before itself, most important closest. RoPE is
+      re-applied with those positions.
+
+    Hence swapping whole segments in the input leaves the output unchanged (up to float error and
+    exact ties), and a single segment changes nothing.
+
+    Args:
+        segments: the ``(start, end)`` token spans (end exclusive) of the segments, contiguous and
+            in input order: one list shared by the batch, one list per prompt, or a
+            :class:`~mechlib.tasks.segments.SegmentedPrompts` (its ``segments``).
+        layers: layers to edit (default all).
+
+    Yields ``{hook name: times fired}``. Works on bridges that re-implement rotate-half RoPE
+    attention (Llama, Qwen2, Mistral, SmolLM); otherwise :class:`UnsupportedBridgeError`.
+    The cost is ``O(T² · d_head)`` per head and prompt on top of the forward.
+    """
+    from mechlib.tasks.segments import SegmentedPrompts
+
+    if isinstance(segments, SegmentedPrompts):
+        segments = segments.segments
+    segments = list(segments)
+    if not segments:
+        raise ValueError("segments is empty: give (start, end) spans")
+    per_prompt = not isinstance(segments[0][0], (numbers.Integral, Tensor))
+    layers = list(range(model.cfg.n_layers)) if layers is None else [check_layer(model, l) for l in layers]
+    _check_pattern_editable(model, layers)
+    inv_freq = _rotary_module(model).inv_freq.float()
+    scale = float(getattr(model.blocks[0].attn.original_component, "scaling", model.cfg.d_head ** -0.5))
+    store: dict[str, Tensor] = {}
+
+    def keep(x, hook, key):
+        store[key] = x
+        return x
+
+    def edit(A, hook, layer):
+        b, H, T, _ = A.shape
+        qr, kr = store.pop(f"q{layer}"), store.pop(f"k{layer}")  # [b, T, h, D]
+        kr = kr.repeat_interleave(H // kr.shape[2], dim=2)
+        if per_prompt and len(segments) != b:
+            raise ValueError(f"position_invariant got segments for {len(segments)} prompts; "
+                             f"this forward has batch {b}")
+        A = A.clone()
+        f = inv_freq.to(A.device)
+        for i in range(b):
+            spans = _check_spans(segments[i] if per_prompt else segments, T, f"prompt {i}")
+            A[i] = _pine_pattern(qr[i].float(), kr[i].float(), spans, scale, f).to(A.dtype)
+        return A
+
+    hk = []
+    for l in layers:
+        hk += [(f"blocks.{l}.attn.hook_rot_q", lambda x, hook, l=l: keep(x, hook, f"q{l}")),
+               (f"blocks.{l}.attn.hook_rot_k", lambda x, hook, l=l: keep(x, hook, f"k{l}")),
+               (f"blocks.{l}.attn.hook_pattern", lambda A, hook, l=l: edit(A, hook, l))]
+    try:
+        with hooks.attach(model, hk, must_fire=False) as fired:
+            yield fired
+    finally:
+        store.clear()

@@ -12,8 +12,8 @@ positions).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Mapping, Optional, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 from jaxtyping import Int
@@ -118,6 +118,25 @@ class PromptBatch:
         """``x[b, pos, ...]`` read at each prompt's last real token → ``[b, ...]`` (same device)."""
         rows = torch.arange(len(self), device=x.device)
         return x[rows, (self.lengths - 1).to(x.device)]
+
+    def batches(self, size: int) -> Iterator["PromptBatch"]:
+        """Consecutive row slices of at most ``size`` prompts (same class; per-row fields sliced,
+        padding trimmed to the slice's longest prompt)."""
+        if size < 1:
+            raise ValueError(f"batch size {size} must be >= 1")
+        n = len(self)
+        for start in range(0, n, size):
+            rows = slice(start, min(start + size, n))
+            kw = {}
+            for f in fields(self):
+                v = getattr(self, f.name)
+                if isinstance(v, (Tensor, tuple)) and len(v) == n:
+                    v = v[rows]
+                elif isinstance(v, Mapping) and v:
+                    raise ValueError("batches() cannot split extras (pixel_values); run the batch whole")
+                kw[f.name] = v
+            kw["tokens"] = kw["tokens"][:, : int(kw["lengths"].max())]
+            yield replace(self, **kw)
 
 
 @dataclass(frozen=True)
