@@ -37,6 +37,8 @@ def build(src: Path, dest: Path) -> None:
         else:
             buf.append(line)
     flush()
+    for i, cell in enumerate(cells):  # stable ids: rebuilding an unchanged source changes nothing
+        cell["id"] = f"c{i:02d}"
     nb = new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}

@@ -118,6 +118,7 @@ paths.effect().top(5, largest=False)
 
 # %%
 import pandas as pd
+pd.set_option("display.max_colwidth", None)   # show the paper-vs-ours tables in full
 
 assert prediction == " Paris"
 assert clean.mean() >= 2.0, "IOI clean logit difference should be clearly positive"

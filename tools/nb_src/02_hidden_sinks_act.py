@@ -30,6 +30,7 @@ MAX_HEADS = 8
 
 # %%
 import pandas as pd
+pd.set_option("display.max_colwidth", None)   # show the paper-vs-ours tables in full
 import torch
 import mechlib
 from mechlib import metrics, tasks

@@ -30,6 +30,7 @@ TAU, RHO, SUMM, P = 20.0, 0.5, 0.2, 0.6     # VAR's defaults
 
 # %%
 import pandas as pd
+pd.set_option("display.max_colwidth", None)   # show the paper-vs-ours tables in full
 import torch
 import mechlib
 from mechlib import hooks, metrics, tasks

@@ -32,6 +32,7 @@ N_CONTROLS = 5
 # %%
 import random
 import pandas as pd
+pd.set_option("display.max_colwidth", None)   # show the paper-vs-ours tables in full
 import torch
 import mechlib
 from mechlib import metrics, tasks

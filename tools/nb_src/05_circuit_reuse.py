@@ -34,6 +34,7 @@ N_CONTROLS = 4        # random head sets for the repair control
 # %%
 import random
 import pandas as pd
+pd.set_option("display.max_colwidth", None)   # show the paper-vs-ours tables in full
 import torch
 import mechlib
 from mechlib import metrics, tasks, viz

@@ -27,6 +27,7 @@ TOP_HEADS = 5
 
 # %%
 import pandas as pd
+pd.set_option("display.max_colwidth", None)   # show the paper-vs-ours tables in full
 import torch
 import mechlib
 from mechlib import metrics, tasks, viz

@@ -32,6 +32,7 @@ VSV_LAYERS = "upper half"     # where the steering vector is added
 
 # %%
 import pandas as pd
+pd.set_option("display.max_colwidth", None)   # show the paper-vs-ours tables in full
 import torch
 import mechlib
 from mechlib import metrics, tasks

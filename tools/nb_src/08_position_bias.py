@@ -1,0 +1,190 @@
+# %% [markdown]
+# # 08 · Position bias and PINE: order-blind attention between options
+#
+# **Wang et al. 2024, "Eliminating Position Bias of Language Models: A Mechanistic Approach"**
+# (PINE; code: github.com/wzq016/PINE). Language models change their answer when the options are
+# swapped. The paper traces this to two parts of attention: the **causal mask** (a later option
+# sees the earlier one, not the reverse, which favours distant content) and **RoPE** (which favours
+# nearby content). **PINE** removes both, training-free, at inference: attention between the
+# segments (options, documents) becomes **bidirectional**, and each segment's **position is set by
+# its importance** — the attention it receives computed *without* positions — instead of its
+# place in the input. Headline (abstract): as an LM-as-a-judge on RewardBench's reasoning pairs,
+# PINE improves accuracy by **8–10 points in most cases** (Llama-3 / Qwen-1.5 models, 7B–110B);
+# the authors add that it helps capable models and can hurt when the task is too hard.
+#
+# Here: the embedded model on two-option questions from `data/pairwise.json`, every item asked in
+# both orders; `mechlib.position_invariant` is our implementation of PINE (following the paper's
+# public code: importance from un-rotated q·k, a segment ranks the others by summed attention and
+# places itself last, the suffix ranks by its own attention; RoPE re-applied per query).
+
+# %%
+import importlib.util, os, subprocess, sys
+if importlib.util.find_spec("mechlib") is None:  # Colab: install from the repository
+    repo = os.environ.get("MECHLIB_REPO_URL", "")
+    if not repo:
+        raise RuntimeError("mechlib is not installed: set MECHLIB_REPO_URL to the mechlib git URL, or pip install it")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"mechlib[notebooks] @ git+{repo}"], check=True)
+
+# %%
+# parameters
+MODEL = os.environ.get("MECHLIB_MODEL", "smollm2-135m")
+DEVICE = os.environ.get("MECHLIB_DEVICE") or None
+N_ITEMS = None          # None: all items in data/pairwise.json (64); each is asked in both orders
+BATCH = 32
+
+# %%
+import matplotlib.pyplot as plt
+import pandas as pd
+pd.set_option("display.max_colwidth", None)   # show the paper-vs-ours tables in full
+import torch
+import mechlib
+from mechlib import tasks
+
+torch.manual_seed(0)
+model = mechlib.load_model(MODEL, device=DEVICE)
+L, H = model.cfg.n_layers, model.cfg.n_heads
+opts = tasks.pairwise_choice(model, N_ITEMS, format="options")
+judge = tasks.pairwise_choice(model, N_ITEMS, format="labels")
+n_items = len(opts) // 2
+print(f"{n_items} items × 2 orders")
+print(opts.prompts[0]); print("---"); print(opts.prompts[1])
+print("segments (token spans) of the first prompt:", opts.segments[0])
+
+# %% [markdown]
+# ## 1 · Position bias of the plain model
+#
+# For each item, logit(correct) − logit(wrong) with the correct option first and second.
+# *accuracy*: share of prompts answered correctly; *consistency*: the same option wins in both
+# orders; *first-slot rate*: share of answers that pick whatever is listed first (0.5 if
+# order-blind); *first-slot logit*: half the change of the logit difference when the correct
+# option moves from second to first. 95% bootstrap CIs over items.
+
+# %%
+base = mechlib.position_bias(model, opts, batch_size=BATCH)
+base.to_frame().round(3)
+
+# %% [markdown]
+# ## 2 · Where it comes from: attention from the answer position to each slot
+#
+# Attention mass from the last token to the tokens of the first and the second option, per layer
+# (summed over heads, averaged over prompts). Each item appears in both orders, so content is
+# balanced between the slots and any difference is an effect of position.
+
+# %%
+att = mechlib.segment_attention(model, opts, batch_size=BATCH)
+att_pine = mechlib.segment_attention(model, opts, pine=True, batch_size=BATCH)
+asym = (att.values[..., 0] - att.values[..., 1]).sum(1)         # [layer]: first − second slot
+asym_pine = (att_pine.values[..., 0] - att_pine.values[..., 1]).sum(1)
+fig, ax = plt.subplots(figsize=(8, 3))
+ax.bar(range(L), asym, label="plain model")
+ax.plot(range(L), asym_pine, "k.-", label="PINE")
+ax.axhline(0, color="grey", lw=0.5)
+ax.set(xlabel="layer", ylabel="attention to 1st − 2nd option", title="last-token attention asymmetry between option slots")
+ax.legend();
+
+# %%
+d = (att.per_prompt[..., 0] - att.per_prompt[..., 1])          # [prompt, layer, head]
+head_asym = d.mean(0)
+top = torch.topk(head_asym.abs().flatten(), 6).indices
+pd.DataFrame([(f"L{i // H}H{i % H}", float(head_asym.flatten()[i]),
+               float(att.values.flatten(0, 1)[i].sum())) for i in top.tolist()],
+             columns=["head", "attention 1st − 2nd slot", "attention to both options"])
+
+# %% [markdown]
+# Two regimes: through most of the network the answer position attends more to the *nearer*
+# (second) option — the recency RoPE favours — while in the last quarter of the layers it attends
+# more to the *first* option, the direction of the output's bias.
+
+# %%
+q = 3 * L // 4
+early_asym, late_asym = asym[:q].mean().item(), asym[q:].mean().item()
+print(f"mean asymmetry (1st − 2nd), layers 0–{q - 1}: {early_asym:+.3f}; layers {q}–{L - 1}: {late_asym:+.3f}")
+
+# %% [markdown]
+# ## 3 · PINE
+#
+# First the defining property on one item: under PINE the two orders give the same logits.
+
+# %%
+pair = next(opts.batches(2))   # item 0 in both orders
+with torch.no_grad():
+    plain_logits = pair.at_last(model(pair.tokens))
+    with mechlib.position_invariant(model, pair):
+        pine_logits = pair.at_last(model(pair.tokens))
+swap_plain = (plain_logits[0] - plain_logits[1]).abs().max().item()
+swap_pine = (pine_logits[0] - pine_logits[1]).abs().max().item()
+print(f"max |logit(order 1) − logit(order 2)|: plain {swap_plain:.3f}, PINE {swap_pine:.2e}")
+
+# %%
+pine = mechlib.position_bias(model, opts, pine=True, batch_size=BATCH)
+diff = base.compare(pine)
+summary = pd.concat({"plain": base.to_frame()["value"], "PINE": pine.to_frame()["value"],
+                     "PINE − plain": pd.Series({k: v[0] for k, v in diff.items()}),
+                     "95% CI": pd.Series({k: f"[{v[1]:+.3f}, {v[2]:+.3f}]" for k, v in diff.items()})}, axis=1)
+summary
+
+# %% [markdown]
+# ## 4 · The LM-as-a-judge form
+#
+# The paper's prompts label the candidates ("Assistant A's answer") and ask for a letter; the label
+# moves with its slot. The same questions in that form:
+
+# %%
+judge_base = mechlib.position_bias(model, judge, batch_size=BATCH)
+judge_pine = mechlib.position_bias(model, judge, pine=True, batch_size=BATCH)
+pd.concat({"plain": judge_base.to_frame()["value"], "PINE": judge_pine.to_frame()["value"]}, axis=1)
+
+# %% [markdown]
+# The 135M model answers " A" whatever the options: a *label* preference, not an attention-order
+# effect, so PINE (which makes the two segments order-blind but keeps "A" bound to the first
+# candidate's text) cannot remove it. This matches the paper's caution that PINE helps models
+# that can do the task.
+
+# %% [markdown]
+# ## Checks
+
+# %%
+sb, sp = base.stats(), pine.stats()
+# the plain model is position-biased: it prefers the first slot, and answers change with order
+assert sb["first_slot_logit"][1] > 0, sb["first_slot_logit"]
+assert sb["consistency"][0] < 0.9, sb["consistency"]
+# attention to the two slots is asymmetric in the plain model, symmetric under PINE
+assert asym.abs().max() > 0.05 and asym_pine.abs().max() < 1e-3, (asym.abs().max(), asym_pine.abs().max())
+# ... nearer option favoured in the first three quarters of the layers, the first option in the last quarter
+assert early_asym < 0 < late_asym, (early_asym, late_asym)
+# PINE makes the answer order-invariant and does not lower accuracy
+assert swap_pine < 1e-3 < swap_plain
+assert sp["consistency"][0] == 1.0 and abs(sp["first_slot_logit"][0]) < 1e-3
+assert sp["accuracy"][0] >= sb["accuracy"][0], (sb["accuracy"], sp["accuracy"])
+# judge form: label bias ("A") dominates and PINE leaves it
+assert judge_base.stats()["first_slot_rate"][0] > 0.9 and judge_pine.stats()["first_slot_rate"][0] > 0.9
+
+# %% [markdown]
+# ## Paper vs ours
+
+# %%
+acc_d = diff["accuracy"]
+pd.DataFrame([
+    ("attention is asymmetric between segments", "causal mask favours distant, RoPE nearby content",
+     f"nearer option favoured in layers 0–{q - 1} ({early_asym:+.2f}), first option in layers {q}–{L - 1} ({late_asym:+.2f}); symmetric under PINE"),
+    ("position bias exists", "yes (answers flip when options are swapped)",
+     f"yes: consistent in both orders {sb['consistency'][0]:.0%}; picks the first slot "
+     f"{sb['first_slot_rate'][0]:.0%} [CI {sb['first_slot_rate'][1]:.0%}, {sb['first_slot_rate'][2]:.0%}]"),
+    ("PINE makes the model order-invariant", "yes, by construction",
+     f"yes: consistency {sp['consistency'][0]:.0%}, max logit change on swapping {swap_pine:.1e}"),
+    ("accuracy gain from PINE", "+8 to +10 points (RewardBench reasoning, LM-as-a-judge, 7B–110B)",
+     f"{acc_d[0] * 100:+.1f} points ({sb['accuracy'][0]:.1%} → {sp['accuracy'][0]:.1%}), "
+     f"CI [{acc_d[1] * 100:+.1f}, {acc_d[2] * 100:+.1f}] on the options form"),
+    ("LM-as-a-judge form", "PINE gains", f"not reproduced: the model answers 'A' on "
+     f"{judge_base.stats()['first_slot_rate'][0]:.0%} of prompts with or without PINE"),
+], columns=["finding", "paper", f"ours ({MODEL}, {n_items} two-option items × 2 orders)"])
+
+# %% [markdown]
+# **Reading.** The 135M model has a clear primacy bias on listed options. Its answer position
+# attends more to the nearer option in most layers and to the first option only in the last
+# quarter, the direction of the bias it shows. PINE removes the bias exactly: with bidirectional attention between the options and importance-ordered positions, the
+# two orders give the same logits, and the answer is the same in both. Accuracy rises by a similar
+# amount to the paper's gain, but on 64 items the CI of the change includes 0, so we report the
+# direction, not a significant gain. In the paper's judge form the model cannot do the task (it
+# always answers "A"), and PINE does not change that. On a GPU, set `MODEL` to a Llama-3 or Qwen2
+# instruct model and `N_ITEMS` to a larger set.
