@@ -258,3 +258,215 @@ def circuit_diagram(circuit, other=None, *, layout: str = "overlay", engine: str
     else:
         svg = _svg_fallback(nodes, edges, order, title)
     return HTMLView(svg + _legend(names, circuits), title=title)
+
+
+# ----------------------------------------------------------------------------------------------
+# explorers: ipywidgets controls over precomputed results, with a static fallback
+# ----------------------------------------------------------------------------------------------
+
+_WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+
+def widget_frontend() -> bool:
+    """Whether explorers should offer live widgets: inside a Jupyter kernel with ipywidgets
+    installed, unless ``MECHLIB_STATIC_VIEWS`` is set (headless execution such as
+    ``tools/run_notebooks.py`` has no widget frontend and sets it)."""
+    import os
+
+    if os.environ.get("MECHLIB_STATIC_VIEWS"):
+        return False
+    try:
+        import ipywidgets  # noqa: F401
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+class Explorer:
+    """Dropdown controls over a drawing function, shown as an ipywidgets panel where a widget
+    frontend exists and as a static figure of the current selection everywhere else (HTML
+    exports, GitHub, plain Python). ``explorer.figure(**selection)`` draws any selection."""
+
+    def __init__(self, title: str, controls: dict, draw, *, figsize=(7.5, 4.2)):
+        self.title = title
+        self.controls = {k: [(str(lab), val) for lab, val in opts] for k, opts in controls.items()}
+        for k, opts in self.controls.items():
+            if not opts:
+                raise ValueError(f"control {k!r} has no options")
+        self.selection = {k: opts[0][1] for k, opts in self.controls.items()}
+        self._draw = draw
+        self.figsize = figsize
+
+    def _check(self, selection: dict) -> dict:
+        sel = dict(self.selection)
+        for k, v in selection.items():
+            if k not in self.controls:
+                raise ValueError(f"unknown control {k!r}; controls: {list(self.controls)}")
+            if v not in [val for _, val in self.controls[k]]:
+                raise ValueError(f"{k}={v!r} is not an option; choose from {[val for _, val in self.controls[k]]}")
+            sel[k] = v
+        return sel
+
+    def figure(self, **selection):
+        """A matplotlib figure of ``selection`` (missing controls keep the current choice)."""
+        import matplotlib.pyplot as plt
+
+        sel = self._check(selection)
+        fig = plt.figure(figsize=self.figsize)
+        self._draw(fig, **sel)
+        return fig
+
+    def widget(self):
+        """The ipywidgets panel: one dropdown per control above the figure."""
+        import ipywidgets as w
+        import matplotlib.pyplot as plt
+        from IPython.display import display
+
+        drop = {k: w.Dropdown(options=opts, value=self.selection[k], description=k)
+                for k, opts in self.controls.items()}
+
+        def show(**sel):
+            self.selection.update(sel)
+            fig = self.figure(**sel)
+            display(fig)
+            plt.close(fig)
+
+        out = w.interactive_output(show, drop)
+        return w.VBox([w.HTML(f"<b>{_html.escape(self.title)}</b>"), w.HBox(list(drop.values())), out])
+
+    def static_html(self) -> str:
+        """The current selection as an inline PNG with a caption naming the selection."""
+        import base64
+        import io
+
+        import matplotlib.pyplot as plt
+
+        fig = self.figure()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+        plt.close(fig)
+        labels = {k: next(lab for lab, val in self.controls[k] if val == v) for k, v in self.selection.items()}
+        sel = ", ".join(f"{k} = {_html.escape(v)}" for k, v in labels.items())
+        return (f"<figure class='mechlib-explorer'><img alt='{_html.escape(self.title)}' "
+                f"src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'/>"
+                f"<figcaption>{_html.escape(self.title)} — static view ({sel}). Interactive in Jupyter "
+                f"with ipywidgets; here call <code>.figure(...)</code> for another selection.</figcaption></figure>")
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        bundle = {"text/plain": repr(self), "text/html": self.static_html()}
+        if widget_frontend():
+            bundle.update(self.widget()._repr_mimebundle_())
+            bundle["text/html"] = bundle.get("text/html") or self.static_html()
+        return bundle
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}: {len(v)}" for k, v in self.controls.items())
+        return f"Explorer({self.title!r}; {opts})"
+
+
+def _token_labels(model, tokens) -> list[str]:
+    return [model.tokenizer.decode([int(t)]).replace("\n", "\\n") for t in tokens]
+
+
+def attention_explorer(model, prompts, *, layers: Optional[Sequence[int]] = None,
+                       max_tokens: int = 40) -> Explorer:
+    """Pick a prompt, layer and head → that head's attention pattern with the prompt's tokens.
+
+    Patterns are computed once (only ``hook_pattern`` of the chosen layers is cached) and cropped to
+    each prompt's last ``max_tokens`` tokens."""
+    from mechlib.hooks import run_with_cache
+    from mechlib.sites import check_layer
+    from mechlib.tasks.contrast import PromptBatch
+
+    batch = PromptBatch.from_prompts(model, prompts)
+    layers = list(range(model.cfg.n_layers)) if layers is None else [check_layer(model, l) for l in layers]
+    names = [f"blocks.{l}.attn.hook_pattern" for l in layers]
+    _, acts = run_with_cache(model, batch.tokens, names, extras=batch.extras)
+    pats, toks = [], []
+    for i in range(len(batch)):
+        n = int(batch.lengths[i])
+        lo = max(0, n - max_tokens)
+        pats.append(torch.stack([acts[nm][i, :, lo:n, lo:n].float().cpu() for nm in names]))  # [L, H, q, k]
+        toks.append(_token_labels(model, batch.tokens[i, lo:n]))
+
+    def draw(fig, prompt, layer, head):
+        ax = fig.add_subplot(111)
+        A = pats[prompt][layers.index(layer), head].numpy()
+        im = ax.imshow(A, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(toks[prompt])), toks[prompt], rotation=90, fontsize=7)
+        ax.set_yticks(range(len(toks[prompt])), toks[prompt], fontsize=7)
+        ax.set(xlabel="key", ylabel="query", title=f"L{layer}H{head} attention, prompt {prompt}")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+
+    return Explorer("attention patterns", {
+        "prompt": [(f"{i}: {p[:40]!r}", i) for i, p in enumerate(batch.prompts)],
+        "layer": [(f"L{l}", l) for l in layers],
+        "head": [(f"H{h}", h) for h in range(model.cfg.n_heads)],
+    }, draw, figsize=(7, 6))
+
+
+def patching_explorer(results) -> Explorer:
+    """Pick a patching (or any 2-D) result → its heatmap; position axes are labelled with the
+    prompt's tokens. ``results``: one :class:`~mechlib.results.Result` or ``{name: result}``;
+    results with a ``normalized()`` view also offer it."""
+    from mechlib.results import Result
+
+    if isinstance(results, Result):
+        results = {type(results).__name__: results}
+    if not results:
+        raise ValueError("results is empty: give a Result or {name: Result}")
+    for name, r in results.items():
+        if r.values.ndim != 2:
+            raise ValueError(f"result {name!r} has axes {r.axis_names}; the explorer shows 2-D tables "
+                             f"(select one slice first, e.g. r.select({r.axis_names[-1]!r}, 0))")
+    views = [("recovered share (normalized)", "normalized"), ("raw metric", "raw")]
+
+    def draw(fig, result, view):
+        r = results[result]
+        if view == "normalized" and hasattr(r, "normalized"):
+            r = r.normalized()
+        r.plot(ax=fig.add_subplot(111), title=f"{result} ({view})")
+
+    return Explorer("patching results", {"result": [(k, k) for k in results], "view": views}, draw)
+
+
+def lens_explorer(model, prompts, *, tokens: Optional[Sequence[str]] = None, top_k: int = 3) -> Explorer:
+    """Pick a prompt and a token → its logit-lens trajectory (probability and rank per layer).
+
+    The tokens offered are ``tokens`` plus each prompt's ``top_k`` final predictions."""
+    from mechlib.analyses.lens import logit_lens
+    from mechlib.hooks import forward
+    from mechlib.tasks.contrast import PromptBatch, single_token_id
+
+    batch = PromptBatch.from_prompts(model, prompts)
+    ids = [single_token_id(model, t, what=f"token {t!r}") for t in (tokens or [])]
+    final = batch.at_last(forward(model, batch.tokens, extras=batch.extras))
+    for row in final.topk(top_k, dim=-1).indices.tolist():
+        ids += [i for i in row if i not in ids]
+    lens = logit_lens(model, batch, targets=ids)
+    names = lens.labels["target"]
+
+    def draw(fig, prompt, token):
+        k = names.index(token)
+        p = lens.per_prompt[prompt, :, k].numpy()
+        r = lens.ranks[prompt, :, k].numpy() + 1
+        ax1 = fig.add_subplot(121)
+        ax1.plot(p, marker=".")
+        ax1.set(xlabel="layer", ylabel="probability", title=f"{token!r}: probability")
+        ax2 = fig.add_subplot(122)
+        ax2.plot(r, marker=".", color="C3")
+        ax2.set_yscale("log")
+        ax2.invert_yaxis()
+        ax2.set(xlabel="layer", ylabel="rank + 1", title=f"{token!r}: rank")
+        fig.suptitle(f"logit lens, prompt {prompt}: {batch.prompts[prompt][-50:]!r}", fontsize=9)
+        fig.tight_layout()
+
+    ex = Explorer("logit-lens trajectories", {
+        "prompt": [(f"{i}: {p[:40]!r}", i) for i, p in enumerate(batch.prompts)],
+        "token": [(repr(t), t) for t in names],
+    }, draw, figsize=(9, 3.4))
+    ex.lens = lens
+    return ex

@@ -1,12 +1,25 @@
 # %% [markdown]
-# # mechlib quickstart
+# # mechlib quickstart: a tour of every verb
 #
-# mechlib is a small mechanistic-interpretability toolkit on TransformerLens 4.3 hook points.
-# This notebook loads the embedded model (SmolLM2-135M-Instruct, offline), builds an Indirect
-# Object Identification (IOI) contrast set, measures the logit difference on clean and corrupted
-# prompts, and shows one attention pattern.
+# mechlib is a small mechanistic-interpretability toolkit on TransformerLens 4.3 hook points. This
+# tour runs each verb once on the embedded model (SmolLM2-135M-Instruct, offline), with one
+# figure each:
 #
-# Runs offline on a CPU in about a minute; on Colab set `MODEL` to a hub model.
+# | section | verbs |
+# |---|---|
+# | 1 model, tasks, metrics | `load_model`, `tasks.ioi`, `metrics.logit_diff` |
+# | 2 attention | `viz.attention_view` (circuitsvis, offline), `viz.attention_explorer` |
+# | 3 patching | `activation_patching`, `attribution_patching`, `path_patching`, `viz.patching_explorer` |
+# | 4 circuits | `find_circuit`, `circuit_overlap`, `viz.circuit_diagram` |
+# | 5 head attribution | `direct_logit_attribution`, `head_divergence` |
+# | 6 logit lens | `logit_lens`, `component_tokens`, `viz.lens_explorer` |
+# | 7 sinks | `attention_sinks`, `massive_activations`, `sink_dimensions` |
+# | 8 interventions | `scale_heads`, `steer_attention`, `steer_residual`, `calibrate_attention`, `redistribute_attention`, `ablate_massive`, `ablate_sink_values` |
+# | 9 position bias | `tasks.pairwise_choice`, `position_bias`, `position_invariant` (PINE) |
+#
+# The explorers are live ipywidgets in Jupyter and static figures in exported HTML. Runs offline
+# on a CPU in a few minutes; on a GPU set `MODEL` to a hub model. The paper notebooks 01–08 go
+# deep on each topic.
 
 # %%
 # Setup: in Colab, install mechlib from its repository; locally (`make lab`) it is already there.
@@ -25,9 +38,11 @@ DEVICE = os.environ.get("MECHLIB_DEVICE") or None          # None: CUDA if avail
 SEED = 0
 
 # %%
+import pandas as pd
 import torch
 import mechlib
 from mechlib import metrics, tasks, viz
+pd.set_option("display.max_colwidth", None)
 
 torch.manual_seed(SEED)
 model = mechlib.load_model(MODEL, device=DEVICE)
@@ -36,7 +51,9 @@ prediction = model.tokenizer.decode([int(model(model.to_tokens("The capital of F
 print("The capital of France is ->", repr(prediction))
 
 # %% [markdown]
-# ## An IOI contrast set
+# ## 1 · Model, tasks, metrics
+#
+# ### An IOI contrast set
 #
 # Clean prompts name the indirect object (IO) once and the subject (S) twice; the corrupted prompt
 # repeats IO instead, which flips the answer. The metric is `logit(IO) - logit(S)` at each
@@ -53,9 +70,14 @@ corrupted = metrics.evaluate(model, ioi, ld, side="corrupted")
 print(f"logit diff IO-S  clean: {clean.mean():.2f} ± {clean.std() / len(clean) ** 0.5:.2f}   "
       f"corrupted: {corrupted.mean():.2f} ± {corrupted.std() / len(corrupted) ** 0.5:.2f}")
 print(f"IO preferred over S on {(clean > 0).float().mean():.0%} of clean prompts")
+import matplotlib.pyplot as plt
+fig, ax = plt.subplots(figsize=(6, 2.8))
+ax.hist([clean.numpy(), corrupted.numpy()], bins=12, label=["clean", "corrupted"])
+ax.set(xlabel="logit(IO) − logit(S)", ylabel="prompts", title="IOI logit difference")
+ax.legend();
 
 # %% [markdown]
-# ## One attention pattern
+# ## 2 · Attention
 #
 # Which layer's heads, at the final token, look most at the indirect object? (Name-mover heads
 # in the IOI circuit do.) We read `hook_pattern` with a cache restricted to the patterns only.
@@ -73,7 +95,14 @@ print(f"strongest final-token attention to IO (mean over {len(sub)} prompts): L{
 viz.attention_view(model, ioi.clean_prompts[0], layer)
 
 # %% [markdown]
-# ## Activation patching: where does the clean behaviour come back?
+# The explorer: pick a prompt, layer and head (dropdowns in Jupyter; a static figure in the HTML
+# report).
+
+# %%
+viz.attention_explorer(model, ioi.clean_prompts[:4], layers=[0, layer, model.cfg.n_layers - 1])
+
+# %% [markdown]
+# ## 3 · Patching: where does the clean behaviour come back?
 #
 # Patch each residual-stream position (and each head's output) from the clean run into the
 # corrupted run and measure the recovered logit difference (0 = corrupted, 1 = clean). The
@@ -102,6 +131,9 @@ heads.normalized().top(5)
 approx = mechlib.attribution_patching(model, one_template, ld1, site="head_out")
 r_attr = float(torch.corrcoef(torch.stack([approx.values.flatten(), heads.values.flatten()]))[0, 1])
 print(f"correlation of attribution patching with exact head patching: r = {r_attr:.2f}")
+fig, ax = plt.subplots(figsize=(4, 4))
+ax.scatter(heads.values.flatten(), approx.values.flatten(), s=8)
+ax.set(xlabel="exact patching (logit diff)", ylabel="attribution patching", title=f"per head, r = {r_attr:.2f}");
 
 # %% [markdown]
 # Path patching (Wang et al.): which late heads carry the answer straight to the logits?
@@ -109,7 +141,156 @@ print(f"correlation of attribution patching with exact head patching: r = {r_att
 # %%
 senders = [(l, h) for l in range(20, model.cfg.n_layers) for h in range(model.cfg.n_heads)]
 paths = mechlib.path_patching(model, one_template, ld1, senders=senders, receivers="logits")
+fig = paths.effect().plot(title="path patching: sender head → logits (effect on logit diff)")
 paths.effect().top(5, largest=False)
+
+# %% [markdown]
+# All patching tables in one explorer (pick a result and raw / normalized):
+
+# %%
+viz.patching_explorer({"resid_pre": resid, "head_out": heads, "attribution (head_out)": approx})
+
+# %% [markdown]
+# ## 4 · Circuits
+#
+# `find_circuit` walks IOI's stages backwards from the logits with path patching (name movers →
+# S-inhibition → induction/duplicate heads), pre-ranking candidates by attribution patching. Found
+# separately on ABBA and BABA prompts, how much do the two circuits share? (Notebook 05 compares
+# IOI with Colored Objects.)
+
+# %%
+circuits = {}
+for order in ("ABBA", "BABA"):
+    subset = tasks.ioi(model, n=8, seed=SEED, order=order)
+    circuits[order] = mechlib.find_circuit(model, subset, metrics.logit_diff(subset), candidates=12, progress=False)
+    print(order, circuits[order])
+overlap = mechlib.circuit_overlap(circuits["ABBA"], circuits["BABA"], n_null=2000, n_boot=0)
+print(overlap)
+viz.circuit_diagram(circuits["ABBA"], circuits["BABA"])
+
+# %% [markdown]
+# ## 5 · Head attribution
+#
+# Direct logit attribution splits the final logit difference exactly into the embedding, every
+# head and every MLP (final-norm scale frozen):
+
+# %%
+dla = mechlib.direct_logit_attribution(model, ioi.subset(range(8)))
+fig = dla.heads().plot(title="direct logit attribution per head (IO − S)")
+dla.heads().top(3, by_abs=True)
+
+# %% [markdown]
+# Head divergence (VHD): how much each head's output at the answer changes when a span of the
+# prompt is removed — here the context sentence of a counterfactual QA prompt (the text analogue
+# of removing the image in notebook 04).
+
+# %%
+qa = tasks.context_qa(model, seed=SEED).subset(range(8))
+vhd = mechlib.head_divergence(model, qa)
+fig = vhd.plot(title="head divergence: context present vs removed", cmap="viridis")
+vhd.top_heads(3)
+
+# %% [markdown]
+# ## 6 · Logit lens
+#
+# What each layer's residual stream would predict at the last token, and where the answer appears:
+
+# %%
+facts = tasks.factual_recall(model, n=8, seed=SEED)
+lens = mechlib.logit_lens(model, facts)
+fig = lens.plot_trajectories("answer")
+
+# %%
+mlp = mechlib.component_tokens(model, facts, site="mlp_out", layers=range(20, model.cfg.n_layers))
+fig, ax = plt.subplots(figsize=(7, 2.8))
+ax.bar(mlp.labels["layer"], mlp.values[:, 0] - mlp.values[:, 1])
+ax.set(xlabel="MLP layer", ylabel="direct effect on answer − other", title="which MLPs write the answer");
+mlp.table().tail(3)
+
+# %%
+viz.lens_explorer(model, facts.clean_prompts[:4], tokens=[facts.answers[0]])
+
+# %% [markdown]
+# ## 7 · Attention sinks and massive activations
+
+# %%
+passages = tasks.load_data("passages")["passages"][:6]
+sinks = mechlib.attention_sinks(model, passages)
+massive = mechlib.massive_activations(model, passages)
+sdims = mechlib.sink_dimensions(model, passages)
+fig, axes = plt.subplots(1, 2, figsize=(10, 3))
+sinks.rate_by_layer().plot(ax=axes[0], title="share of heads with a first-token sink")
+massive.plot(ax=axes[1], title="largest |residual entry| per layer")
+print(f"sink rate {sinks.sink_rate():.2f}; massive dims {massive.massive_dims()} from layer {massive.first_layer()}; "
+      f"sink dims {sdims.sink_dims}")
+
+# %% [markdown]
+# ## 8 · Interventions
+#
+# Each intervention is a context manager that edits the forward and restores the model on exit.
+# Their effect on the IOI logit difference (8 prompts):
+
+# %%
+small = ioi.subset(range(8))
+ld_small = metrics.logit_diff(small)
+top_mover = divmod(int(dla.heads().values.flatten().argmax()), model.cfg.n_heads)  # (layer, head)
+
+
+def name_mask(names, last=False):
+    """[batch, pos] True at the first (or last) occurrence of each prompt's name."""
+    mask = torch.zeros_like(small.clean_tokens, dtype=torch.bool)
+    for i, name in enumerate(names):
+        hits = [j for j, t in enumerate(small.str_tokens(model, i)) if t == name]
+        mask[i, hits[-1] if last else hits[0]] = True
+    return mask
+
+
+s2_mask, io_mask = name_mask(small.wrong_answers, last=True), name_mask(small.answers)
+pat_name = f"blocks.{top_mover[0]}.attn.hook_pattern"
+_, acts = mechlib.hooks.run_with_cache(model, small.clean_tokens, [pat_name, f"blocks.{model.cfg.n_layers // 2}.hook_resid_post"])
+row = acts[pat_name][torch.arange(len(small)), top_mover[1], small.last_pos]  # [prompt, key], from the last token
+print(f"L{top_mover[0]}H{top_mover[1]} (largest DLA) attends from the end to S2 {float((row * s2_mask).sum(1).mean()):.2f}, "
+      f"to IO {float((row * io_mask).sum(1).mean()):.2f}")
+mid = model.cfg.n_layers // 2
+direction = acts[f"blocks.{mid}.hook_resid_post"][:, 1:].mean((0, 1))
+effects = {"none": metrics.evaluate(model, small, ld_small).mean()}
+edits = {
+    f"scale_heads L{top_mover[0]}H{top_mover[1]} × 0": lambda: mechlib.scale_heads(model, [top_mover], 0.0),
+    f"steer_attention L{top_mover[0]}H{top_mover[1]} → S2": lambda: mechlib.steer_attention(model, [top_mover], s2_mask, query_pos=small.last_pos),
+    f"steer_attention L{top_mover[0]}H{top_mover[1]} → IO": lambda: mechlib.steer_attention(model, [top_mover], io_mask, query_pos=small.last_pos),
+    "steer_residual (−mean, mid layer)": lambda: mechlib.steer_residual(model, {mid: -direction}),
+    "calibrate_attention (ACT, all heads L20–29)": lambda: mechlib.calibrate_attention(model, [(l, h) for l in range(20, 30) for h in range(model.cfg.n_heads)]),
+    "redistribute_attention (VAR, L20–29)": lambda: mechlib.redistribute_attention(model, [(l, h) for l in range(20, 30) for h in range(model.cfg.n_heads)], span=(1, 8), sink_positions=[0], p=0.3),
+    "ablate_massive (dim → 0)": lambda: mechlib.ablate_massive(model, massive.massive_dims()[:1]),
+    "ablate_sink_values": lambda: mechlib.ablate_sink_values(model),
+}
+for name, make in edits.items():
+    with make():
+        effects[name] = metrics.evaluate(model, small, ld_small).mean()
+effects = pd.Series({k: float(v) for k, v in effects.items()})
+fig, ax = plt.subplots(figsize=(7, 3))
+effects.plot.barh(ax=ax)
+ax.set(xlabel="IOI logit difference (mean of 8 prompts)", title="interventions");
+assert mechlib.hooks.active_hooks(model) == []
+
+# %% [markdown]
+# The head with the largest direct effect attends from the end mostly to the repeated name S2 and
+# writes *against* the name it attends to: moving all its attention onto S2 raises the IO
+# preference, moving it onto IO flips it. (A copy-suppression-like head, not a copying name mover;
+# notebook 05 classifies heads by path patching.)
+
+# %% [markdown]
+# ## 9 · Position bias and PINE
+#
+# Two-option questions asked in both orders: how often does the answer follow the slot instead of
+# the content? `position_invariant` (PINE) makes the options order-blind (notebook 08).
+
+# %%
+pairs = tasks.pairwise_choice(model, n=16, seed=SEED)
+bias = {"plain": mechlib.position_bias(model, pairs), "PINE": mechlib.position_bias(model, pairs, pine=True)}
+table = pd.DataFrame({k: v.to_frame()["value"] for k, v in bias.items()})
+fig = table.loc[["accuracy", "consistency", "first_slot_rate"]].plot.bar(figsize=(6, 3), rot=0, title="position bias, 16 items × 2 orders").figure
+table
 
 # %% [markdown]
 # ## Checks and comparison
@@ -117,9 +298,6 @@ paths.effect().top(5, largest=False)
 # The asserts fail if the findings above do not reproduce on the model.
 
 # %%
-import pandas as pd
-pd.set_option("display.max_colwidth", None)   # show the paper-vs-ours tables in full
-
 assert prediction == " Paris"
 assert clean.mean() >= 2.0, "IOI clean logit difference should be clearly positive"
 assert corrupted.mean() <= 0.0, "the S2->IO corruption should flip the preference"
@@ -129,6 +307,13 @@ assert recovery[-1, s2] < 0.2 and recovery[-1, -1] > 0.8, "by the last layer it 
 assert r_attr > 0.5, "attribution patching should track exact patching"
 top_path = paths.effect().top(1, largest=False).iloc[0]
 assert top_path["value"] < -1.0, "some late head's direct path should carry the answer"
+assert overlap.shared, "the ABBA and BABA circuits should share heads"
+assert abs(float(dla.values.sum()) - float(clean[:8].mean())) < 1e-2, "DLA terms sum to the logit difference"
+assert sinks.sink_rate() > 0.5 and massive.massive_dims(), "first-token sinks and a massive dimension"
+assert effects[f"scale_heads L{top_mover[0]}H{top_mover[1]} × 0"] < effects["none"], "removing the top DLA head lowers the logit difference"
+steer = f"steer_attention L{top_mover[0]}H{top_mover[1]} → "
+assert effects[steer + "S2"] > effects["none"] > effects[steer + "IO"], "the top DLA head writes against the name it attends to"
+assert bias["PINE"].stats()["consistency"][0] == 1.0, "PINE answers the same in both orders"
 
 pd.DataFrame([
     {"quantity": "IOI logit diff IO-S (clean)", "paper (Wang et al. 2022, GPT-2 small)": 3.56,
