@@ -28,6 +28,9 @@ class HTMLView:
     def __str__(self) -> str:
         return self.html
 
+    def __repr__(self) -> str:
+        return f"HTMLView({self.title!r}, {len(self.html):,} characters of HTML)"
+
     def __len__(self) -> int:
         return len(self.html)
 

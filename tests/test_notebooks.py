@@ -108,3 +108,29 @@ def test_quickstart_report_renders_offline_in_chromium(reports, tmp_path):
     assert views and all(v.strip() for v in views), "circuitsvis container is empty: the view did not render"
     # explorers render as static figures in the report
     assert "mechlib-explorer" in dom and "data:image/png;base64" in dom
+
+
+def _text_outputs(path: Path) -> list[str]:
+    """Every code cell's printed and displayed text (progress bars on stderr left out)."""
+    nb = nbformat.read(path, as_version=4)
+    out = []
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            if o.get("output_type") == "stream" and o.get("name") == "stdout":
+                out.append(o["text"])
+            elif "data" in o:
+                out.append(o["data"].get("text/plain", ""))
+    return out
+
+
+@pytest.mark.notebook
+def test_notebook_is_deterministic(reports, tmp_path):
+    """Seeded: a second run of a notebook prints the same numbers (06: the fastest full analysis)."""
+    nb = next(p for p in NOTEBOOKS if p.stem.startswith("06_"))
+    first = reports / nb.name
+    if not first.exists():
+        assert run(nb, reports)[0]
+    ok, _, err = run(nb, tmp_path)
+    assert ok, err
+    a, b = _text_outputs(first), _text_outputs(tmp_path / nb.name)
+    assert len(a) > 5 and a == b
