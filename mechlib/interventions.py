@@ -82,22 +82,54 @@ def _move_mass(A: Tensor, take: Tensor, recipients: Tensor) -> Tensor:
     return torch.where(ok, out, A)
 
 
+def act_sinks(sub: Tensor, *, epsilon: float, min_queries: int = 4,
+              sink_positions: Optional[Sequence[int]] = None, lengths: Optional[Tensor] = None) -> Tensor:
+    """ACT's non-initial sinks of patterns ``sub`` ``[b, h, q, k]`` → bool ``[b, h, k]``: keys
+    ``k ≥ 1`` whose α_k (mean attention from the real queries ``t ≥ k``) exceeds ``epsilon``, with
+    at least ``min_queries`` such queries; or the fixed ``sink_positions``. ``lengths`` ``[b]``
+    (right padding) keeps padding queries and keys out."""
+    b, h, Q, K = sub.shape
+    if sink_positions is not None:
+        sink = torch.zeros(K, dtype=torch.bool, device=sub.device)
+        sink[list(sink_positions)] = True
+        return sink.expand(b, h, K)
+    t = torch.arange(Q, device=sub.device)
+    n_real = torch.full((b,), Q, device=sub.device) if lengths is None else lengths.to(sub.device)
+    valid = (t[None, :, None] >= t[None, None, :K]) & (t[None, :, None] < n_real[:, None, None])  # [b, q, k]
+    n = valid.sum(1).clamp(min=1)  # [b, k] queries per key
+    alpha = (sub * valid[:, None].to(sub.dtype)).sum(-2) / n[:, None]  # [b, h, k]
+    sink = (alpha > epsilon) & (n[:, None] >= min_queries)
+    sink[..., 0] = False
+    return sink
+
+
+def act_calibrate(sub: Tensor, sink: Tensor, beta: float) -> Tensor:
+    """Scale the attention on ``sink`` keys (``[b, h, k]``) by ``beta`` and give the removed mass
+    to the other keys of each row, proportionally to their attention."""
+    sink = sink[..., None, :]  # broadcast over queries
+    return _move_mass(sub, sub * sink * (1 - beta), ~sink)
+
+
 @contextmanager
 def calibrate_attention(
     model,
     heads: Sequence[tuple[int, int]],
     *,
     beta: float = 0.4,
-    epsilon: float = 0.3,
+    epsilon: float = 0.1,
     sink_positions: Optional[Sequence[int]] = None,
     min_queries: int = 4,
+    lengths: Optional[Tensor] = None,
 ) -> Iterator[dict[str, int]]:
     """ACT: in each chosen head, multiply the attention on non-initial sink tokens by ``beta`` and
     give the removed mass to the remaining tokens (the first token included), proportionally.
 
     Sinks are found per input and head, as in ACT's input-adaptive calibration: key positions
     ``k ≥ 1`` with α_k (mean attention from queries ``t ≥ k``) above ``epsilon`` and at least
-    ``min_queries`` queries after them; or fixed ``sink_positions``.
+    ``min_queries`` queries after them; or fixed ``sink_positions``. The defaults β = 0.4 and
+    ε = 0.1 are those of the authors' calibration script (GATECH-EIC/ACT, ``scripts/calibration.sh``);
+    ``min_queries`` is ours: α_k of the last few keys rests on one or two queries. Pass the
+    prompts' ``lengths`` for right-padded batches so padding rows do not count as queries.
     """
     if not 0 <= beta <= 1:
         raise ValueError(f"beta={beta} must be in [0, 1]")
@@ -107,21 +139,11 @@ def calibrate_attention(
     def edit(A, hook, hs):
         A = A.clone()
         sub = A[:, hs]  # [b, h, q, k]
-        Q = sub.shape[-2]
-        if sink_positions is not None:
-            sink = torch.zeros(Q, dtype=torch.bool, device=A.device)
-            sink[list(sink_positions)] = True
-            sink = sink.expand(*sub.shape[:2], Q)
-        else:
-            t = torch.arange(Q, device=A.device)
-            valid = (t[:, None] >= t[None, :]).to(sub.dtype)  # [q, k]
-            n = valid.sum(0).clamp(min=1)
-            alpha = (sub * valid).sum(-2) / n  # [b, h, k]
-            sink = (alpha > epsilon) & (n >= min_queries)
-            sink[..., 0] = False
-        sink = sink[..., None, :]  # broadcast over queries
-        take = sub * sink * (1 - beta)
-        A[:, hs] = _move_mass(sub, take, ~sink)
+        if lengths is not None and A.shape[0] % len(lengths):
+            raise ValueError(f"lengths has {len(lengths)} entries; this forward has batch {A.shape[0]}")
+        lens = None if lengths is None else lengths.repeat(A.shape[0] // len(lengths))
+        sink = act_sinks(sub, epsilon=epsilon, min_queries=min_queries, sink_positions=sink_positions, lengths=lens)
+        A[:, hs] = act_calibrate(sub, sink, beta)
         return A
 
     with _editing_patterns(model, by_layer, edit) as fired:

@@ -157,3 +157,34 @@ def test_smollm2_has_sinks_and_a_massive_dimension(model):
     d = mechlib.sink_dimensions(model, prompts)
     assert 507 in d.sink_dims
     assert d.is_sink[:, 0].all()
+
+
+def test_act_head_search_equals_calibrating_each_head_alone(model):
+    calib = mechlib.tasks.sentiment(model, n=8, n_shots=0, seed=0)
+    s = mechlib.act_head_search(model, calib, layers=[10, 11], progress=False)
+    acc, ld = mechlib.metrics.accuracy(calib), mechlib.metrics.logit_diff(calib)
+    base = hooks.forward(model, calib.clean_tokens)
+    assert s.baselines["accuracy"] == pytest.approx(float(acc(base).mean()))
+    for l in (10, 11):
+        for h in range(model.cfg.n_heads):
+            with mechlib.calibrate_attention(model, [(l, h)], lengths=calib.lengths):
+                out = hooks.forward(model, calib.clean_tokens)
+            assert float(s.values[l, h]) == pytest.approx(float(acc(out).mean() - acc(base).mean()), abs=1e-6)
+            assert float(s.margin_gain[l, h]) == pytest.approx(float(ld(out).mean() - ld(base).mean()), abs=1e-4)
+    assert s.values[:10].isnan().all() and not s.values[10:12].isnan().any()
+    gains = [float(s.values[h]) for h in s.selected]
+    assert all(g > 0 for g in gains) and gains == sorted(gains, reverse=True)
+    assert set(s.selected) == {(l, h) for l in (10, 11) for h in range(model.cfg.n_heads) if s.values[l, h] > 0}
+    assert hooks.active_hooks(model) == []
+
+
+def test_calibrate_attention_ignores_padding_queries(tiny_llama):
+    """With lengths, a right-padded prompt is calibrated exactly as when run alone."""
+    short = torch.randint(5, 60, (1, 7), generator=torch.Generator().manual_seed(3))
+    padded = torch.cat([short, torch.zeros(1, 5, dtype=torch.long)], 1)
+    heads = [(0, h) for h in range(4)] + [(1, h) for h in range(4)]
+    with mechlib.calibrate_attention(tiny_llama, heads, epsilon=0.05):
+        alone = tiny_llama(short)[0, -1]
+    with mechlib.calibrate_attention(tiny_llama, heads, epsilon=0.05, lengths=torch.tensor([7])):
+        pad = tiny_llama(padded)[0, 6]
+    torch.testing.assert_close(pad, alone, atol=1e-5, rtol=1e-4)

@@ -325,3 +325,110 @@ def sink_dimensions(
                       sink_dims=dims, str_tokens=[batch.str_tokens(model, i) for i in range(len(batch))],
                       title=f"share of first-token |RMSNorm(h)| > {tau:.1f}"),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# ACT's head search
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class HeadSearch(Result):
+    """``values[layer, head]``: calibration-set accuracy change when that head alone is calibrated
+    (NaN for heads not searched); ``margin_gain`` the same for the mean logit difference.
+    ``selected`` (metadata): the heads kept, best first."""
+
+    margin_gain: Optional[Tensor] = None
+
+    @property
+    def selected(self) -> list[tuple[int, int]]:
+        return [tuple(h) for h in self.metadata["selected"]]
+
+    def table(self):
+        import pandas as pd
+
+        rows = [dict(layer=l, head=h, accuracy_gain=float(self.values[l, h]), margin_gain=float(self.margin_gain[l, h]),
+                     selected=(l, h) in self.selected)
+                for l, h in (~self.values.isnan()).nonzero().tolist()]
+        return pd.DataFrame(rows).sort_values(["accuracy_gain", "margin_gain"], ascending=False).reset_index(drop=True)
+
+
+def act_head_search(
+    model,
+    calib,
+    *,
+    beta: float = 0.4,
+    epsilon: float = 0.1,
+    min_queries: int = 4,
+    layers: Optional[Sequence[int]] = None,
+    max_heads: Optional[int] = None,
+    progress: Optional[bool] = None,
+) -> HeadSearch:
+    """ACT's calibration search (Yu et al. 2024; ``scripts/calibration.sh`` in GATECH-EIC/ACT):
+    calibrate one head at a time (β = 0.4, sink threshold α_k > 0.1 as in the authors' script) and
+    measure the calibration set's accuracy; keep the heads that raise it, best first (ties broken
+    by the mean logit difference).
+
+    Every head of a layer is tried in one resumed forward: the calibration batch is stacked once per
+    head, copy ``k`` calibrates head ``k``, and the model restarts at that layer from recorded
+    inputs (the earlier blocks are not affected by the edit). Results equal calibrating each head
+    alone with :func:`~mechlib.interventions.calibrate_attention` (tested).
+
+    Args:
+        calib: a :class:`ContrastSet` (answers vs wrong answers; accuracy among the set's answers).
+        layers: layers searched (default: from layer 2 on, as the authors' script).
+        max_heads: keep at most this many.
+    """
+    from tqdm.auto import tqdm
+
+    from mechlib.interventions import _check_pattern_editable, act_calibrate, act_sinks
+
+    layers = list(range(min(2, model.cfg.n_layers - 1), model.cfg.n_layers)) if layers is None else [
+        check_layer(model, l) for l in layers]
+    _check_pattern_editable(model, layers)
+    H, B = model.cfg.n_heads, len(calib)
+    cand = torch.unique(torch.cat([calib.answer_ids, calib.wrong_ids]))
+    ans, wrong, last = calib.answer_ids, calib.wrong_ids, calib.last_pos
+
+    def score(last_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Per copy: accuracy among the answers and mean logit diff (``[copies*B, vocab]`` in)."""
+        x = last_logits.float().cpu().view(-1, B, last_logits.shape[-1])
+        pred = cand[x[..., cand].argmax(-1)]
+        acc = (pred == ans).float().mean(-1)
+        ld = (x.gather(-1, ans.expand(x.shape[0], B)[..., None]) - x.gather(-1, wrong.expand(x.shape[0], B)[..., None]))
+        return acc, ld[..., 0].mean(-1)
+
+    tokens = calib.clean_tokens.to(model.cfg.device)
+    with hooks.record_block_inputs(model, layers) as starts, torch.no_grad():
+        full = hooks.forward(model, tokens, extras=calib.forward_extras())
+    rows = torch.arange(B)
+    acc0, ld0 = (float(v[0]) for v in score(full[rows, last]))
+    acc_gain = torch.full((model.cfg.n_layers, H), float("nan"))
+    ld_gain = torch.full((model.cfg.n_layers, H), float("nan"))
+    lengths = calib.lengths.repeat(H)
+
+    def edit(A, hook):
+        A = A.clone()
+        for k in range(H):  # copy k calibrates head k
+            sub = A[k * B:(k + 1) * B, k:k + 1]
+            sink = act_sinks(sub, epsilon=epsilon, min_queries=min_queries, lengths=lengths[k * B:(k + 1) * B])
+            A[k * B:(k + 1) * B, k:k + 1] = act_calibrate(sub, sink, beta)
+        return A
+
+    show = progress if progress is not None else len(layers) > 4
+    for l in tqdm(layers, desc="ACT head search", disable=not show):
+        if not hooks.resume_matches(model, starts[l], l, full):
+            raise RuntimeError(f"resuming this model at layer {l} does not reproduce its logits; "
+                               "search with calibrate_attention head by head instead")
+        logits = hooks.run_from(model, starts[l], l, copies=H, read_pos=last,
+                                hooks=[(f"blocks.{l}.attn.hook_pattern", edit)])
+        acc, ld = score(logits)
+        acc_gain[l], ld_gain[l] = acc - acc0, ld - ld0
+    keep = [(l, h) for l in layers for h in range(H) if acc_gain[l, h] > 0]
+    keep.sort(key=lambda lh: (-float(acc_gain[lh]), -float(ld_gain[lh])))
+    if max_heads is not None:
+        keep = keep[:max_heads]
+    return HeadSearch(values=acc_gain, axis_names=("layer", "head"), margin_gain=ld_gain,
+                      baselines={"accuracy": acc0, "logit_diff": ld0},
+                      metadata=dict(selected=keep, beta=beta, epsilon=epsilon, layers=layers, n_prompts=B,
+                                    title="ACT search: calibration accuracy change per head"))

@@ -23,10 +23,12 @@ if importlib.util.find_spec("mechlib") is None:  # Colab: install from the repos
 # parameters
 MODEL = os.environ.get("MECHLIB_MODEL", "smollm2-135m")
 DEVICE = os.environ.get("MECHLIB_DEVICE") or None
-N_CALIB = 16          # prompts used to pick heads; the rest are held out
-EPSILON = 0.3         # sink threshold on α_k
-BETA = 0.4            # ACT scale for sink attention
+N_CALIB = 24          # prompts used to pick heads (the search costs ~5 s per prompt on 2 CPU cores); the rest are held out
+EPSILON_PROBE = 0.3   # Gu et al.'s sink threshold, for describing the sinks
+EPSILON = 0.1         # ACT's sink threshold (authors' calibration script: THRES=0.1)
+BETA = 0.4            # ACT's scale for sink attention (BETA=0.4)
 MAX_HEADS = 8
+N_CONTROLS = 5        # random same-size head sets as a control
 
 # %%
 import pandas as pd
@@ -46,36 +48,28 @@ print(len(calib), "calibration prompts,", len(held_out), "held-out; example:", r
 # ## Hidden sinks on this task
 
 # %%
-sinks = mechlib.attention_sinks(model, list(calib.clean_prompts), epsilon=EPSILON)
+sinks = mechlib.attention_sinks(model, list(calib.clean_prompts), epsilon=EPSILON_PROBE)
 hidden = sinks.hidden_sinks(min_heads=3)
 print(f"first-token sink rate: {sinks.sink_rate():.2f}; non-initial sink tokens (≥3 heads):")
 hidden.groupby("token")["n_heads"].agg(["count", "mean"]).sort_values("count", ascending=False).head(10)
 
 # %% [markdown]
-# ## Head selection on the calibration split
+# ## Head selection on the calibration split (ACT's search)
 #
-# Candidates: heads that have a non-initial sink (α_k > ε, k ≥ 1, at least 4 queries after it) on
-# at least half the calibration prompts. Each candidate is calibrated alone; heads whose
-# calibration raises the mean margin logit(correct) − logit(wrong) are kept (best first).
+# As in the authors' calibration script: every head from layer 2 on is calibrated alone
+# (α_k > 0.1 marks a sink, its attention is scaled by β = 0.4 and the rest redistributed), and the
+# calibration-set accuracy is measured; heads that raise it are kept, best first (ties broken by
+# the mean logit difference). `mechlib.act_head_search` tries all heads of a layer in one batched
+# forward resumed at that layer.
 
 # %%
-alpha = sinks.alpha.clone()                     # [prompt, layer, head, key]
-lengths = calib.lengths
-for i, n in enumerate(lengths.tolist()):
-    alpha[i, :, :, n - 3:] = 0                   # fewer than 4 queries after these keys
-alpha[..., 0] = 0                                # the first token is not a hidden sink
-has_sink = (alpha > EPSILON).any(-1).float().mean(0)   # [layer, head] share of prompts
-candidates = [tuple(x) for x in (has_sink >= 0.5).nonzero().tolist()]
-margin = metrics.logit_diff(calib)
-base_margin = metrics.evaluate(model, calib, margin).mean()
-gains = {}
-for l, h in candidates:
-    with mechlib.calibrate_attention(model, [(l, h)], beta=BETA, epsilon=EPSILON):
-        gains[(l, h)] = float(metrics.evaluate(model, calib, margin).mean() - base_margin)
-ranked = sorted(gains.items(), key=lambda kv: -kv[1])
-selected = [hd for hd, g in ranked if g > 0][:MAX_HEADS]
-print(f"{len(candidates)} candidate heads; selected {selected} (calibration-split margin gains "
-      f"{[round(gains[h], 3) for h in selected]})")
+search = mechlib.act_head_search(model, calib, beta=BETA, epsilon=EPSILON, max_heads=MAX_HEADS)
+selected = search.selected
+candidates = int((~search.values.isnan()).sum())
+print(f"calibration accuracy {search.baselines['accuracy']:.1%}; {int((search.values > 0).sum())} of {candidates} "
+      f"heads raise it; selected {selected}")
+fig = search.plot(title="ACT search: calibration accuracy change when calibrating one head")
+search.table().head(MAX_HEADS)
 
 # %% [markdown]
 # ## Held-out evaluation
@@ -84,7 +78,7 @@ print(f"{len(candidates)} candidate heads; selected {selected} (calibration-spli
 ld = metrics.logit_diff(held_out)
 before = metrics.evaluate(model, held_out, ld)
 if selected:
-    with mechlib.calibrate_attention(model, selected, beta=BETA, epsilon=EPSILON):
+    with mechlib.calibrate_attention(model, selected, beta=BETA, epsilon=EPSILON, lengths=held_out.lengths):
         after = metrics.evaluate(model, held_out, ld)
 else:
     after = before.clone()
@@ -96,13 +90,38 @@ print(f"accuracy {acc_before.mean():.1%} → {acc_after.mean():.1%}; change {cha
       f"(95% bootstrap CI {lo:+.1%} … {hi:+.1%}); mean margin {before.mean():.2f} → {after.mean():.2f}")
 
 # %% [markdown]
+# Control: the same number of heads drawn at random from those searched, calibrated the same way.
+# If any perturbation of attention helped, these would do as well. And what changed: the share of
+# held-out reviews the model calls positive (gold: half).
+
+# %%
+g = torch.Generator().manual_seed(0)
+searched = (~search.values.isnan()).nonzero().tolist()
+control_acc = []
+for _ in range(N_CONTROLS):
+    pick = [tuple(searched[i]) for i in torch.randperm(len(searched), generator=g)[:len(selected)].tolist()]
+    with mechlib.calibrate_attention(model, pick, beta=BETA, epsilon=EPSILON, lengths=held_out.lengths):
+        control_acc.append(float((metrics.evaluate(model, held_out, ld) > 0).float().mean()))
+gold_positive = torch.tensor([a == " positive" for a in held_out.answers])
+
+
+def says_positive(margin):
+    return float(((margin > 0) == gold_positive).float().mean())
+
+
+print(f"random-head controls: accuracy {sum(control_acc) / len(control_acc):.1%} "
+      f"(range {min(control_acc):.1%}–{max(control_acc):.1%}) vs ACT-selected {acc_after.mean():.1%}")
+print(f"share of held-out reviews called positive: {says_positive(before):.0%} → {says_positive(after):.0%} (gold 50%)")
+
+# %% [markdown]
 # ## Checks and comparison
 
 # %%
 assert len(hidden) > 0, "non-initial sinks should exist on this task"
 assert torch.allclose(restored, before), "calibration must leave the model unchanged on exit"
-assert selected, "some head's calibration should raise the calibration-split margin"
+assert selected, "some head's calibration should raise the calibration-split accuracy"
 assert float(lo) <= float(change.values) <= float(hi)
+assert acc_after.mean() > max(control_acc), "ACT's selected heads beat random heads calibrated the same way"
 helps = bool(lo > 0)
 verdict = "helps (CI above 0)" if helps else "no significant accuracy change at this scale (CI includes 0)"
 print("ACT on SmolLM2-135M, held out:", verdict)
@@ -113,9 +132,14 @@ pd.DataFrame([
      ours: f"{hidden['token'].nunique()} distinct tokens, e.g. {', '.join(map(repr, hidden['token'].value_counts().index[:3]))}"},
     {"quantity": "accuracy change from calibration", "paper": "up to +7.30% avg (Llama-30B)",
      ours: f"{change.values:+.1%} [{lo:+.1%}, {hi:+.1%}]"},
-    {"quantity": "heads calibrated", "paper": "selected on a calibration set", ours: f"{len(selected)} of {len(candidates)} candidates"},
+    {"quantity": "heads calibrated", "paper": "selected on a calibration set, one head at a time", ours: f"{len(selected)} of {candidates} searched (best {MAX_HEADS} of those that raise calibration accuracy)"},
+    {"quantity": "random heads, same calibration", "paper": "—", ours: f"{sum(control_acc) / len(control_acc):.1%} accuracy (mean of {N_CONTROLS} draws)"},
 ])
 
 # %% [markdown]
-# The verdict printed above is the finding: at 135M parameters and on this small task, the size
-# and the sign of ACT's effect are what the CI says — we do not claim more than it supports.
+# **Reading.** With the authors' settings (ε = 0.1, β = 0.4, one-head-at-a-time search on a
+# calibration split), calibrating the non-initial sinks of the selected heads raises held-out
+# accuracy well beyond random heads calibrated the same way; the CI above says how much. The
+# effect is larger than the paper's average gains because the uncalibrated 135M model is far from
+# its ceiling on this task (the printed share of "positive" answers shows where its errors were).
+# With 24 calibration prompts the search is noisy; on a GPU raise `N_CALIB`.
