@@ -10,7 +10,7 @@ Importing mechlib has no side effects: no network, no plotting backend, no globa
 
 from mechlib import hooks, metrics, sites, tasks, viz
 from mechlib.models import (ModelLoadError, ModelNotAvailableOffline, generate, load_model,
-                            tiny_model)
+                            tiny_model, vlm_inputs)
 from mechlib.results import Result
 from mechlib.sites import SITES, Site
 from mechlib.tasks import ContrastSet, ContrastSetError
@@ -18,7 +18,7 @@ from mechlib.tasks import ContrastSet, ContrastSetError
 __version__ = "0.1.0"
 
 __all__ = [
-    "load_model", "tiny_model", "generate", "ModelLoadError", "ModelNotAvailableOffline",
+    "load_model", "tiny_model", "generate", "vlm_inputs", "ModelLoadError", "ModelNotAvailableOffline",
     "ContrastSet", "ContrastSetError", "Site", "SITES", "Result",
     "hooks", "metrics", "sites", "tasks", "viz",
 ]

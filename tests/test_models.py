@@ -182,3 +182,25 @@ def test_boot_never_fetches_a_processor_or_installs_packages(monkeypatch):
     m = mechlib.tiny_model("llava")
     assert calls == [] and time.perf_counter() - t < 30
     assert getattr(m, "processor", None) is None
+
+
+def test_vlm_inputs_and_colored_shapes(tiny_llava, tiny_llama):
+    images, colours = mechlib.tasks.colored_shapes(3, size=24, seed=1)
+    assert images.shape == (3, 24, 24, 3) and images.dtype.name == "uint8" and len(set(colours)) == 3
+    data = mechlib.tasks.load_data("shapes")
+    for img, c in zip(images, colours):  # the square has the named colour, the rest is background
+        assert (img.reshape(-1, 3) == data["colors"][c]).all(1).sum() > 24 * 24 // 12
+    prompt = "<image> What color is the box ?"
+    toks, extras = mechlib.vlm_inputs(tiny_llava, [prompt] * 3, images)
+    image_id = mechlib.hooks.image_token_id(tiny_llava)
+    assert toks.shape[0] == 3 and (toks == image_id).sum(1).tolist() == [4, 4, 4]  # 4 patches per image
+    assert extras["pixel_values"].shape == (3, 3, 16, 16)
+    a = mechlib.hooks.forward(tiny_llava, toks, extras=extras)
+    b = mechlib.hooks.forward(tiny_llava, toks, extras={"pixel_values": extras["pixel_values"].flip(0)})
+    assert not torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1])  # row 1 keeps its image
+    with pytest.raises(ValueError, match="exactly one '<image>'"):
+        mechlib.vlm_inputs(tiny_llava, ["no image here"], images[:1])
+    with pytest.raises(ValueError, match="one image per prompt"):
+        mechlib.vlm_inputs(tiny_llava, [prompt], images)
+    with pytest.raises(ValueError, match="vision-language model"):
+        mechlib.vlm_inputs(tiny_llama, [prompt], images[:1])

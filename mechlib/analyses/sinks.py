@@ -305,8 +305,10 @@ def sink_dimensions(
     """
     batch = _batch(model, prompts, extras)
     L = model.cfg.n_layers
-    layers = (list(range(min(2, L - 1), max(L - 1, 1))) if layers is None
-              else [check_layer(model, l) for l in layers])
+    layers = ((list(range(min(2, L - 1), max(L - 1, 1))) or list(range(L))) if layers is None
+              else [check_layer(model, l) for l in layers])  # default: skip the first two and the last
+    if not layers:
+        raise ValueError("layers is empty: give the layers to read")
     names = [f"blocks.{l}.ln1.hook_normalized" for l in layers]
     _, acts = hooks.run_with_cache(model, batch.tokens, names, extras=batch.extras)
     x = torch.stack([acts[n].float().cpu() for n in names], 1)  # [b, layer, pos, d]

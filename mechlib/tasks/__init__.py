@@ -5,6 +5,7 @@
 * :func:`factual_recall` — "The capital of X is" → capital.
 * :func:`context_qa` — a context that contradicts the prior (text analogue of hallucination).
 * :func:`sentiment` — zero/few-shot sentiment classification.
+* :func:`colored_shapes` — synthetic coloured-square images for vision-language probes.
 * :func:`pairwise_choice` — two-option questions asked in both orders (position bias, PINE).
 
 Each generator is seeded, filters its word lists to words that are single tokens for the model's
@@ -15,9 +16,9 @@ from __future__ import annotations
 
 from mechlib.tasks.contrast import ContrastSet, ContrastSetError, single_token_id
 from mechlib.tasks.data import load_data, vocabulary_words
-from mechlib.tasks.generators import colored_objects, context_qa, factual_recall, ioi, sentiment
+from mechlib.tasks.generators import colored_objects, colored_shapes, context_qa, factual_recall, ioi, sentiment
 from mechlib.tasks.segments import OptionPrompts, SegmentedPrompts, pairwise_choice
 
 __all__ = ["ContrastSet", "ContrastSetError", "single_token_id", "ioi", "colored_objects",
-           "factual_recall", "sentiment", "context_qa", "load_data", "vocabulary_words", "SegmentedPrompts",
+           "factual_recall", "sentiment", "context_qa", "colored_shapes", "load_data", "vocabulary_words", "SegmentedPrompts",
            "OptionPrompts", "pairwise_choice"]

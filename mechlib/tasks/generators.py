@@ -224,3 +224,31 @@ def context_qa(model, n: Optional[int] = None, *, seed: int = 0) -> ContrastSet:
         spans.append((1, n_ctx))
     cs = ContrastSet.from_prompts(model, clean, corrupted, answers, wrong, labels=labels, task="context_qa")
     return replace(cs, spans=tuple(spans))
+
+
+def colored_shapes(n: int = 8, *, size: int = 336, seed: int = 0):
+    """Synthetic images for vision-language probes: one filled square of a named colour (from
+    ``data/shapes.json``) at a random place and size on a light background.
+
+    Returns ``(images, colors)``: ``[n, size, size, 3]`` uint8 arrays and the colour names; colours
+    cycle through the list so every colour appears before any repeats.
+    """
+    import numpy as np
+
+    data = load_data("shapes")
+    names = list(data["colors"])
+    if n < 1 or size < 8:
+        raise ContrastSetError(f"colored_shapes needs n >= 1 and size >= 8 (got n={n}, size={size})")
+    rng = np.random.default_rng(seed)
+    order = [names[i] for i in rng.permutation(len(names))]
+    images, colors = [], []
+    for i in range(n):
+        color = order[i % len(order)]
+        img = np.empty((size, size, 3), dtype=np.uint8)
+        img[:] = data["background"]
+        side = int(rng.integers(size // 3, size * 2 // 3))
+        y, x = (int(v) for v in rng.integers(0, size - side, 2))
+        img[y:y + side, x:x + side] = data["colors"][color]
+        images.append(img)
+        colors.append(color)
+    return np.stack(images), colors
