@@ -51,13 +51,12 @@ def offline_html(nb) -> str:
 
 def run(nb_path: Path, out_dir: Path, timeout: int = 1800) -> tuple[bool, float, str]:
     nb = nbformat.read(nb_path, as_version=4)
-    os.environ["MECHLIB_STATIC_VIEWS"] = "1"  # inherited by the kernel
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(nb_path.parent)}})
     t0 = time.perf_counter()
     ok, err = True, ""
     try:
-        client.execute()
+        client.execute(env={**os.environ, "MECHLIB_STATIC_VIEWS": "1"})  # the kernel's environment only
     except CellExecutionError as e:
         ok, err = False, str(e)[-3000:]
     secs = time.perf_counter() - t0
