@@ -207,17 +207,18 @@ def _svg_fallback(nodes, edges, order, title: str) -> str:
     return "".join(out)
 
 
-def _legend(names: Sequence[str], circuits: Sequence) -> str:
+def _legend(names: Sequence[str], circuits: Sequence, labels: Optional[Sequence[str]] = None) -> str:
     if len(circuits) < 2:
         return ""
-    items = [("both", "in both"), ("a", f"only {circuits[0].task}"), ("b", f"only {circuits[1].task}")]
+    a, b = labels or (circuits[0].task, circuits[1].task)
+    items = [("both", "in both"), ("a", f"only {a}"), ("b", f"only {b}")]
     return "<div style='font:12px sans-serif'>" + " ".join(
         f"<span style='background:{_MEMBER_COLORS[k]};padding:1px 6px;border-radius:4px'>{_html.escape(t)}</span>"
         for k, t in items) + " &nbsp; edges: solid = first circuit, dashed = second; green supports the answer, red opposes</div>"
 
 
 def circuit_diagram(circuit, other=None, *, layout: str = "overlay", engine: str = "auto",
-                    title: Optional[str] = None) -> HTMLView:
+                    title: Optional[str] = None, labels: Optional[Sequence[str]] = None) -> HTMLView:
     """An SVG circuit diagram: heads grouped by class (stage) and ordered by layer, edges weighted
     by their path effect (green: supports the clean answer, red: opposes it).
 
@@ -227,6 +228,7 @@ def circuit_diagram(circuit, other=None, *, layout: str = "overlay", engine: str
             diagrams next to each other.
         engine: ``"dot"`` (graphviz, needs the ``dot`` program), ``"python"`` (built-in SVG
             layout, no dependency) or ``"auto"`` (dot when installed).
+        labels: names of the two circuits in the legend (default: their tasks).
 
     Returns:
         an :class:`HTMLView` with the inline SVG (``.html``), displayed by Jupyter.
@@ -260,7 +262,9 @@ def circuit_diagram(circuit, other=None, *, layout: str = "overlay", engine: str
         svg = svg[svg.find("<svg"):]
     else:
         svg = _svg_fallback(nodes, edges, order, title)
-    return HTMLView(svg + _legend(names, circuits), title=title)
+    if labels is not None and len(labels) != 2:
+        raise ValueError(f"labels={labels!r}: give two names, one per circuit")
+    return HTMLView(svg + _legend(names, circuits, labels), title=title)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -151,6 +151,10 @@ def test_circuit_diagram_renders(engine):
     both = mechlib.viz.circuit_diagram(A, B, engine=engine)
     _svg_ok(both, ["L0H0", "L2H1", "L3H3"])
     assert "only co" in both.html
+    named = mechlib.viz.circuit_diagram(A, B, engine=engine, labels=("first", "second"))
+    assert "only first" in named.html and "only second" in named.html
+    with pytest.raises(ValueError, match="two names"):
+        mechlib.viz.circuit_diagram(A, B, engine=engine, labels=("one",))
     side = mechlib.viz.circuit_diagram(A, B, layout="side_by_side", engine=engine)
     assert side.html.count("<svg") == 2
 

@@ -166,7 +166,8 @@ for order in ("ABBA", "BABA"):
     print(order, circuits[order])
 overlap = mechlib.circuit_overlap(circuits["ABBA"], circuits["BABA"], n_null=2000, n_boot=0)
 print(overlap)
-viz.circuit_diagram(circuits["ABBA"], circuits["BABA"])
+viz.circuit_diagram(circuits["ABBA"], circuits["BABA"], labels=("ABBA", "BABA"),
+                    title="IOI circuit found on ABBA vs BABA prompts")
 
 # %% [markdown]
 # ## 5 · Head attribution
