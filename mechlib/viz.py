@@ -374,7 +374,9 @@ class Explorer:
 
 
 def _token_labels(model, tokens) -> list[str]:
-    return [model.tokenizer.decode([int(t)]).replace("\n", "\\n") for t in tokens]
+    from mechlib.tasks.contrast import _decode_each
+
+    return [t.replace("\n", "\\n") for t in _decode_each(model, tokens)]
 
 
 def attention_explorer(model, prompts, *, layers: Optional[Sequence[int]] = None,

@@ -383,28 +383,24 @@ def act_head_search(
     """
     from tqdm.auto import tqdm
 
+    from mechlib import metrics
     from mechlib.interventions import _check_pattern_editable, act_calibrate, act_sinks
 
     layers = list(range(min(2, model.cfg.n_layers - 1), model.cfg.n_layers)) if layers is None else [
         check_layer(model, l) for l in layers]
     _check_pattern_editable(model, layers)
     H, B = model.cfg.n_heads, len(calib)
-    cand = torch.unique(torch.cat([calib.answer_ids, calib.wrong_ids]))
-    ans, wrong, last = calib.answer_ids, calib.wrong_ids, calib.last_pos
+    acc_m, ld_m = metrics.accuracy(calib), metrics.logit_diff(calib)
+    last = calib.last_pos
 
-    def score(last_logits: Tensor) -> tuple[Tensor, Tensor]:
-        """Per copy: accuracy among the answers and mean logit diff (``[copies*B, vocab]`` in)."""
-        x = last_logits.float().cpu().view(-1, B, last_logits.shape[-1])
-        pred = cand[x[..., cand].argmax(-1)]
-        acc = (pred == ans).float().mean(-1)
-        ld = (x.gather(-1, ans.expand(x.shape[0], B)[..., None]) - x.gather(-1, wrong.expand(x.shape[0], B)[..., None]))
-        return acc, ld[..., 0].mean(-1)
+    def score(logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Per stacked copy of the batch: accuracy among the answers and mean logit difference."""
+        return acc_m(logits).view(-1, B).mean(-1).cpu(), ld_m(logits).float().view(-1, B).mean(-1).cpu()
 
     tokens = calib.clean_tokens.to(model.cfg.device)
     with hooks.record_block_inputs(model, layers) as starts, torch.no_grad():
         full = hooks.forward(model, tokens, extras=calib.forward_extras())
-    rows = torch.arange(B)
-    acc0, ld0 = (float(v[0]) for v in score(full[rows, last]))
+    acc0, ld0 = (float(v[0]) for v in score(full))
     acc_gain = torch.full((model.cfg.n_layers, H), float("nan"))
     ld_gain = torch.full((model.cfg.n_layers, H), float("nan"))
     lengths = calib.lengths.repeat(H)
