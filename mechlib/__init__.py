@@ -8,7 +8,7 @@ Importing mechlib has no side effects: no network, no plotting backend, no globa
     >>> mechlib.metrics.logit_diff(ioi)(model(ioi.clean_tokens)).mean()
 """
 
-from mechlib import hooks, metrics, sites, tasks, viz
+from mechlib import arch, hooks, metrics, sites, tasks, viz
 from mechlib.models import (ModelLoadError, ModelNotAvailableOffline, generate, load_model,
                             tiny_model, vlm_inputs)
 from mechlib.results import Result
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "load_model", "tiny_model", "generate", "vlm_inputs", "ModelLoadError", "ModelNotAvailableOffline",
     "ContrastSet", "ContrastSetError", "Site", "SITES", "Result",
-    "hooks", "metrics", "sites", "tasks", "viz",
+    "arch", "hooks", "metrics", "sites", "tasks", "viz",
 ]
 
 from mechlib.analyses.patching import (PatchingResult, activation_patching,  # noqa: E402

@@ -188,18 +188,26 @@ def run_with_cache(
 
 
 class BlockInputs:
-    """What one block received during a forward: its residual input and keyword arguments
-    (attention mask, rotary embeddings, position ids). :func:`run_from` replays the rest of the
-    model from here, for ``k`` stacked copies of the batch, without recomputing earlier blocks."""
+    """What the blocks received during a forward, from block ``layer`` on: the residual entering
+    ``layer`` and every later block's keyword arguments (attention mask, rotary embeddings, position
+    ids — they differ between layers on models with local/global attention, e.g. Gemma 2/3).
+    :func:`run_from` replays the rest of the model from here, for ``k`` stacked copies of the
+    batch, without recomputing earlier blocks."""
 
-    def __init__(self, resid: Tensor, kwargs: dict, batch: int):
+    def __init__(self, resid: Tensor, layer: int, kwargs_by_layer: dict[int, dict], batch: int):
         self.resid = resid
-        self.kwargs = kwargs
+        self.layer = layer
+        self.kwargs_by_layer = kwargs_by_layer  # shared by the BlockInputs of one recording
         self.batch = batch
 
-    def expanded_kwargs(self, k: int) -> dict:
-        """Keyword arguments for ``k`` stacked copies: batch-sized tensors are tiled copy-major,
-        broadcastable ones (first axis 1 while the batch is larger) are left alone."""
+    @property
+    def kwargs(self) -> dict:
+        return self.kwargs_by_layer[self.layer]
+
+    def expanded_kwargs(self, k: int, layer: Optional[int] = None) -> dict:
+        """Keyword arguments of block ``layer`` (default: the start block) for ``k`` stacked copies:
+        batch-sized tensors are tiled copy-major, broadcastable ones (first axis 1 while the batch
+        is larger) are left alone."""
 
         def rep(v):
             if isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == self.batch and k > 1:
@@ -208,35 +216,52 @@ class BlockInputs:
                 return tuple(rep(x) for x in v)
             return v
 
-        return {key: rep(v) for key, v in self.kwargs.items()}
+        kw = self.kwargs_by_layer[self.layer if layer is None else layer]
+        return {key: rep(v) for key, v in kw.items()}
+
+
+_NOT_REPLAYED = ("hidden_states", "cache", "past_key_values", "past_key_value", "use_cache", "layer_past")
 
 
 @contextmanager
 def record_block_inputs(model, layers: Sequence[int]) -> Iterator[dict[int, BlockInputs]]:
-    """Record the inputs of ``model.blocks[l]`` for ``l in layers`` during the forward in the block.
+    """Record the inputs of ``model.blocks[l]`` for ``l in layers`` during the forward in the block
+    (and the keyword arguments of every later block, which :func:`run_from` needs).
 
     Uses plain PyTorch forward-pre-hooks on the block modules (removed on exit, exactly).
     """
     store: dict[int, BlockInputs] = {}
+    wanted = set(layers)
     handles = []
+    if not wanted:
+        yield store
+        return
+    kwargs_by_layer: dict[int, dict] = {}
 
     def make(layer: int):
         def pre(module, args, kwargs):
-            resid = args[0] if args else kwargs.get("hidden_states")
-            kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache",
-                                                                  "past_key_values", "past_key_value",
-                                                                  "use_cache", "layer_past")}
-            store[layer] = BlockInputs(resid.detach(), kw, int(resid.shape[0]))
+            kwargs_by_layer[layer] = {k: v for k, v in kwargs.items() if k not in _NOT_REPLAYED}
+            if layer in wanted:
+                resid = args[0] if args else kwargs.get("hidden_states")
+                store[layer] = BlockInputs(resid.detach(), layer, kwargs_by_layer, int(resid.shape[0]))
 
         return pre
 
     try:
-        for l in dict.fromkeys(layers):
+        for l in range(min(wanted), model.cfg.n_layers):
             handles.append(model.blocks[l].register_forward_pre_hook(make(l), with_kwargs=True))
         yield store
     finally:
         for h in handles:
             h.remove()
+
+
+def _logits_from_resid(model, x: Tensor) -> Tensor:
+    """Final norm, unembedding and the architecture's output transform (Gemma 2's soft cap)."""
+    from mechlib.arch import output_device
+
+    logits = model.unembed(model.ln_final(x.to(output_device(model))))
+    return model.adapter.apply_output_logits_transform(logits)
 
 
 def run_from(
@@ -247,49 +272,76 @@ def run_from(
     copies: int = 1,
     hooks: Sequence[tuple[str, HookFn]] = (),
     read_pos: Optional[Tensor] = None,
+    resid: Optional[Tensor] = None,
 ) -> Tensor:
     """Logits of the model resumed at block ``layer`` from recorded inputs, for ``copies`` stacked
     copies of the batch (rows ``[k*B:(k+1)*B]`` are copy ``k``), with ``hooks`` attached.
 
-    Blocks before ``layer`` are not run. With ``read_pos`` (``[batch]`` positions, tiled over the
-    copies), the final norm and unembedding run at those positions only and the result is
-    ``[copies*batch, vocab]``. Callers should check once that resuming reproduces the
-    model's own logits (:func:`resume_matches`): architectures that post-process logits outside
-    ``ln_final``/``unembed`` would differ.
+    Blocks before ``layer`` are not run; each later block gets its own recorded keyword arguments
+    (masks and rotary embeddings differ between local and global layers). With ``read_pos``
+    (``[batch]`` positions, tiled over the copies), the final norm and unembedding run at those
+    positions only and the result is ``[copies*batch, vocab]``. ``resid`` replaces the recorded
+    residual entering ``layer`` (``[copies*batch, pos, d_model]``). Callers should check once that
+    resuming reproduces the model's own logits (:func:`resume_matches`).
     """
-    x = start.resid
-    if copies > 1:
+    from mechlib.arch import block_device
+
+    if layer != start.layer:
+        raise ValueError(f"these inputs were recorded at block {start.layer}, not {layer}")
+    x = start.resid if resid is None else resid
+    if copies > 1 and resid is None:
         x = x.repeat(copies, *([1] * (x.ndim - 1)))
-    kwargs = start.expanded_kwargs(copies)
     with torch.no_grad(), attach(model, hooks):
-        for block in model.blocks[layer:]:
-            out = block(x, use_cache=False, **kwargs)
+        for l in range(layer, model.cfg.n_layers):
+            dev = block_device(model, l)
+            kwargs = _to_device(start.expanded_kwargs(copies, l), dev)
+            out = model.blocks[l](x.to(dev), use_cache=False, **kwargs)
             x = out[0] if isinstance(out, tuple) else out
         if read_pos is not None:
             rows = torch.arange(x.shape[0], device=x.device)
             x = x[rows, read_pos.to(x.device).repeat(x.shape[0] // read_pos.shape[0])][:, None]
-            return model.unembed(model.ln_final(x))[:, 0]
-        return model.unembed(model.ln_final(x))
+            return _logits_from_resid(model, x)[:, 0]
+        return _logits_from_resid(model, x)
+
+
+def _to_device(v, dev):
+    if isinstance(v, Tensor):
+        return v if v.device == dev else v.to(dev)
+    if isinstance(v, tuple):
+        return tuple(_to_device(x, dev) for x in v)
+    if isinstance(v, dict):
+        return {k: _to_device(x, dev) for k, x in v.items()}
+    return v
 
 
 _RESUME_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def resume_matches(model, start: BlockInputs, layer: int, reference_logits: Tensor, atol: float = 1e-4) -> bool:
-    """True when resuming at ``layer`` reproduces ``reference_logits`` (the full forward's).
+def resume_check(model, start: BlockInputs, layer: int, reference_logits: Tensor,
+                 atol: float = 1e-4) -> Optional[str]:
+    """``None`` when resuming at ``layer`` reproduces ``reference_logits`` (the full forward's),
+    else why not (for the warning and the result's metadata).
 
     A success is remembered per model and layer (it is a property of the architecture), so
     repeated sweeps on one model pay for the check once.
     """
     if layer in _RESUME_OK.get(model, ()):
-        return True
+        return None
     try:
         logits = run_from(model, start, layer)
-    except Exception:
-        return False
-    ok = logits.shape == reference_logits.shape and bool(
-        torch.allclose(logits, reference_logits.to(logits.device), atol=atol, rtol=1e-4)
-    )
-    if ok:
-        _RESUME_OK.setdefault(model, set()).add(layer)
-    return ok
+    except Exception as e:  # noqa: BLE001 - any failure means "cannot resume"
+        return f"replaying the blocks from layer {layer} raised {type(e).__name__}: {e}"
+    if logits.shape != reference_logits.shape:
+        return f"resumed logits have shape {tuple(logits.shape)}, the model's {tuple(reference_logits.shape)}"
+    err = float((logits - reference_logits.to(logits.device)).abs().max())
+    tol = atol + 1e-4 * float(reference_logits.abs().max())
+    if not err <= tol:
+        return (f"resuming at layer {layer} changes the logits by up to {err:.3g} (> {tol:.2g}): this "
+                "architecture computes something outside its blocks, final norm and unembedding")
+    _RESUME_OK.setdefault(model, set()).add(layer)
+    return None
+
+
+def resume_matches(model, start: BlockInputs, layer: int, reference_logits: Tensor, atol: float = 1e-4) -> bool:
+    """True when resuming at ``layer`` reproduces ``reference_logits`` (see :func:`resume_check`)."""
+    return resume_check(model, start, layer, reference_logits, atol) is None

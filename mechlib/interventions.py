@@ -36,20 +36,21 @@ from torch import Tensor
 from mechlib import hooks
 from mechlib.sites import check_head, check_layer
 
-_REIMPLEMENTED = ("PositionEmbeddingsAttentionBridge", "JointQKVAttentionBridge")
-
-
 class UnsupportedBridgeError(TypeError):
-    """The bridge delegates attention to HF code, so pattern edits would not reach the output."""
+    """The bridge cannot carry this edit (e.g. it delegates attention to HF code, so pattern edits
+    would not reach the output); the message says which layer and why."""
 
 
 def _check_pattern_editable(model, layers: Sequence[int]) -> None:
+    from mechlib.arch import _pattern_editable
+
     for l in layers:
-        kind = type(model.blocks[l].attn).__name__
-        if kind not in _REIMPLEMENTED:
+        if not _pattern_editable(model.blocks[l].attn):
             raise UnsupportedBridgeError(
-                f"layer {l} uses {kind}, which runs HF's attention and fires hook_pattern after the "
-                f"fact: an attention edit would be silently discarded. Supported: {_REIMPLEMENTED}")
+                f"layer {l} uses {type(model.blocks[l].attn).__name__}, which runs HF's attention and fires "
+                "hook_pattern after the fact: an attention edit would be silently discarded. Supported: bridges "
+                "that re-implement attention (PositionEmbeddingsAttentionBridge, JointQKVAttentionBridge and "
+                "their subclasses: Llama, Qwen, Gemma, Mistral, Phi-3, OLMo, GPT-2, Pythia ...)")
 
 
 def _heads_by_layer(model, heads: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
@@ -396,37 +397,58 @@ def steer_residual(
 # --- PINE: position-invariant inference ----------------------------------------------------------
 
 
-def _rotary_module(model):
-    """The HF rotary embedding module (one ``inv_freq`` for all layers), or UnsupportedBridgeError."""
-    cfg = model.cfg
-    if getattr(cfg, "positional_embedding_type", None) != "rotary" or getattr(
-            cfg, "rotary_adjacent_pairs", False) or getattr(cfg, "rotary_interleaved_cos_sin", False):
-        raise UnsupportedBridgeError(
-            "position_invariant needs a rotate-half RoPE model (Llama/Qwen/Mistral style); this one "
-            f"has positional_embedding_type={getattr(cfg, 'positional_embedding_type', None)!r}")
-    found = [m for m in model.original_model.modules() if isinstance(getattr(m, "inv_freq", None), Tensor)]
-    freqs = {tuple(m.inv_freq.flatten().tolist()) for m in found}
-    if len(freqs) != 1:
-        raise UnsupportedBridgeError(f"found {len(freqs)} different rotary embeddings; position_invariant "
-                                     "supports one RoPE shared by every layer")
-    rot = found[0]
-    if float(getattr(rot, "attention_scaling", 1.0)) != 1.0 or 2 * rot.inv_freq.numel() != cfg.d_head:
-        raise UnsupportedBridgeError("position_invariant supports full-width RoPE without attention "
-                                     "scaling (rotary dim == d_head, attention_scaling == 1)")
-    return rot
+def rope_frequencies(cos: Tensor, sin: Tensor) -> Tensor:
+    """The rotary frequencies ``[rotary_dim / 2]`` of one layer, read off the cos/sin it applied
+    (``[..., T, rotary_dim]``, rotate-half layout, positions ``0..T-1``): the angle at position 1.
+    Works for any RoPE whose angle is linear in position — per-layer bases (Gemma 2/3 local and
+    global layers), partial rotary (Pythia), frequency scaling (Llama 3, linear, YaRN's attention
+    factor cancels in the angle) — and is checked at every position."""
+    cos, sin = cos.reshape(-1, *cos.shape[-2:])[0].double(), sin.reshape(-1, *sin.shape[-2:])[0].double()
+    T, rd = cos.shape
+    if T < 2 or rd % 2:
+        raise UnsupportedBridgeError(f"cannot read rotary frequencies from cos/sin of shape {tuple(cos.shape)}")
+    half = rd // 2
+    freq = torch.atan2(sin[1, :half], cos[1, :half])
+    scale = cos[0, :half]
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * freq
+    ok = (torch.allclose(cos[:, :half], scale * torch.cos(angles), atol=1e-4)
+          and torch.allclose(sin[:, :half], scale * torch.sin(angles), atol=1e-4)
+          and torch.allclose(cos[:, half:], cos[:, :half], atol=1e-6))
+    if not ok:
+        raise UnsupportedBridgeError("this model's rotary embedding is not rotate-half with angles linear in "
+                                     "position (e.g. interleaved pairs or position-dependent scaling): "
+                                     "position_invariant cannot re-position its keys")
+    return freq.float()
 
 
 def _rope_scores(qr: Tensor, kr: Tensor, shift: Tensor, inv_freq: Tensor) -> Tensor:
     """``score[h, i, j] = qr_i · R(shift[h, i, j]) kr_j`` for queries/keys already rotated at their
     standard positions (``[T, H, D]``); ``shift`` (integer, broadcastable to ``[H, T, T]``) is the
     change of the key's position relative to the query's. ``shift = 0`` gives the model's scores;
-    ``shift = i - j`` gives the scores without position (un-rotated q·k)."""
-    ang = shift.to(inv_freq.dtype)[..., None] * inv_freq  # [H, T, T, D/2]
+    ``shift = i - j`` gives the scores without position (un-rotated q·k). Only the first
+    ``2 * len(inv_freq)`` dims rotate (partial rotary); the rest are position-free."""
+    rd = 2 * inv_freq.numel()
+    ang = shift.to(inv_freq.dtype)[..., None] * inv_freq  # [H, T, T, rd/2]
     cos, sin = torch.cos(ang).repeat(1, 1, 1, 2), torch.sin(ang).repeat(1, 1, 1, 2)
-    half = kr.shape[-1] // 2
-    k_rh = torch.cat([-kr[..., half:], kr[..., :half]], dim=-1)  # rotate_half
-    q = qr.permute(1, 0, 2)[:, :, None, :]  # [H, T, 1, D]
-    return (q * (kr.permute(1, 0, 2)[:, None] * cos + k_rh.permute(1, 0, 2)[:, None] * sin)).sum(-1)
+    kr_r, kr_p = kr[..., :rd], kr[..., rd:]
+    half = rd // 2
+    k_rh = torch.cat([-kr_r[..., half:], kr_r[..., :half]], dim=-1)  # rotate_half
+    q = qr.permute(1, 0, 2)  # [H, T, D]
+    rot = (q[..., :rd][:, :, None, :] * (kr_r.permute(1, 0, 2)[:, None] * cos + k_rh.permute(1, 0, 2)[:, None] * sin)).sum(-1)
+    if kr_p.shape[-1] == 0:
+        return rot
+    return rot + q[..., rd:] @ kr_p.permute(1, 2, 0)
+
+
+def _cap_and_mask(scores: Tensor, qpos: Tensor, kpos: Tensor, softcap: Optional[float], window: Optional[int]) -> Tensor:
+    """The model's score post-processing: Gemma 2's tanh cap, then causal (and sliding-window) masking
+    by positions (``qpos``/``kpos`` broadcastable to the scores)."""
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    hidden = kpos > qpos
+    if window is not None:
+        hidden = hidden | (qpos - kpos >= window)
+    return scores.masked_fill(hidden, float("-inf"))
 
 
 def _order_shift(importance: Tensor, lens: Tensor) -> Tensor:
@@ -438,7 +460,7 @@ def _order_shift(importance: Tensor, lens: Tensor) -> Tensor:
 
 
 def _pine_pattern(qr: Tensor, kr: Tensor, spans: Sequence[tuple[int, int]], scale: float,
-                  inv_freq: Tensor) -> Tensor:
+                  inv_freq: Tensor, softcap: Optional[float] = None, window: Optional[int] = None) -> Tensor:
     """One prompt's attention pattern ``[H, T, T]`` under PINE (see :func:`position_invariant`)."""
     T, H, _ = qr.shape
     dev = qr.device
@@ -453,6 +475,8 @@ def _pine_pattern(qr: Tensor, kr: Tensor, spans: Sequence[tuple[int, int]], scal
     in_doc = doc >= 0
     # importance without position: softmax of q·k/√d over the docs' keys, mean per doc
     plain = _rope_scores(qr, kr[s0:e], (pos[:, None] - pos[None, s0:e]).expand(H, T, e - s0), inv_freq) * scale
+    if softcap:
+        plain = softcap * torch.tanh(plain / softcap)
     own = (doc[:, None] == doc[None, s0:e]) & in_doc[:, None]  # a doc query ignores its own doc
     w = torch.softmax(plain.masked_fill(own, float("-inf")), -1).nan_to_num(0.0)
     onehot = torch.nn.functional.one_hot(doc[s0:e], len(spans)).to(w.dtype)  # [e-s0, n]
@@ -468,7 +492,7 @@ def _pine_pattern(qr: Tensor, kr: Tensor, spans: Sequence[tuple[int, int]], scal
     kpos = torch.where(in_doc[None, None, :], base[None, None, :] - d_shift, kpos)
     qpos = base[None, :, None]
     scores = _rope_scores(qr, kr, (pos[:, None] - pos[None, :]) + (kpos - qpos), inv_freq) * scale
-    return torch.softmax(scores.masked_fill(kpos > qpos, float("-inf")), -1)
+    return torch.softmax(_cap_and_mask(scores, qpos, kpos, softcap, window), -1)
 
 
 def _check_spans(spans, T: int, where: str) -> tuple[tuple[int, int], ...]:
@@ -518,6 +542,7 @@ def position_invariant(
     attention (Llama, Qwen2, Mistral, SmolLM); otherwise :class:`UnsupportedBridgeError`.
     The cost is ``O(T² · d_head)`` per head and prompt on top of the forward.
     """
+    from mechlib.arch import describe
     from mechlib.tasks.segments import SegmentedPrompts
 
     if isinstance(segments, SegmentedPrompts):
@@ -528,32 +553,71 @@ def position_invariant(
     per_prompt = not isinstance(segments[0][0], (numbers.Integral, Tensor))
     layers = list(range(model.cfg.n_layers)) if layers is None else [check_layer(model, l) for l in layers]
     _check_pattern_editable(model, layers)
-    inv_freq = _rotary_module(model).inv_freq.float()
-    scale = float(getattr(model.blocks[0].attn.original_component, "scaling", model.cfg.d_head ** -0.5))
+    arch = describe(model)
+    if not arch.rotary:
+        raise UnsupportedBridgeError(
+            f"position_invariant re-positions keys by re-applying rotary embeddings; this model "
+            f"({arch.family}) has positional_embedding_type={getattr(model.cfg, 'positional_embedding_type', None)!r}")
+    if getattr(model.cfg, "rotary_adjacent_pairs", False) or getattr(model.cfg, "rotary_interleaved_cos_sin", False):
+        raise UnsupportedBridgeError("position_invariant supports rotate-half RoPE, not adjacent-pair RoPE")
+    own_rot = hasattr(model.blocks[layers[0]].attn, "hook_rot_q") and arch.attention_bridge == "PositionEmbeddingsAttentionBridge"
     store: dict[str, Tensor] = {}
+    checked: set[int] = set()
 
     def keep(x, hook, key):
         store[key] = x
         return x
 
+    def rotated(layer: int, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Queries and keys after RoPE, ``[b, T, heads, D]``."""
+        if own_rot:
+            return store.pop(f"q{layer}"), store.pop(f"k{layer}")
+        q, k = store.pop(f"q{layer}"), store.pop(f"k{layer}")  # hook_q/hook_k: before RoPE
+        rd = cos.shape[-1]
+        c, s_ = cos.reshape(-1, *cos.shape[-2:])[:, :, None, :], sin.reshape(-1, *sin.shape[-2:])[:, :, None, :]
+
+        def rot(x):
+            xr, xp = x[..., :rd], x[..., rd:]
+            rh = torch.cat([-xr[..., rd // 2:], xr[..., :rd // 2]], dim=-1)
+            return torch.cat([xr * c + rh * s_, xp], dim=-1)
+
+        return rot(q), rot(k)
+
     def edit(A, hook, layer):
         b, H, T, _ = A.shape
-        qr, kr = store.pop(f"q{layer}"), store.pop(f"k{layer}")  # [b, T, h, D]
+        cos, sin = store.pop(f"cos{layer}"), store.pop(f"sin{layer}")
+        qr, kr = rotated(layer, cos, sin)
         kr = kr.repeat_interleave(H // kr.shape[2], dim=2)
         if per_prompt and len(segments) != b:
             raise ValueError(f"position_invariant got segments for {len(segments)} prompts; "
                              f"this forward has batch {b}")
+        f = rope_frequencies(cos, sin).to(A.device)
+        scale = float(getattr(model.blocks[layer].attn.original_component, "scaling", None) or model.cfg.d_head ** -0.5)
+        cap, window = arch.attn_softcap, arch.windows[layer]
+        if layer not in checked:  # prove the reconstruction is this model's attention before editing it
+            pos = torch.arange(T, device=A.device)
+            ref = torch.softmax(_cap_and_mask(_rope_scores(qr[0].float(), kr[0].float(), torch.zeros(1, 1, 1, dtype=torch.long,
+                                                                                               device=A.device), f) * scale,
+                                              pos[:, None], pos[None, :], cap, window), -1)
+            err = float((ref - A[0].detach().float()).abs().max())
+            if not err < 1e-4:
+                raise UnsupportedBridgeError(
+                    f"position_invariant could not reproduce layer {layer}'s attention from its rotated queries and "
+                    f"keys ({arch.family}, {arch.attention_bridge}; max error {err:.2g}): editing it would be wrong")
+            checked.add(layer)
         A = A.clone()
-        f = inv_freq.to(A.device)
         for i in range(b):
             spans = _check_spans(segments[i] if per_prompt else segments, T, f"prompt {i}")
-            A[i] = _pine_pattern(qr[i].float(), kr[i].float(), spans, scale, f).to(A.dtype)
+            A[i] = _pine_pattern(qr[i].float(), kr[i].float(), spans, scale, f, cap, window).to(A.dtype)
         return A
 
+    qname, kname = ("hook_rot_q", "hook_rot_k") if own_rot else ("hook_q", "hook_k")
     hk = []
     for l in layers:
-        hk += [(f"blocks.{l}.attn.hook_rot_q", lambda x, hook, l=l: keep(x, hook, f"q{l}")),
-               (f"blocks.{l}.attn.hook_rot_k", lambda x, hook, l=l: keep(x, hook, f"k{l}")),
+        hk += [(f"blocks.{l}.attn.{qname}", lambda x, hook, l=l: keep(x, hook, f"q{l}")),
+               (f"blocks.{l}.attn.{kname}", lambda x, hook, l=l: keep(x, hook, f"k{l}")),
+               (f"blocks.{l}.attn.hook_cos", lambda x, hook, l=l: keep(x, hook, f"cos{l}")),
+               (f"blocks.{l}.attn.hook_sin", lambda x, hook, l=l: keep(x, hook, f"sin{l}")),
                (f"blocks.{l}.attn.hook_pattern", lambda A, hook, l=l: edit(A, hook, l))]
     try:
         with hooks.attach(model, hk, must_fire=False) as fired:

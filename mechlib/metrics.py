@@ -55,6 +55,47 @@ def _tile(ids: Tensor, b: int, device) -> Tensor:
     return ids.to(device).repeat(b // len(ids))
 
 
+def _finish(metric, name: str, subset) -> Metric:
+    """Mark a metric made by a factory: its name, that it reads the last token only, and how to
+    make the same metric for a subset of the prompts (``subset(idx)``; used by ``batch_size=``)."""
+    metric.__name__ = name
+    metric.last_token_only = True
+    metric.subset = subset
+    return metric
+
+
+def custom(contrast: ContrastSet, fn: Callable[[Tensor, ContrastSet], Tensor], *, name: str = "custom") -> Metric:
+    """A metric from ``fn(last_token_logits [b, vocab], contrast) -> [b]``, higher = more like
+    clean. Unlike a plain function, it can be evaluated on any subset of the prompts, so verbs can
+    split the prompts into batches (``batch_size=``).
+
+    Example:
+        >>> m = metrics.custom(ioi, lambda last, cs: last.log_softmax(-1)[torch.arange(len(last)),  # doctest: +SKIP
+        ...                    cs.answer_ids.repeat(len(last) // len(cs))], name="answer_logprob")
+    """
+
+    def metric(logits):
+        return fn(last_token_logits(logits, contrast), contrast)
+
+    return _finish(metric, name, lambda idx: custom(contrast.subset(idx), fn, name=name))
+
+
+def on_prompts(metric: Metric, idx, n: int) -> Metric:
+    """The same metric for prompts ``idx`` of its ``n`` (``metric`` itself when ``idx`` is all of
+    them); a plain function cannot be split and gets a clear error."""
+    idx = list(idx)
+    if idx == list(range(n)):
+        return metric
+    sub = getattr(metric, "subset", None)
+    if sub is None:
+        name = getattr(metric, "__name__", type(metric).__name__)
+        raise MetricError(
+            f"metric {name!r} is a plain function bound to all {n} prompts, so it cannot be evaluated on a "
+            "batch of them: build it with mechlib.metrics (logit_diff, accuracy, ...) or metrics.custom(contrast, "
+            "fn), or run without batch_size")
+    return sub(idx)
+
+
 def logit_diff(contrast: ContrastSet) -> Metric:
     """``logit(answer) - logit(wrong answer)`` at the last token, per prompt.
 
@@ -71,9 +112,7 @@ def logit_diff(contrast: ContrastSet) -> Metric:
             rows, _tile(contrast.wrong_ids, b, last.device)
         ]
 
-    metric.__name__ = "logit_diff"
-    metric.last_token_only = True
-    return metric
+    return _finish(metric, "logit_diff", lambda idx: logit_diff(contrast.subset(idx)))
 
 
 def answer_prob(contrast: ContrastSet) -> Metric:
@@ -85,22 +124,22 @@ def answer_prob(contrast: ContrastSet) -> Metric:
         probs = last.softmax(-1)
         return probs[torch.arange(b, device=last.device), _tile(contrast.answer_ids, b, last.device)]
 
-    metric.__name__ = "answer_prob"
-    metric.last_token_only = True
-    return metric
+    return _finish(metric, "answer_prob", lambda idx: answer_prob(contrast.subset(idx)))
 
 
-def accuracy(contrast: ContrastSet, *, among: str = "answers") -> Metric:
+def accuracy(contrast: ContrastSet, *, among: str = "answers", candidates: Optional[Tensor] = None) -> Metric:
     """1.0 where the answer is the top prediction at the last token, else 0.0, per prompt.
 
     Args:
         among: ``"answers"`` ranks only the task's candidate tokens (every answer and wrong answer
             in the set, e.g. all colours of Colored Objects — the usual multiple-choice
             accuracy); ``"vocab"`` ranks the whole vocabulary (greedy-decoding accuracy).
+        candidates: the candidate token ids for ``among="answers"`` (default: every answer and
+            wrong answer of the set).
     """
     if among not in ("answers", "vocab"):
         raise ValueError(f"among={among!r}: choose 'answers' or 'vocab'")
-    cand = torch.unique(torch.cat([contrast.answer_ids, contrast.wrong_ids]))
+    cand = torch.unique(torch.cat([contrast.answer_ids, contrast.wrong_ids])) if candidates is None else candidates
 
     def metric(logits):
         last = last_token_logits(logits, contrast)
@@ -113,9 +152,8 @@ def accuracy(contrast: ContrastSet, *, among: str = "answers") -> Metric:
             pred = last.argmax(-1)
         return (pred == ans).float()
 
-    metric.__name__ = f"accuracy({among})"
-    metric.last_token_only = True
-    return metric
+    return _finish(metric, f"accuracy({among})",
+                   lambda idx: accuracy(contrast.subset(idx), among=among, candidates=cand))
 
 
 def kl_to_clean(contrast: ContrastSet, clean_logits: Float[Tensor, "batch pos vocab"]) -> Metric:
@@ -133,9 +171,8 @@ def kl_to_clean(contrast: ContrastSet, clean_logits: Float[Tensor, "batch pos vo
         r = ref_logp.to(logp.device).repeat(logp.shape[0] // ref_logp.shape[0], 1)
         return -(r.exp() * (r - logp)).sum(-1)
 
-    metric.__name__ = "kl_to_clean"
-    metric.last_token_only = True
-    return metric
+    return _finish(metric, "kl_to_clean",
+                   lambda idx: kl_to_clean(contrast.subset(idx), ref[torch.as_tensor(list(idx))]))
 
 
 def check_metric_values(values, n: int, *, name: str = "metric") -> Tensor:

@@ -28,6 +28,12 @@ def model():
 
 
 @pytest.fixture(scope="session")
+def gemma():
+    """The second embedded model, Gemma 3 270M (built into the cache by `make`)."""
+    return mechlib.load_model("gemma-3-270m", device="cpu")
+
+
+@pytest.fixture(scope="session")
 def ioi_set(model):
     return mechlib.tasks.ioi(model, n=24, seed=0)
 

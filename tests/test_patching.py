@@ -9,6 +9,7 @@ from mechlib.metrics import MetricError
 from mechlib.sites import Site, SiteError
 
 from conftest import assert_weights_equal, weights_snapshot
+from reference import slow_path_patching
 
 TL_FUNCS = {
     ("resid_pre", False): tlp.get_act_patch_resid_pre,
@@ -176,51 +177,6 @@ def test_attribution_tracks_exact_patching_on_the_embedded_model(model):
 
 
 # ------------------------------------------------------------------------------ path patching
-
-
-def slow_path_patching(model, cs, metric, sender, receivers, last_only=False):
-    """Obviously-correct reference: full forwards, one sender, TransformerLens' run_with_hooks."""
-    L = model.cfg.n_layers
-    _, clean = model.run_with_cache(cs.clean_tokens)
-    _, corr = model.run_with_cache(cs.corrupted_tokens)
-    ls, hs = sender
-
-    def freeze(layer):
-        def fn(z, hook):
-            z = clean[f"blocks.{layer}.attn.hook_z"].clone()
-            if layer == ls:
-                z[:, :, hs] = corr[f"blocks.{layer}.attn.hook_z"][:, :, hs]
-            return z
-        return fn
-
-    seen = {}
-
-    def record(name):
-        def fn(x, hook):
-            seen[name] = x.detach().clone()
-        return fn
-
-    frozen = [(f"blocks.{l}.attn.hook_z", freeze(l)) for l in range(L)]
-    if receivers == "logits":
-        return metric(model.run_with_hooks(cs.clean_tokens, fwd_hooks=frozen))
-    names = {f"blocks.{l}.attn.hook_{c}" for l, h, c in receivers}
-    model.run_with_hooks(cs.clean_tokens, fwd_hooks=frozen + [(n, record(n)) for n in names])
-
-    def put(name, heads):
-        def fn(x, hook):
-            x = x.clone()
-            for h in heads:
-                if last_only:
-                    for b in range(x.shape[0]):
-                        p = int(cs.last_pos[b])
-                        x[b, p, h] = seen[name][b, p, h]
-                else:
-                    x[:, :, h] = seen[name][:, :, h]
-            return x
-        return fn
-
-    patches = [(n, put(n, [h for l, h, c in receivers if f"blocks.{l}.attn.hook_{c}" == n])) for n in names]
-    return metric(model.run_with_hooks(cs.clean_tokens, fwd_hooks=patches))
 
 
 @pytest.mark.parametrize("receivers", ["logits", [(1, 2, "q")], [(1, 1, "k"), (1, 0, "v")]])

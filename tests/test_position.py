@@ -31,12 +31,15 @@ def _assemble(pre, segs, suf, order):
 def test_rope_reconstruction_matches_the_bridge(tiny_llama):
     """With no position change, PINE's score function reproduces the bridge's own scores."""
     toks = torch.randint(5, 60, (1, 12), generator=torch.Generator().manual_seed(1))
-    names = ["blocks.1.attn.hook_rot_q", "blocks.1.attn.hook_rot_k", "blocks.1.attn.hook_attn_scores"]
+    names = ["blocks.1.attn.hook_rot_q", "blocks.1.attn.hook_rot_k", "blocks.1.attn.hook_attn_scores",
+             "blocks.1.attn.hook_cos", "blocks.1.attn.hook_sin"]
     _, acts = hooks.run_with_cache(tiny_llama, toks, names)
     qr, kr = acts[names[0]][0], acts[names[1]][0]
     H = qr.shape[1]
     kr = kr.repeat_interleave(H // kr.shape[1], dim=1)
-    inv = interventions._rotary_module(tiny_llama).inv_freq.float()
+    inv = interventions.rope_frequencies(acts[names[3]], acts[names[4]])
+    hf_rope = tiny_llama.original_model.model.rotary_emb.inv_freq.float()
+    torch.testing.assert_close(inv, hf_rope, atol=1e-6, rtol=1e-5)  # read off cos/sin = HF's own frequencies
     scale = tiny_llama.blocks[1].attn.original_component.scaling
     ours = interventions._rope_scores(qr, kr, torch.zeros(H, 12, 12, dtype=torch.long), inv) * scale
     ref = acts[names[2]][0]

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from mechlib import hooks
 from mechlib.hooks import image_token_id
+from mechlib.memory import peak_memory
 from mechlib.results import Result
 from mechlib.tasks.contrast import ContrastSet, PromptBatch, _pad_id, _pad_right
 
@@ -82,6 +83,7 @@ def head_divergence(
     span: Span = None,
     relative: bool = False,
     extras: Optional[dict] = None,
+    batch_size: Optional[int] = None,
 ) -> HeadScores:
     """VHD: per head, ``‖z_with − z_without‖₂`` of its output at the last token, with the span
     present vs removed (same text otherwise).
@@ -94,6 +96,7 @@ def head_divergence(
             also drops ``pixel_values``).
         relative: divide each distance by ``‖z_with‖₂`` (scale-free across layers).
         extras: forward inputs of the run *with* the span (``pixel_values`` for a VLM).
+        batch_size: prompts per forward (default all); results do not depend on it.
 
     Returns:
         :class:`HeadScores` over ``("layer", "head")``; ``.top_heads(k)`` are the most
@@ -117,10 +120,17 @@ def head_divergence(
     wo = PromptBatch(_pad_right(without, _pad_id(model)), torch.tensor([len(t) for t in without]), batch.prompts,
                      {} if span == "image" else dict(batch.extras))  # the image goes with its tokens
     names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
-    _, with_z = hooks.run_with_cache(model, batch.tokens, names, extras=batch.extras)
-    _, without_z = hooks.run_with_cache(model, wo.tokens, names, extras=wo.extras)
-    zw = torch.stack([batch.at_last(with_z[n]) for n in names], 1).float()  # [B, L, H, d_head]
-    zo = torch.stack([wo.at_last(without_z[n]) for n in names], 1).float()
+
+    def last_z(pb: PromptBatch) -> Tensor:
+        """Every head's output at each prompt's last token, ``[B, L, H, d_head]``."""
+        out = []
+        for sub in pb.batches(batch_size):
+            _, z = hooks.run_with_cache(model, sub.tokens, names, extras=sub.extras)
+            out.append(torch.stack([sub.at_last(z[n]).float().cpu() for n in names], 1))
+        return torch.cat(out)
+
+    with peak_memory(model.cfg.device) as mem:
+        zw, zo = last_z(batch), last_z(wo)
     per_prompt = (zw - zo).norm(dim=-1)  # [B, L, H]
     if relative:
         per_prompt = per_prompt / zw.norm(dim=-1).clamp(min=1e-9)
@@ -128,7 +138,7 @@ def head_divergence(
         values=per_prompt.mean(0), axis_names=("layer", "head"),
         labels={"layer": [f"L{l}" for l in range(L)], "head": [f"H{h}" for h in range(H)]},
         per_prompt=per_prompt,
-        metadata=dict(method="head_divergence", relative=relative, n_prompts=B,
+        metadata=dict(method="head_divergence", relative=relative, n_prompts=B, batch_size=batch_size, peak_memory=mem,
                       span="image" if span == "image" else "context",
                       title="head divergence (VHD)" + (" relative" if relative else "")),
     )
@@ -165,24 +175,30 @@ class DLAResult(Result):
                       metadata={**self.metadata, "title": "DLA per MLP"})
 
 
-def _final_norm_frozen(model, x: Tensor, y: Tensor):
-    """Return ``f(component) -> normalized component`` with the final norm's statistics frozen at
-    the residual ``x`` (``[b, d]``), checked against the norm's real output ``y``; and its bias."""
-    eps = float(getattr(model.cfg, "eps", 1e-5))
-    kind = getattr(model.cfg, "normalization_type", None)
-    if kind in ("RMS", "RMSPre"):
-        scale = (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
-        center = False
-    elif kind in ("LN", "LNPre"):
-        scale = (x.var(-1, keepdim=True, unbiased=False) + eps).rsqrt()
-        center = True
-    else:
-        raise NotImplementedError(f"DLA supports RMSNorm and LayerNorm final norms, not {kind!r}")
-    params = dict(model.ln_final.named_parameters())
+def frozen_norm(model, norm, x: Tensor, y: Tensor, *, what: str = "final norm"):
+    """A norm made linear by freezing its statistics at input ``x`` (``[b, d]``), checked
+    against its real output ``y``: returns ``(f, bias)`` with ``f(x) + bias == y``, and
+    ``Σ f(c_i) == f(Σ c_i)`` for any split of ``x`` into components ``c_i``.
+
+    The norm's form comes from :func:`mechlib.arch.describe` (RMSNorm or LayerNorm, Gemma's
+    ``1 + w`` offset); folded norms (compatibility mode) carry no weight.
+    """
+    from mechlib.arch import describe
+
+    arch = describe(model)
+    hf = getattr(norm, "original_component", None)
+    eps = float(getattr(hf, "eps", None) or getattr(hf, "variance_epsilon", None) or getattr(model.cfg, "eps", 1e-5))
+    kind = str(getattr(model.cfg, "normalization_type", "RMS"))
+    center = arch.norm == "LN"
+    xc = x - x.mean(-1, keepdim=True) if center else x
+    scale = (xc.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
+    params = dict(norm.named_parameters())
     w = next((v.detach().float().cpu() for k, v in params.items() if k.endswith("weight")), None)
     b = next((v.detach().float().cpu() for k, v in params.items() if k.endswith("bias")), None)
     if kind.endswith("Pre"):
         w = b = None
+    elif w is not None:
+        w = w + arch.norm_offset
 
     def f(c: Tensor) -> Tensor:
         c = c - c.mean(-1, keepdim=True) if center else c
@@ -190,19 +206,29 @@ def _final_norm_frozen(model, x: Tensor, y: Tensor):
         return c * w if w is not None else c
 
     bias = torch.zeros_like(x) if b is None else b.expand_as(x)
-    recon = f(x) + bias
-    if not torch.allclose(recon, y, atol=1e-3 * float(y.abs().max()) + 1e-5):
-        raise NotImplementedError("could not reproduce this model's final norm from its input: DLA "
-                                  "would not decompose its logits exactly")
+    if not torch.allclose(f(x) + bias, y, atol=1e-3 * float(y.abs().max()) + 1e-5):
+        raise NotImplementedError(f"could not reproduce this model's {what} from its input ({arch.family}, "
+                                  f"{arch.norm}): DLA would not decompose its logits exactly")
     return f, bias
 
 
-def direct_logit_attribution(model, contrast: ContrastSet) -> DLAResult:
+def _final_norm_frozen(model, x: Tensor, y: Tensor):
+    return frozen_norm(model, model.ln_final, x, y)
+
+
+def direct_logit_attribution(model, contrast: ContrastSet, *, batch_size: Optional[int] = None) -> DLAResult:
     """Split each prompt's logit difference (answer − wrong answer, last token) into the direct
     contributions of the embedding, every head, every MLP and the bias terms.
 
     The final norm's scale is frozen at the clean run's value, so the terms sum exactly (up to
-    float error) to the logit difference. Works on the raw bridge (RMSNorm or LayerNorm).
+    float error) to the logit difference. Works on the raw bridge of every family in the test
+    matrix: RMSNorm or LayerNorm (Gemma's ``1 + w``), parallel blocks (Pythia), and post-norms
+    (Gemma 2/3, OLMo-2), where each head's share of the post-attention norm is linear with that
+    norm's statistics frozen too. With an output soft cap (Gemma 2) the terms decompose the logit
+    difference *before* the cap (``metadata["logit_softcap"]``; the cap is monotone).
+
+    Args:
+        batch_size: prompts per forward (default all); results do not depend on it.
 
     Returns:
         :class:`DLAResult` over ``("component",)``; ``.heads()`` ``[layer, head]``, ``.mlps()``
@@ -212,12 +238,39 @@ def direct_logit_attribution(model, contrast: ContrastSet) -> DLAResult:
         >>> dla = mechlib.direct_logit_attribution(model, mechlib.tasks.ioi(model, n=8))  # doctest: +SKIP
         >>> dla.heads().top(5)
     """
+    from mechlib.analyses.patching import prompt_batches
+    from mechlib.arch import describe
+    from mechlib.metrics import logit_diff
+
+    arch = describe(model)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    parts, labels, errs = [], None, []
+    with peak_memory(model.cfg.device) as mem:
+        for idx, sub, _ in prompt_batches(contrast, logit_diff(contrast), batch_size, trim=True):
+            pp, labels, capped, pre_cap = _dla_batch(model, sub, arch)
+            parts.append((pp, capped, pre_cap))
+    per_prompt = torch.cat([p[0] for p in parts])
+    ld = torch.cat([p[1] for p in parts])
+    pre = torch.cat([p[2] for p in parts])
+    return DLAResult(
+        values=per_prompt.mean(0), axis_names=("component",), labels={"component": labels},
+        per_prompt=per_prompt, baselines={"logit_diff": float(ld.mean()), "logit_diff_before_softcap": float(pre.mean())},
+        n_layers=L, n_heads=H,
+        metadata=dict(method="direct_logit_attribution", task=contrast.task, n_prompts=len(contrast),
+                      max_sum_error=float((per_prompt.sum(1) - pre).abs().max()),
+                      logit_softcap=arch.logit_softcap, post_norms=arch.post_norms, batch_size=batch_size,
+                      peak_memory=mem, title="direct logit attribution"),
+    )
+
+
+def _dla_batch(model, contrast: ContrastSet, arch):
     L, H = model.cfg.n_layers, model.cfg.n_heads
     names = (["blocks.0.hook_resid_pre", "ln_final.hook_in", "ln_final.hook_out"]
              + [f"blocks.{l}.attn.hook_z" for l in range(L)] + [f"blocks.{l}.hook_mlp_out" for l in range(L)]
              + [f"blocks.{l}.hook_attn_out" for l in range(L)])
+    if arch.post_norms:
+        names += [f"blocks.{l}.ln1_post.hook_in" for l in range(L)]
     logits, acts = hooks.run_with_cache(model, contrast.clean_tokens, names, extras=contrast.forward_extras("clean"))
-    B = len(contrast)
     batch = PromptBatch.from_prompts(model, contrast)
     at = lambda n: batch.at_last(acts[n]).float().cpu()  # noqa: E731  [B, ...] at each prompt's last token
     x, y = at("ln_final.hook_in"), at("ln_final.hook_out")
@@ -231,12 +284,16 @@ def direct_logit_attribution(model, contrast: ContrastSet) -> DLAResult:
         z = at(f"blocks.{l}.attn.hook_z")  # [B, H, d_head]
         heads = torch.einsum("bhe,hed->bhd", z, W_O)
         attn_out = at(f"blocks.{l}.hook_attn_out")
+        if arch.post_norms:  # what the block adds is post_norm(Σ heads + bias): linear with its scale frozen
+            raw = at(f"blocks.{l}.ln1_post.hook_in")
+            post, _ = frozen_norm(model, model.blocks[l].ln1_post, raw, attn_out, what=f"layer {l}'s post-attention norm")
+            heads = post(heads)
         comps += list(heads.unbind(1)) + [attn_out - heads.sum(1), at(f"blocks.{l}.hook_mlp_out")]
         labels += [f"L{l}H{h}" for h in range(H)] + [f"L{l} attn bias", f"L{l} mlp"]
     stack = torch.stack(comps, 1)  # [B, component, d_model]
     if not torch.allclose(stack.sum(1), x, atol=1e-3 * float(x.abs().max()) + 1e-4):
         raise NotImplementedError("the final residual is not the sum of embedding, head, MLP and bias "
-                                  "outputs on this architecture (e.g. parallel blocks or extra norms)")
+                                  f"outputs on this architecture ({arch.family})")
     per_prompt = torch.einsum("bcd,bd->bc", norm(stack), direction)
     extra = (ln_bias * direction).sum(-1, keepdim=True)
     b_U = getattr(model, "b_U", None)
@@ -247,12 +304,13 @@ def direct_logit_attribution(model, contrast: ContrastSet) -> DLAResult:
     labels.append("final norm / unembed bias")
     from mechlib.metrics import logit_diff
 
-    ld = logit_diff(contrast)(logits).float().cpu()
-    return DLAResult(
-        values=per_prompt.mean(0), axis_names=("component",), labels={"component": labels},
-        per_prompt=per_prompt, baselines={"logit_diff": float(ld.mean())},
-        n_layers=L, n_heads=H,
-        metadata=dict(method="direct_logit_attribution", task=contrast.task, n_prompts=B,
-                      max_sum_error=float((per_prompt.sum(1) - ld).abs().max()),
-                      title="direct logit attribution"),
-    )
+    capped = logit_diff(contrast)(logits).float().cpu()
+    if arch.logit_softcap:  # undo c·tanh(x/c) on the model's own logits of the two answers
+        last = batch.at_last(logits).float().cpu()
+        rows = torch.arange(len(contrast))
+        c = arch.logit_softcap
+        uncap = lambda v: c * torch.atanh((v / c).clamp(-1 + 1e-7, 1 - 1e-7))  # noqa: E731
+        pre_cap = uncap(last[rows, contrast.answer_ids]) - uncap(last[rows, contrast.wrong_ids])
+    else:
+        pre_cap = capped
+    return per_prompt, labels, capped, pre_cap

@@ -36,7 +36,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from mechlib.analyses.patching import _PathBase, attribution_patching, path_patching
+from mechlib.analyses.patching import PathBases, attribution_patching, path_patching
 from mechlib.metrics import Metric
 from mechlib.results import Result, atomic_write_bytes
 from mechlib.sites import Site
@@ -223,6 +223,7 @@ def find_circuit(
     max_heads: int = 6,
     candidates: Optional[int] = 24,
     edges: bool = True,
+    batch_size: Optional[int] = None,
     progress: Optional[bool] = None,
 ) -> Circuit:
     """Find a circuit by path patching backwards from the logits (IOI-style).
@@ -237,6 +238,7 @@ def find_circuit(
         candidates: path-patch only the top-K heads by attribution patching (``None``: all heads).
         edges: measure each in-circuit sender's path through each receiver head separately
             (weights for :func:`mechlib.viz.circuit_diagram`).
+        batch_size: prompts per forward (default all); the circuit does not depend on it.
 
     Returns:
         a :class:`Circuit`; heads with a negative score get the class ``"negative <stage>"`` and do
@@ -264,11 +266,11 @@ def find_circuit(
     if candidates is not None:
         if candidates < 1:
             raise ValueError(f"candidates={candidates}: give a positive number or None (exhaustive)")
-        attr = attribution_patching(model, contrast, metric, site="head_out")
+        attr = attribution_patching(model, contrast, metric, site="head_out", batch_size=batch_size)
         est = (attr.values - attr.baselines["corrupted"]).abs().flatten()
         ranked = [all_heads[i] for i in torch.argsort(est, descending=True).tolist()]
 
-    base = _PathBase.record(model, contrast, metric, list(range(L)))  # shared by every path patching below
+    base = PathBases(model, contrast, metric, batch_size)  # shared by every path patching below
     gap = None
     records, heads, classes, scores, zs, edge_list = [], [], {}, {}, {}, []
     receivers: list[Head] = []

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from mechlib import hooks
+from mechlib.memory import peak_memory
 from mechlib.results import Result
 from mechlib.tasks.contrast import ContrastSet, PromptBatch, single_token_id
 
@@ -110,6 +111,7 @@ def logit_lens(
     *,
     targets: Optional[Sequence[Union[str, int]]] = None,
     top_k: int = 5,
+    batch_size: Optional[int] = None,
 ) -> LensResult:
     """Logit lens at each prompt's last token, with target probabilities and ranks per layer.
 
@@ -118,6 +120,7 @@ def logit_lens(
             targets are each prompt's answer and wrong answer).
         targets: tokens to follow (one-token strings or ids), shared by all prompts.
         top_k: top tokens kept per layer and prompt.
+        batch_size: prompts per forward (default: all prompts of one length together).
 
     Returns:
         :class:`LensResult` over ``("layer", "target")``.
@@ -135,29 +138,35 @@ def logit_lens(
     probs, ranks, tops, labels = [None] * B, [None] * B, [None] * B, None
     resid = [f"blocks.{l}.hook_resid_pre" for l in range(model.cfg.n_layers)] + [
         f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    groups = []
     for length in sorted(set(batch.lengths.tolist())):
-        rows = (batch.lengths == length).nonzero().flatten()
-        toks = batch.tokens[rows, :length].to(model.cfg.device)
-        extras = hooks._on_device(model, hooks.check_inputs(model, {k: v[rows] for k, v in batch.extras.items()}, toks))
-        with torch.no_grad():
-            _, cache = model.run_with_cache(toks, names_filter=lambda n: n in resid, **extras)
-        cols_p, cols_r = [], []
-        for k in range(K):
-            res = tl_logit_lens(cache, targets=ids[rows, k].to(model.cfg.device), return_type="probs")
-            labels = res.labels
-            cols_p.append(res.readout.values[..., 0].float().cpu())  # [layer, g]
-            cols_r.append(res.readout.target_ranks[..., 0].float().cpu())
-        top_ids = tl_logit_lens(cache, top_k=top_k).readout.top_ids.cpu()  # [layer, g, top_k]
-        p, r = torch.stack(cols_p, -1), torch.stack(cols_r, -1)  # [layer, g, K]
-        for j, i in enumerate(rows.tolist()):
-            probs[i], ranks[i] = p[:, j], r[:, j]
-            tops[i] = tuple(tuple(model.tokenizer.decode([int(t)]) for t in top_ids[l, j]) for l in range(len(labels)))
+        same = (batch.lengths == length).nonzero().flatten()
+        size = len(same) if batch_size is None else batch_size
+        groups += [(length, same[i:i + size]) for i in range(0, len(same), size)]
+    with peak_memory(model.cfg.device) as mem:
+        for length, rows in groups:
+            toks = batch.tokens[rows, :length].to(model.cfg.device)
+            extras = hooks._on_device(model, hooks.check_inputs(model, {k: v[rows] for k, v in batch.extras.items()}, toks))
+            with torch.no_grad():
+                _, cache = model.run_with_cache(toks, names_filter=lambda n: n in resid, **extras)
+            cols_p, cols_r = [], []
+            for k in range(K):
+                res = tl_logit_lens(cache, targets=ids[rows, k].to(model.cfg.device), return_type="probs")
+                labels = res.labels
+                cols_p.append(res.readout.values[..., 0].float().cpu())  # [layer, g]
+                cols_r.append(res.readout.target_ranks[..., 0].float().cpu())
+            top_ids = tl_logit_lens(cache, top_k=top_k).readout.top_ids.cpu()  # [layer, g, top_k]
+            p, r = torch.stack(cols_p, -1), torch.stack(cols_r, -1)  # [layer, g, K]
+            for j, i in enumerate(rows.tolist()):
+                probs[i], ranks[i] = p[:, j], r[:, j]
+                tops[i] = tuple(tuple(model.tokenizer.decode([int(t)]) for t in top_ids[l, j]) for l in range(len(labels)))
     per_prompt = torch.stack(probs)  # [B, layer, K]
     return LensResult(
         values=per_prompt.mean(0), axis_names=("layer", "target"),
         labels={"layer": labels, "target": names}, per_prompt=per_prompt,
         ranks=torch.stack(ranks), top_tokens=tuple(tops),
-        metadata=dict(method="logit_lens", n_prompts=B, top_k=top_k, title="logit lens: target probability"),
+        metadata=dict(method="logit_lens", n_prompts=B, top_k=top_k, target_ids=ids[0].tolist() if B else [],
+                      batch_size=batch_size, peak_memory=mem, title="logit lens: target probability"),
     )
 
 

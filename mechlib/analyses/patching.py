@@ -36,7 +36,8 @@ import torch
 from torch import Tensor
 
 from mechlib import hooks
-from mechlib.metrics import Metric, check_metric_values
+from mechlib.memory import peak_memory
+from mechlib.metrics import Metric, check_metric_values, on_prompts
 from mechlib.results import Result
 from mechlib.sites import Site, SiteError, SiteSpec, check_head, check_layer, n_heads, site_spec
 from mechlib.tasks.contrast import ContrastSet
@@ -249,6 +250,32 @@ def _progress(total: int, desc: str, progress: Optional[bool]):
     return tqdm(total=total, desc=desc, disable=not show, leave=False)
 
 
+def _check_batch_size(batch_size: Optional[int]) -> None:
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise ValueError(f"batch_size={batch_size!r}: give a positive number of prompts per forward, or None (all)")
+
+
+def prompt_batches(contrast: ContrastSet, metric: Metric, batch_size: Optional[int], *, trim: bool = False):
+    """``(indices, sub-contrast, metric for it)`` for consecutive batches of at most ``batch_size``
+    prompts (one batch of everything for ``None``). Sub-sets keep the full width unless ``trim``,
+    so position indices mean the same in every batch."""
+    _check_batch_size(batch_size)
+    n = len(contrast)
+    size = n if batch_size is None else batch_size
+    for s in range(0, n, size):
+        idx = list(range(s, min(s + size, n)))
+        if len(idx) == n:
+            yield idx, contrast, metric
+        else:
+            yield idx, contrast.subset(idx, trim=trim), on_prompts(metric, idx, n)
+
+
+def _fallback_warning(verb: str, reason: str) -> None:
+    warnings.warn(f"{verb}: the fast path (resuming forwards at the patched layer) is off for this model, so "
+                  f"every patched variant runs the full model (several times slower). Why: {reason}. The "
+                  "result's metadata records path='full forwards'.", stacklevel=3)
+
+
 # ----------------------------------------------------------------------------------------------
 # activation patching
 # ----------------------------------------------------------------------------------------------
@@ -264,6 +291,7 @@ def activation_patching(
     layers: Optional[Sequence[int]] = None,
     positions: Optional[Sequence[int]] = None,
     heads: Optional[Sequence[int]] = None,
+    batch_size: Optional[int] = None,
     memory_budget_mb: float = 2048,
     max_chunk: int = 512,
     resume: bool = True,
@@ -272,19 +300,22 @@ def activation_patching(
     """Patch clean activations into the corrupted run, one cell at a time (denoising).
 
     Args:
-        contrast: the clean/corrupted pairs; all prompts are patched together.
+        contrast: the clean/corrupted pairs.
         metric: ``logits -> [batch]`` (e.g. ``metrics.logit_diff(contrast)``); higher = cleaner.
         site: ``resid_pre|resid_mid|resid_post|attn_out|mlp_out`` → ``[layer, pos]``;
             ``head_out|head_q|head_k|head_v|pattern`` → ``[layer, head]`` (all positions at once),
             or ``[layer, pos, head]`` with ``by_position=True``. ``head_k``/``head_v`` index KV
             heads on grouped-query models; ``pattern`` by position patches one query row.
         layers, positions, heads: restrict the sweep (default: everything).
-        memory_budget_mb: bound on one stacked forward; variants are chunked to fit.
-        resume: start each forward at the patched layer (verified once against the full forward).
+        batch_size: prompts per forward (default all); results are the same for any value. Each
+            forward stacks many patched copies of the batch, up to ``memory_budget_mb``.
+        resume: start each forward at the patched layer (verified once against the full forward;
+            if it cannot be verified, a warning says why and full forwards run).
 
     Returns:
         :class:`PatchingResult` with per-prompt values, ``baselines`` ``clean``/``corrupted``,
-        ``normalized()`` recovery and ``ci()`` bootstrap intervals.
+        ``normalized()`` recovery and ``ci()`` bootstrap intervals; ``metadata["path"]`` says which
+        path ran, ``metadata["peak_memory"]`` the peak extra memory.
 
     Example:
         >>> ioi = mechlib.tasks.ioi(model, n=8)                                  # doctest: +SKIP
@@ -294,26 +325,62 @@ def activation_patching(
     _check_contrast(model, contrast)
     plan = _plan(model, contrast, site, by_position, layers, positions, heads)
     spec = plan.spec
-    B = len(contrast)
-    device = model.cfg.device
     if "pos" in plan.axis_names and not contrast.same_length:
         warnings.warn(
             "the prompts differ in length, so position p is a different token in different prompts "
             "(and padding in short ones): position-resolved values mix them. Sweep prompts of one "
             "template/length (ContrastSet.subset) for per-position results.", stacklevel=2)
+    parts, reasons, chunk = [], [], None
+    with peak_memory(model.cfg.device) as mem:
+        for idx, sub, m in prompt_batches(contrast, metric, batch_size):
+            out = _patch_batch(model, sub, m, plan, memory_budget_mb, max_chunk, resume, progress)
+            parts.append(out)
+            chunk = out["chunk"] if chunk is None else min(chunk, out["chunk"])
+            if out["reason"]:
+                reasons.append(out["reason"])
+    if resume and reasons:
+        _fallback_warning("activation_patching", reasons[0])
+    B = len(contrast)
+    per_prompt = torch.cat([o["per_prompt"] for o in parts]).reshape(B, *plan.shape())
+    clean_vals = torch.cat([o["clean"] for o in parts])
+    corr_vals = torch.cat([o["corrupted"] for o in parts])
+    resumed = resume and not reasons
+    return PatchingResult(
+        values=per_prompt.mean(0), axis_names=plan.axis_names, labels=plan.labels(model, contrast),
+        per_prompt=per_prompt,
+        baselines={"clean": float(clean_vals.mean()), "corrupted": float(corr_vals.mean())},
+        clean_per_prompt=clean_vals, corrupted_per_prompt=corr_vals,
+        metadata=dict(method="activation_patching", direction="denoising", site=spec.kind,
+                      by_position=plan.by_position, metric=_metric_name(metric), task=contrast.task, n_prompts=B,
+                      resumed=resumed, path="resumed" if resumed else "full forwards",
+                      fallback_reason=reasons[0] if reasons else None, chunk=chunk, batch_size=batch_size,
+                      peak_memory=mem, layers=plan.layers, positions=plan.positions,
+                      heads=plan.heads if spec.per_head else None,
+                      title=f"activation patching: {spec.kind}" + (" by position" if plan.by_position else "")),
+    )
+
+
+def _patch_batch(model, contrast: ContrastSet, metric: Metric, plan: "_Plan", memory_budget_mb: float,
+                 max_chunk: int, resume: bool, progress: Optional[bool]) -> dict:
+    """The sweep of ``plan`` on one batch of prompts: per-prompt values ``[b, layer, cell]`` and
+    the baselines, with which path ran."""
+    spec = plan.spec
+    B = len(contrast)
+    device = model.cfg.device
     name = _metric_name(metric)
     hook_names = [spec.hook_name(l) for l in plan.layers]
-
     # clean run: cache only the patched site at the swept layers
     clean_logits, clean_acts = hooks.run_with_cache(
         model, contrast.clean_tokens, hook_names, extras=contrast.forward_extras("clean"))
     clean_vals = check_metric_values(metric(clean_logits), B, name=name)
+    del clean_logits
     # corrupted run: record each swept block's inputs so patched forwards can resume there
-    with hooks.record_block_inputs(model, plan.layers) as starts:
-        corr_logits = hooks.forward(model, contrast.corrupted_tokens,
-                                    extras=contrast.forward_extras("corrupted"))
+    with hooks.record_block_inputs(model, plan.layers if resume else []) as starts:
+        corr_logits = hooks.forward(model, contrast.corrupted_tokens, extras=contrast.forward_extras("corrupted"))
     corr_vals = check_metric_values(metric(corr_logits), B, name=name)
-    resumed = resume and hooks.resume_matches(model, starts[min(plan.layers)], min(plan.layers), corr_logits)
+    reason = hooks.resume_check(model, starts[min(plan.layers)], min(plan.layers), corr_logits) if resume else None
+    del corr_logits
+    resumed = resume and reason is None
 
     cells = plan.cells()
     read_pos = contrast.last_pos if getattr(metric, "last_token_only", False) else None
@@ -321,7 +388,7 @@ def activation_patching(
     per_prompt = torch.empty((B, len(plan.layers), len(cells)))
     n_chunks = len(plan.layers) * -(-len(cells) // chunk)
     corr_tokens = contrast.corrupted_tokens.to(device)
-    extras = hooks.check_inputs(model, contrast.forward_extras("corrupted"))
+    extras = hooks.check_inputs(model, contrast.forward_extras("corrupted"), contrast.corrupted_tokens)
     with _progress(n_chunks, f"patching {spec.kind}", progress) as bar:
         for li, layer in enumerate(plan.layers):
             source = clean_acts[spec.hook_name(layer)]
@@ -332,32 +399,31 @@ def activation_patching(
                 patch = [(spec.hook_name(layer),
                           lambda act, hook, idx=idx, source=source: _write_cells(spec, act, source, idx))]
                 if resumed:
-                    logits = hooks.run_from(model, starts[layer], layer, copies=C, hooks=patch,
-                                            read_pos=read_pos)
+                    logits = hooks.run_from(model, starts[layer], layer, copies=C, hooks=patch, read_pos=read_pos)
                 else:
                     tiled = {k: v.repeat(C, *([1] * (v.ndim - 1))) for k, v in extras.items()}
                     logits = hooks.forward(model, corr_tokens.repeat(C, 1), hooks=patch, extras=tiled)
                 vals = check_metric_values(metric(logits), C * B, name=name)
                 per_prompt[:, li, c0:c0 + C] = vals.reshape(C, B).T.cpu()
                 bar.update(1)
-
-    per_prompt = per_prompt.reshape(B, *plan.shape())
-    labels = plan.labels(model, contrast)
-    return PatchingResult(
-        values=per_prompt.mean(0), axis_names=plan.axis_names, labels=labels, per_prompt=per_prompt,
-        baselines={"clean": float(clean_vals.mean()), "corrupted": float(corr_vals.mean())},
-        clean_per_prompt=clean_vals, corrupted_per_prompt=corr_vals,
-        metadata=dict(method="activation_patching", direction="denoising", site=spec.kind,
-                      by_position=plan.by_position, metric=name, task=contrast.task, n_prompts=B,
-                      resumed=resumed, chunk=chunk, layers=plan.layers, positions=plan.positions,
-                      heads=plan.heads if spec.per_head else None,
-                      title=f"activation patching: {spec.kind}" + (" by position" if plan.by_position else "")),
-    )
+    return dict(per_prompt=per_prompt, clean=clean_vals.detach().cpu(), corrupted=corr_vals.detach().cpu(),
+                reason=reason if resume else None, chunk=chunk)
 
 
 # ----------------------------------------------------------------------------------------------
 # attribution patching
 # ----------------------------------------------------------------------------------------------
+
+
+def gradients_available(verb: str) -> None:
+    """Refuse to run a gradient-based verb under ``torch.inference_mode()`` (tensors made there
+    can never take part in autograd); ``torch.set_grad_enabled(False)`` is fine: such verbs turn
+    gradients on for themselves."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{verb} needs gradients, and torch.inference_mode() forbids them for every tensor made "
+            "inside it. Call it outside the inference_mode block (torch.no_grad() or "
+            "torch.set_grad_enabled(False) around it are fine: it enables gradients itself).")
 
 
 def attribution_patching(
@@ -368,6 +434,7 @@ def attribution_patching(
     site: str,
     by_position: bool = False,
     layers: Optional[Sequence[int]] = None,
+    batch_size: Optional[int] = None,
 ) -> PatchingResult:
     """Gradient estimate of :func:`activation_patching` for every cell, in one forward/backward.
 
@@ -377,18 +444,42 @@ def attribution_patching(
     moves it far (e.g. patching a whole early residual position): check the correlation with exact
     patching on a subset before trusting it.
 
-    Parameter gradients are never touched (``torch.autograd.grad`` on the activations only).
+    Gradients are enabled inside (also under ``torch.set_grad_enabled(False)``); parameter
+    gradients are never touched (``torch.autograd.grad`` on the activations only).
+    ``batch_size`` bounds the prompts per forward/backward; the result does not depend on it.
     """
+    gradients_available("attribution_patching")
     _check_contrast(model, contrast)
     plan = _plan(model, contrast, site, by_position, layers, None, None)
+    spec = plan.spec
+    B = len(contrast)
+    parts = []
+    with peak_memory(model.cfg.device) as mem:
+        for idx, sub, m in prompt_batches(contrast, metric, batch_size):
+            parts.append(_attribute_batch(model, sub, m, plan))
+    per_prompt = torch.cat([p[0] for p in parts])
+    clean_vals, corr_vals = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+    return PatchingResult(
+        values=per_prompt.mean(0), axis_names=plan.axis_names, labels=plan.labels(model, contrast),
+        per_prompt=per_prompt,
+        baselines={"clean": float(clean_vals.mean()), "corrupted": float(corr_vals.mean())},
+        clean_per_prompt=clean_vals, corrupted_per_prompt=corr_vals,
+        metadata=dict(method="attribution_patching", direction="denoising", site=spec.kind,
+                      by_position=plan.by_position, metric=_metric_name(metric), task=contrast.task, n_prompts=B,
+                      layers=plan.layers, batch_size=batch_size, peak_memory=mem,
+                      title=f"attribution patching: {spec.kind}" + (" by position" if plan.by_position else "")),
+    )
+
+
+def _attribute_batch(model, contrast: ContrastSet, metric: Metric, plan: "_Plan"):
     spec = plan.spec
     B = len(contrast)
     name = _metric_name(metric)
     hook_names = [spec.hook_name(l) for l in plan.layers]
     clean_logits, clean_acts = hooks.run_with_cache(
         model, contrast.clean_tokens, hook_names, extras=contrast.forward_extras("clean"))
-    clean_vals = check_metric_values(metric(clean_logits), B, name=name)
-
+    clean_vals = check_metric_values(metric(clean_logits), B, name=name).detach().cpu()
+    del clean_logits
     corr_acts: dict[str, Tensor] = {}
 
     def keep(act, hook, name):
@@ -398,12 +489,15 @@ def attribution_patching(
         return act
 
     tracked = [(n, lambda act, hook, n=n: keep(act, hook, n)) for n in hook_names]
-    logits = hooks.forward(model, contrast.corrupted_tokens, hooks=tracked,
-                           extras=contrast.forward_extras("corrupted"), grad=True)
-    corr_vals = check_metric_values(metric(logits), B, name=name)
-    if not corr_vals.requires_grad:
-        raise RuntimeError("the metric is not differentiable w.r.t. the model's activations")
-    grads = torch.autograd.grad(corr_vals.sum(), [corr_acts[n] for n in hook_names], allow_unused=True)
+    with torch.enable_grad():
+        logits = hooks.forward(model, contrast.corrupted_tokens, hooks=tracked,
+                               extras=contrast.forward_extras("corrupted"), grad=True)
+        corr_vals = check_metric_values(metric(logits), B, name=name)
+        if not corr_vals.requires_grad:
+            raise RuntimeError(f"the metric {name!r} is not differentiable w.r.t. the model's activations "
+                               "(it detaches or thresholds the logits, like accuracy): use a smooth metric "
+                               "such as metrics.logit_diff for attribution patching")
+        grads = torch.autograd.grad(corr_vals.sum(), [corr_acts[n] for n in hook_names], allow_unused=True)
     per_layer = []
     for n, g in zip(hook_names, grads):
         corr = corr_acts[n].detach()
@@ -411,17 +505,7 @@ def attribution_patching(
         per_layer.append(_reduce_cells(spec, (clean_acts[n].to(corr.device) - corr) * g, plan.by_position))
     delta = torch.stack(per_layer, 1).detach().cpu()  # [batch, layer, ...]
     corr_vals = corr_vals.detach().cpu()
-    per_prompt = delta + corr_vals.reshape((B,) + (1,) * (delta.ndim - 1))
-    labels = plan.labels(model, contrast)
-    return PatchingResult(
-        values=per_prompt.mean(0), axis_names=plan.axis_names, labels=labels, per_prompt=per_prompt,
-        baselines={"clean": float(clean_vals.mean()), "corrupted": float(corr_vals.mean())},
-        clean_per_prompt=clean_vals.detach(), corrupted_per_prompt=corr_vals,
-        metadata=dict(method="attribution_patching", direction="denoising", site=spec.kind,
-                      by_position=plan.by_position, metric=name, task=contrast.task, n_prompts=B,
-                      layers=plan.layers,
-                      title=f"attribution patching: {spec.kind}" + (" by position" if plan.by_position else "")),
-    )
+    return delta + corr_vals.reshape((B,) + (1,) * (delta.ndim - 1)), clean_vals, corr_vals
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,8 +537,7 @@ def _receivers(model, receivers) -> list[Site]:
 
 @dataclass
 class _PathBase:
-    """The clean and corrupted runs path patching starts from (shared by repeated calls on one
-    contrast set, e.g. the stages of circuit discovery)."""
+    """The clean and corrupted runs path patching starts from, for one batch of prompts."""
 
     contrast: ContrastSet
     metric: Metric
@@ -479,6 +562,27 @@ class _PathBase:
         return cls(contrast, metric, dict(starts), clean_logits, clean_z, corr_z, clean_vals, corr_vals)
 
 
+class PathBases:
+    """The recorded base runs of every prompt batch of one contrast set and metric, shared by
+    repeated path-patching calls (the stages of circuit discovery) so each is recorded once."""
+
+    def __init__(self, model, contrast: ContrastSet, metric: Metric, batch_size: Optional[int] = None):
+        self.model, self.contrast, self.metric, self.batch_size = model, contrast, metric, batch_size
+        self._bases: dict[tuple[int, ...], _PathBase] = {}
+
+    def batches(self, layers: Sequence[int]):
+        """``(indices, base)`` per prompt batch, recording each base the first time (at every layer
+        in ``layers`` not yet recorded)."""
+        for idx, sub, m in prompt_batches(self.contrast, self.metric, self.batch_size):
+            key = tuple(idx)
+            base = self._bases.get(key)
+            if base is None or not set(layers) <= set(base.starts):
+                have = set(base.starts) if base is not None else set()
+                base = _PathBase.record(self.model, sub, m, sorted(set(layers) | have))
+                self._bases[key] = base
+            yield idx, base
+
+
 def path_patching(
     model,
     contrast: ContrastSet,
@@ -487,10 +591,12 @@ def path_patching(
     receivers: Union[str, Sequence[Receiver]] = "logits",
     senders: Optional[Sequence[tuple[int, int]]] = None,
     receiver_positions: str = "all",
+    sender_positions: str = "all",
+    batch_size: Optional[int] = None,
     memory_budget_mb: float = 2048,
     max_chunk: int = 256,
     progress: Optional[bool] = None,
-    _base: Optional["_PathBase"] = None,
+    _base: Optional[PathBases] = None,
 ) -> PatchingResult:
     """Path patching (Wang et al. 2022): the effect of each sender head through the receivers only.
 
@@ -516,14 +622,19 @@ def path_patching(
         receiver_positions: ``"all"`` patches the receivers' inputs at every position;
             ``"last"`` only at each prompt's last token (the IOI paper's END position, e.g. for
             name-mover queries).
+        sender_positions: ``"all"`` takes the senders' corrupted output at every position (Wang
+            et al.); ``"last"`` only at each prompt's last token, as Merullo et al.'s released
+            script does (``position=-1``).
+        batch_size: prompts per forward (default all); results do not depend on it.
 
     Returns:
         :class:`PatchingResult` over ``("layer", "head")`` of the senders (cells that are not
         senders hold the clean value, so their effect is 0).
     """
     _check_contrast(model, contrast)
-    if receiver_positions not in ("all", "last"):
-        raise ValueError(f"receiver_positions={receiver_positions!r}: choose 'all' or 'last'")
+    if receiver_positions not in ("all", "last") or sender_positions not in ("all", "last"):
+        raise ValueError(f"receiver_positions={receiver_positions!r}, sender_positions={sender_positions!r}: "
+                         "choose 'all' or 'last'")
     recv = _receivers(model, receivers)
     n_layers, H = model.cfg.n_layers, model.cfg.n_heads
     last = max((r.layer for r in recv), default=n_layers)
@@ -536,77 +647,29 @@ def path_patching(
                         f"reach a receiver in its own or an earlier layer")
     if not senders:
         raise SiteError("senders is empty")
-    B = len(contrast)
-    name = _metric_name(metric)
-    z_names = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
     senders = sorted(dict.fromkeys(senders))  # by layer, so each chunk resumes at its own first layer
     first = senders[0][0]
     recv_first = min((r.layer for r in recv), default=None)
     check_layers = [first] + ([recv_first] if recv_first is not None else [])
-    base = _base if _base is not None else _PathBase.record(
-        model, contrast, metric, sorted({l for l, _ in senders} | set(check_layers)))
-    if base.contrast is not contrast or base.metric is not metric:
-        raise ValueError("_base was recorded for another contrast set or metric")
-    starts, clean_z, corr_z = base.starts, base.clean_z, base.corr_z
-    clean_vals, corr_vals = base.clean_vals, base.corr_vals
-    for l in check_layers:
-        if not hooks.resume_matches(model, starts[l], l, base.clean_logits):
-            raise NotImplementedError(
-                "path patching resumes forwards at the sender/receiver layers, and resuming does "
-                "not reproduce this model's logits (its logits are post-processed outside "
-                "ln_final/unembed); this architecture is not supported yet")
-
-    read_pos = contrast.last_pos if getattr(metric, "last_token_only", False) else None
-    chunk = _chunk_size(model, contrast, memory_budget_mb, max_chunk, read_pos is not None)
+    bases = _base if _base is not None else PathBases(model, contrast, metric, batch_size)
+    if bases.contrast is not contrast or bases.metric is not metric or bases.model is not model:
+        raise ValueError("_base was recorded for another model, contrast set or metric")
+    B = len(contrast)
     values = torch.empty((B, len(senders)))
-    with _progress(-(-len(senders) // chunk), "path patching", progress) as bar:
-        for c0 in range(0, len(senders), chunk):
-            part = senders[c0:c0 + chunk]
-            C = len(part)
-            rows_of = {}
-            for k, (l, h) in enumerate(part):
-                rows_of.setdefault(l, []).append((k, h))
-
-            def freeze(act, hook, layer):
-                out = clean_z[z_names[layer]].repeat(C, 1, 1, 1)
-                for k, h in rows_of.get(layer, []):
-                    out[k * B:(k + 1) * B, :, h] = corr_z[z_names[layer]][:, :, h]
-                return out
-
-            c_first = part[0][0]
-            frozen = [(z_names[l], lambda act, hook, l=l: freeze(act, hook, l)) for l in range(c_first, n_layers)]
-            if not recv:
-                logits = hooks.run_from(model, starts[c_first], c_first, copies=C, hooks=frozen,
-                                        read_pos=read_pos)
-            else:
-                recv_names = sorted({r.hook_name for r in recv})
-                with hooks.capture(model, recv_names) as seen:
-                    hooks.run_from(model, starts[c_first], c_first, copies=C, hooks=frozen)
-
-                rows = torch.arange(C * B)
-                last = contrast.last_pos.repeat(C)
-
-                def put(act, hook, hname):
-                    act = act.clone()
-                    for r in recv:
-                        if r.hook_name != hname:
-                            continue
-                        if receiver_positions == "all":
-                            act[:, :, r.head] = seen[hname][:, :, r.head]
-                        else:
-                            r_rows, r_pos = rows.to(act.device), last.to(act.device)
-                            act[r_rows, r_pos, r.head] = seen[hname][r_rows, r_pos, r.head]
-                    return act
-
-                patch = [(n, lambda act, hook, n=n: put(act, hook, n)) for n in recv_names]
-                logits = hooks.run_from(model, starts[recv_first], recv_first, copies=C, hooks=patch,
-                                        read_pos=read_pos)
-            vals = check_metric_values(metric(logits), C * B, name=name)
-            values[:, c0:c0 + C] = vals.reshape(C, B).T.cpu()
-            bar.update(1)
-
+    clean_vals, corr_vals = torch.empty(B), torch.empty(B)
+    with peak_memory(model.cfg.device) as mem:
+        for idx, base in bases.batches(sorted({l for l, _ in senders} | set(check_layers))):
+            for l in check_layers:
+                reason = hooks.resume_check(model, base.starts[l], l, base.clean_logits)
+                if reason is not None:
+                    raise NotImplementedError(
+                        f"path patching resumes forwards at the sender/receiver layers, and that cannot be "
+                        f"verified on this model: {reason}")
+            values[idx] = _path_batch(model, base, senders, recv, receiver_positions, sender_positions,
+                                      memory_budget_mb, max_chunk, progress)
+            clean_vals[idx], corr_vals[idx] = base.clean_vals.cpu(), base.corr_vals.cpu()
     # scatter into a [layer, head] table; non-senders keep the clean value (no effect)
-    per_prompt = clean_vals.cpu().reshape(B, 1, 1).repeat(1, n_layers, H)
+    per_prompt = clean_vals.reshape(B, 1, 1).repeat(1, n_layers, H)
     for k, (l, h) in enumerate(senders):
         per_prompt[:, l, h] = values[:, k]
     return PatchingResult(
@@ -615,9 +678,77 @@ def path_patching(
         per_prompt=per_prompt,
         baselines={"clean": float(clean_vals.mean()), "corrupted": float(corr_vals.mean())},
         clean_per_prompt=clean_vals, corrupted_per_prompt=corr_vals,
-        metadata=dict(method="path_patching", direction="noising", metric=name, task=contrast.task,
+        metadata=dict(method="path_patching", direction="noising", metric=_metric_name(metric), task=contrast.task,
                       n_prompts=B, senders=[list(s) for s in senders],
                       receivers="logits" if not recv else [str(r) for r in recv],
-                      receiver_positions=receiver_positions,
+                      receiver_positions=receiver_positions, sender_positions=sender_positions,
+                      batch_size=batch_size, peak_memory=mem, path="resumed",
                       title="path patching → " + ("logits" if not recv else ", ".join(map(str, recv)))),
     )
+
+
+def _path_batch(model, base: _PathBase, senders, recv, receiver_positions, sender_positions,
+                memory_budget_mb, max_chunk, progress) -> Tensor:
+    """Per-prompt metric values ``[b, sender]`` of path patching on one batch."""
+    contrast, metric = base.contrast, base.metric
+    B, name = len(contrast), _metric_name(metric)
+    n_layers = model.cfg.n_layers
+    z_names = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
+    starts, clean_z, corr_z = base.starts, base.clean_z, base.corr_z
+    recv_first = min((r.layer for r in recv), default=None)
+    read_pos = contrast.last_pos if getattr(metric, "last_token_only", False) else None
+    chunk = _chunk_size(model, contrast, memory_budget_mb, max_chunk, read_pos is not None)
+    values = torch.empty((B, len(senders)))
+    last_b = contrast.last_pos
+    with _progress(-(-len(senders) // chunk), "path patching", progress) as bar:
+        for c0 in range(0, len(senders), chunk):
+            part = senders[c0:c0 + chunk]
+            C = len(part)
+            rows_of: dict[int, list[tuple[int, int]]] = {}
+            for k, (l, h) in enumerate(part):
+                rows_of.setdefault(l, []).append((k, h))
+
+            def freeze(act, hook, layer):
+                out = clean_z[z_names[layer]].repeat(C, 1, 1, 1)
+                corr = corr_z[z_names[layer]]
+                for k, h in rows_of.get(layer, []):
+                    rows = slice(k * B, (k + 1) * B)
+                    if sender_positions == "all":
+                        out[rows, :, h] = corr[:, :, h]
+                    else:
+                        r = torch.arange(B, device=out.device)
+                        p = last_b.to(out.device)
+                        out[k * B + r, p, h] = corr[r, p, h]
+                return out.to(act.device)
+
+            c_first = part[0][0]
+            frozen = [(z_names[l], lambda act, hook, l=l: freeze(act, hook, l)) for l in range(c_first, n_layers)]
+            if not recv:
+                logits = hooks.run_from(model, starts[c_first], c_first, copies=C, hooks=frozen, read_pos=read_pos)
+            else:
+                recv_names = sorted({r.hook_name for r in recv})
+                with hooks.capture(model, recv_names) as seen:
+                    hooks.run_from(model, starts[c_first], c_first, copies=C, hooks=frozen)
+
+                rows = torch.arange(C * B)
+                last = last_b.repeat(C)
+
+                def put(act, hook, hname):
+                    act = act.clone()
+                    for r in recv:
+                        if r.hook_name != hname:
+                            continue
+                        if receiver_positions == "all":
+                            act[:, :, r.head] = seen[hname][:, :, r.head].to(act.device)
+                        else:
+                            r_rows, r_pos = rows.to(act.device), last.to(act.device)
+                            act[r_rows, r_pos, r.head] = seen[hname][r_rows, r_pos, r.head].to(act.device)
+                    return act
+
+                patch = [(n, lambda act, hook, n=n: put(act, hook, n)) for n in recv_names]
+                logits = hooks.run_from(model, starts[recv_first], recv_first, copies=C, hooks=patch,
+                                        read_pos=read_pos)
+            vals = check_metric_values(metric(logits), C * B, name=name)
+            values[:, c0:c0 + C] = vals.reshape(C, B).T.cpu()
+            bar.update(1)
+    return values

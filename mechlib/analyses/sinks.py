@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from mechlib import hooks
+from mechlib.memory import peak_memory
 from mechlib.results import Result
 from mechlib.sites import check_layer
 from mechlib.tasks.contrast import PromptBatch
@@ -106,6 +107,7 @@ def massive_activations(
     ratio_threshold: float = 1000.0,
     layers: Optional[Sequence[int]] = None,
     extras: Optional[dict] = None,
+    batch_size: Optional[int] = None,
 ) -> MassiveActivations:
     """The largest residual-stream entries per layer (``blocks.{l}.hook_resid_post``).
 
@@ -113,6 +115,7 @@ def massive_activations(
         prompts: strings, a ``[batch, pos]`` token tensor, or a ``PromptBatch``.
         top_k: entries kept per (prompt, layer).
         abs_threshold, ratio_threshold: Sun et al.'s criterion (|a| > 100 and > 1000 × median).
+        batch_size: prompts per forward (default all); results do not depend on it.
 
     Example:
         >>> r = mechlib.massive_activations(model, ["Summer is warm. Winter is cold."])  # doctest: +SKIP
@@ -121,27 +124,34 @@ def massive_activations(
     batch = _batch(model, prompts, extras)
     layers = list(range(model.cfg.n_layers)) if layers is None else [check_layer(model, l) for l in layers]
     names = [f"blocks.{l}.hook_resid_post" for l in layers]
-    _, acts = hooks.run_with_cache(model, batch.tokens, names, extras=batch.extras)
-    mask = batch.mask.to(acts[names[0]].device)
     tv, tp, td, med = [], [], [], []
-    for n in names:
-        h = acts[n].float()  # [b, pos, d]
-        mag = h.abs().masked_fill(~mask[..., None], -1.0)
-        flat = mag.flatten(1)
-        idx = flat.topk(top_k, dim=1).indices
-        d = h.shape[-1]
-        tv.append(h.flatten(1).gather(1, idx))
-        tp.append(idx // d)
-        td.append(idx % d)
-        med.append(torch.stack([h[i, : int(batch.lengths[i])].abs().median() for i in range(len(batch))]))
-    top_values = torch.stack(tv, 1).cpu()
+    with peak_memory(model.cfg.device) as mem:
+        for sub in batch.batches(batch_size):
+            _, acts = hooks.run_with_cache(model, sub.tokens, names, extras=sub.extras)
+            mask = sub.mask.to(acts[names[0]].device)
+            v_, p_, d_, m_ = [], [], [], []
+            for n in names:
+                h = acts[n].float()  # [b, pos, d]
+                flat = h.abs().masked_fill(~mask[..., None], -1.0).flatten(1)
+                idx = flat.topk(top_k, dim=1).indices
+                d = h.shape[-1]
+                v_.append(h.flatten(1).gather(1, idx))
+                p_.append(idx // d)
+                d_.append(idx % d)
+                m_.append(torch.stack([h[i, : int(sub.lengths[i])].abs().median() for i in range(len(sub))]))
+            tv.append(torch.stack(v_, 1).cpu())
+            tp.append(torch.stack(p_, 1).cpu())
+            td.append(torch.stack(d_, 1).cpu())
+            med.append(torch.stack(m_, 1).cpu())
+    top_values = torch.cat(tv)
     per_prompt = top_values.abs()[..., 0]
     return MassiveActivations(
         values=per_prompt.mean(0), axis_names=("layer",), labels={"layer": [f"L{l}" for l in layers]},
-        per_prompt=per_prompt, top_values=top_values, top_pos=torch.stack(tp, 1).cpu(),
-        top_dims=torch.stack(td, 1).cpu(), medians=torch.stack(med, 1).cpu(),
+        per_prompt=per_prompt, top_values=top_values, top_pos=torch.cat(tp),
+        top_dims=torch.cat(td), medians=torch.cat(med),
         metadata=dict(method="massive_activations", abs_threshold=abs_threshold,
                       ratio_threshold=ratio_threshold, layers=layers, top_k=top_k,
+                      batch_size=batch_size, peak_memory=mem,
                       str_tokens=[batch.str_tokens(model, i) for i in range(len(batch))],
                       title="largest |residual entry| per layer"),
     )
@@ -203,6 +213,7 @@ def attention_sinks(
     epsilon: float = 0.3,
     layers: Optional[Sequence[int]] = None,
     extras: Optional[dict] = None,
+    batch_size: Optional[int] = None,
 ) -> AttentionSinks:
     """Gu et al.'s sink scores for every layer and head, hidden sinks, and value norms.
 
@@ -222,32 +233,38 @@ def attention_sinks(
     layers = list(range(model.cfg.n_layers)) if layers is None else [check_layer(model, l) for l in layers]
     pat = [f"blocks.{l}.attn.hook_pattern" for l in layers]
     val = [f"blocks.{l}.attn.hook_v" for l in layers]
-    _, acts = hooks.run_with_cache(model, batch.tokens, pat + val, extras=batch.extras)
-    B, P = batch.tokens.shape
-    mask = batch.mask.float()  # [b, pos]
+    P = batch.tokens.shape[1]
     H = model.cfg.n_heads
     group = H // int(getattr(model.cfg, "n_key_value_heads", None) or H)
     alphas, ratios = [], []
-    # α_k = mean over real queries t >= k of A[t, k]
-    q_idx = torch.arange(P)
-    valid = (q_idx[:, None] >= q_idx[None, :]).float()[None] * mask[:, :, None]  # [b, t, k]
-    n_valid = valid.sum(1).clamp(min=1)  # [b, k]
-    for pn, vn in zip(pat, val):
-        A = acts[pn].float().cpu()  # [b, head, t, k]
-        alpha = (A * valid[:, None]).sum(2) / n_valid[:, None]  # [b, head, k]
-        alphas.append(alpha * mask[:, None])
-        v = acts[vn].float().cpu().norm(dim=-1)  # [b, pos, kv_head]
-        v = v.repeat_interleave(group, dim=-1)  # per query head
-        other = (v[:, 1:] * mask[:, 1:, None]).sum(1) / mask[:, 1:].sum(1, keepdim=True)
-        ratios.append(v[:, 0] / other)  # [b, head]
-    alpha = torch.stack(alphas, 1)  # [b, layer, head, pos]
+    with peak_memory(model.cfg.device) as mem:
+        for sub in batch.batches(batch_size):
+            _, acts = hooks.run_with_cache(model, sub.tokens, pat + val, extras=sub.extras)
+            Ps = sub.tokens.shape[1]
+            mask = sub.mask.float()  # [b, pos]
+            # α_k = mean over real queries t >= k of A[t, k]
+            q_idx = torch.arange(Ps)
+            valid = (q_idx[:, None] >= q_idx[None, :]).float()[None] * mask[:, :, None]  # [b, t, k]
+            n_valid = valid.sum(1).clamp(min=1)  # [b, k]
+            a_l, r_l = [], []
+            for pn, vn in zip(pat, val):
+                A = acts[pn].float().cpu()  # [b, head, t, k]
+                alpha = (A * valid[:, None]).sum(2) / n_valid[:, None]  # [b, head, k]
+                a_l.append(torch.nn.functional.pad(alpha * mask[:, None], (0, P - Ps)))
+                v = acts[vn].float().cpu().norm(dim=-1)  # [b, pos, kv_head]
+                v = v.repeat_interleave(group, dim=-1)  # per query head
+                other = (v[:, 1:] * mask[:, 1:, None]).sum(1) / mask[:, 1:].sum(1, keepdim=True)
+                r_l.append(v[:, 0] / other)  # [b, head]
+            alphas.append(torch.stack(a_l, 1))
+            ratios.append(torch.stack(r_l, 1))
+    alpha = torch.cat(alphas)  # [b, layer, head, pos]
     per_prompt = alpha[..., 0]
     return AttentionSinks(
         values=per_prompt.mean(0), axis_names=("layer", "head"),
         labels={"layer": [f"L{l}" for l in layers], "head": [f"H{h}" for h in range(H)]},
-        per_prompt=per_prompt, alpha=alpha, value_norm_ratio=torch.stack(ratios, 1).mean(0),
+        per_prompt=per_prompt, alpha=alpha, value_norm_ratio=torch.cat(ratios).mean(0),
         baselines={"sink_rate": float((per_prompt > epsilon).float().mean())},
-        metadata=dict(method="attention_sinks", epsilon=epsilon, layers=layers,
+        metadata=dict(method="attention_sinks", epsilon=epsilon, layers=layers, batch_size=batch_size, peak_memory=mem,
                       str_tokens=[batch.str_tokens(model, i) for i in range(len(batch))],
                       title="α_0: mean attention to the first token"),
     )
@@ -289,12 +306,13 @@ def sink_dimensions(
     min_share: float = 0.5,
     layers: Optional[Sequence[int]] = None,
     extras: Optional[dict] = None,
+    batch_size: Optional[int] = None,
 ) -> SinkDimensions:
     """Discover the sink dimensions (VAR's ``D_sink``) and flag sink tokens.
 
-    The RMS-normalised hidden state is ``blocks.{l}.ln1.hook_normalized`` (``h / rms(h)``, before
-    the norm's weight). A dimension is a sink dimension when the first token's |value| exceeds
-    ``tau`` in at least ``min_share`` of the (prompt, layer) pairs; a token is a sink when its
+    The RMS-normalised hidden state is ``h / rms(h)`` of the block's input ``blocks.{l}.hook_resid_pre``
+    (no norm weight, eps 1e-6: VAR's ``DimProspector``), whatever norm the model itself uses. A
+    dimension is a sink dimension when the first token's |value| exceeds ``tau`` in at least ``min_share`` of the (prompt, layer) pairs; a token is a sink when its
     score (max over sink dims of |value|, averaged over the layers) exceeds ``tau``. Default
     layers: 2 to the last-but-one.
 
@@ -309,9 +327,16 @@ def sink_dimensions(
               else [check_layer(model, l) for l in layers])  # default: skip the first two and the last
     if not layers:
         raise ValueError("layers is empty: give the layers to read")
-    names = [f"blocks.{l}.ln1.hook_normalized" for l in layers]
-    _, acts = hooks.run_with_cache(model, batch.tokens, names, extras=batch.extras)
-    x = torch.stack([acts[n].float().cpu() for n in names], 1)  # [b, layer, pos, d]
+    names = [f"blocks.{l}.hook_resid_pre" for l in layers]
+    P = batch.tokens.shape[1]
+    xs = []
+    with peak_memory(model.cfg.device) as mem:
+        for sub in batch.batches(batch_size):
+            _, acts = hooks.run_with_cache(model, sub.tokens, names, extras=sub.extras)
+            x = torch.stack([acts[n].float().cpu() for n in names], 1)  # [b, layer, pos, d]
+            x = x * (x.pow(2).mean(-1, keepdim=True) + 1e-6).rsqrt()  # RMSNorm without weight (VAR's code)
+            xs.append(torch.nn.functional.pad(x, (0, 0, 0, P - x.shape[2])))
+    x = torch.cat(xs)
     first = x[:, :, 0].abs()  # [b, layer, d]
     share = (first > tau).float().mean((0, 1))  # [d]
     dims = (share >= min_share).nonzero().flatten().tolist()
@@ -324,6 +349,7 @@ def sink_dimensions(
         values=share, axis_names=("dim",), per_prompt=(first > tau).float().mean(1),
         token_scores=scores, is_sink=(scores > tau) & batch.mask,
         metadata=dict(method="sink_dimensions", tau=tau, min_share=min_share, layers=layers,
+                      batch_size=batch_size, peak_memory=mem,
                       sink_dims=dims, str_tokens=[batch.str_tokens(model, i) for i in range(len(batch))],
                       title=f"share of first-token |RMSNorm(h)| > {tau:.1f}"),
     )

@@ -119,12 +119,15 @@ class PromptBatch:
         rows = torch.arange(len(self), device=x.device)
         return x[rows, (self.lengths - 1).to(x.device)]
 
-    def batches(self, size: int) -> Iterator["PromptBatch"]:
+    def batches(self, size: Optional[int]) -> Iterator["PromptBatch"]:
         """Consecutive row slices of at most ``size`` prompts (same class; per-row fields sliced,
         padding trimmed to the slice's longest prompt)."""
-        if size < 1:
-            raise ValueError(f"batch size {size} must be >= 1")
         n = len(self)
+        if size is None or size >= n:
+            yield self
+            return
+        if size < 1:
+            raise ValueError(f"batch_size={size} must be >= 1 (or None: all prompts in one forward)")
         for start in range(0, n, size):
             rows = slice(start, min(start + size, n))
             kw = {}
@@ -132,8 +135,9 @@ class PromptBatch:
                 v = getattr(self, f.name)
                 if isinstance(v, (Tensor, tuple)) and len(v) == n:
                     v = v[rows]
-                elif isinstance(v, Mapping) and v:
-                    raise ValueError("batches() cannot split extras (pixel_values); run the batch whole")
+                elif isinstance(v, Mapping) and v:  # extras (pixel_values): batch-first tensors
+                    v = {k: x[rows] if isinstance(x, Tensor) and x.ndim and x.shape[0] == n else x
+                         for k, x in v.items()}
                 kw[f.name] = v
             kw["tokens"] = kw["tokens"][:, : int(kw["lengths"].max())]
             yield replace(self, **kw)
@@ -278,8 +282,9 @@ class ContrastSet:
             return dict(self.corrupted_extras)
         return dict(self.extras)
 
-    def subset(self, idx: Sequence[int] | slice) -> "ContrastSet":
-        """A ContrastSet of the chosen prompts (trailing all-pad columns trimmed)."""
+    def subset(self, idx: Sequence[int] | slice, *, trim: bool = True) -> "ContrastSet":
+        """A ContrastSet of the chosen prompts (trailing all-pad columns trimmed unless
+        ``trim=False``, which keeps position indices valid across subsets)."""
         if isinstance(idx, slice):
             idx = list(range(len(self)))[idx]
         idx = list(idx)
@@ -289,7 +294,7 @@ class ContrastSet:
         if bad:
             raise ContrastSetError(f"subset indices {bad} out of range for {len(self)} prompts")
         t = torch.tensor(idx)
-        width = int(self.lengths[t].max())
+        width = int(self.lengths[t].max()) if trim else self.n_pos
         pick = lambda xs: tuple(xs[i] for i in idx)  # noqa: E731
         return replace(
             self,
