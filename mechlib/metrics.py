@@ -211,7 +211,7 @@ def evaluate(model, contrast: ContrastSet, metric: Optional[Metric] = None, *, s
     return check_metric_values(metric(logits), len(contrast), name=getattr(metric, "__name__", "metric")).cpu()
 
 
-def next_token_loss(model, prompts, *, extras=None) -> Tensor:
+def next_token_loss(model, prompts, *, extras=None, batch_size: Optional[int] = None) -> Tensor:
     """Mean next-token cross-entropy per prompt ``[batch]`` over its real tokens (lower = better).
 
     Runs under whatever interventions are active, so ``exp(loss)`` before/after an intervention is
@@ -220,9 +220,11 @@ def next_token_loss(model, prompts, *, extras=None) -> Tensor:
     from mechlib.hooks import forward
     from mechlib.tasks.contrast import PromptBatch
 
-    batch = PromptBatch.from_prompts(model, prompts, extras=extras)
-    logits = forward(model, batch.tokens, extras=batch.extras).float()
-    tokens = batch.tokens.to(logits.device)
-    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")  # [b, pos-1]
-    mask = batch.mask[:, 1:].to(ce.device).float()
-    return ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu()
+    out = []
+    for sub in PromptBatch.from_prompts(model, prompts, extras=extras).batches(batch_size):
+        logits = forward(model, sub.tokens, extras=sub.extras).float()
+        tokens = sub.tokens.to(logits.device)
+        ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")  # [b, pos-1]
+        mask = sub.mask[:, 1:].to(ce.device).float()
+        out.append(((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu())
+    return torch.cat(out)

@@ -201,6 +201,7 @@ def component_tokens(
     layers: Optional[Sequence[int]] = None,
     targets: Optional[Sequence[Union[str, int]]] = None,
     top_k: int = 8,
+    batch_size: Optional[int] = None,
 ) -> ComponentTokens:
     """Decompose each layer's ``mlp_out`` (or ``attn_out``) at the last token into token directions:
     ``component · scale · w_norm · W_U`` with the final norm's scale frozen at the real residual.
@@ -220,8 +221,11 @@ def component_tokens(
     layers = list(range(L)) if layers is None else [int(l) for l in layers]
     hook = "hook_mlp_out" if site == "mlp_out" else "hook_attn_out"
     hnames = ["ln_final.hook_in", "ln_final.hook_out"] + [f"blocks.{l}.{hook}" for l in layers]
-    _, acts = hooks.run_with_cache(model, batch.tokens, hnames, extras=batch.extras)
-    at = lambda n: batch.at_last(acts[n]).float().cpu()  # noqa: E731
+    parts = []
+    for sub in batch.batches(batch_size):
+        _, acts = hooks.run_with_cache(model, sub.tokens, hnames, extras=sub.extras)
+        parts.append({n: sub.at_last(acts[n]).float().cpu() for n in hnames})
+    at = lambda n: torch.cat([p[n] for p in parts])  # noqa: E731  [B, d] at each prompt's last token
     norm, _ = _final_norm_frozen(model, at("ln_final.hook_in"), at("ln_final.hook_out"))
     W_U = model.W_U.detach().float().cpu()
     comp = torch.stack([at(f"blocks.{l}.{hook}") for l in layers], 1)  # [B, layer, d]
