@@ -1,12 +1,13 @@
 """Patching speed: TransformerLens 4.3 vs mechlib, same inputs, one process, as ratios.
 
-    python benchmarks/patching.py            # embedded SmolLM2-135M, one 15-token IOI prompt
-    python benchmarks/patching.py --n 8      # 8 prompts
+    python benchmarks/patching.py            # both embedded models, one 15-token IOI prompt
+    python benchmarks/patching.py --models smollm2-135m --n 8
     python benchmarks/patching.py --full     # also TL's full head-out-by-position sweep (~11 min)
 
-Prints, per sweep: seconds for TL and for mechlib, the speed ratio, max |difference| of the two
-tables, and the peak extra resident memory of each call (sampled every 5 ms). Timings on shared
-machines are noisy; the ratio within one run is the figure to read.
+Prints, per model and sweep: seconds for TL and for mechlib, the speed ratio, max |difference| of
+the two tables, and the peak extra memory of each call (the kernel's RSS high-water mark on the
+CPU, the allocator's peak on CUDA; :mod:`mechlib.memory`). Timings on shared machines are noisy;
+the ratio within one run is the figure to read.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 
 import torch
@@ -24,32 +24,18 @@ import mechlib  # noqa: E402
 from mechlib import metrics, tasks  # noqa: E402
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+DEVICE = None
 
 
 def measure(fn):
-    """(result, seconds, peak extra RSS in MB) of fn()."""
-    base = rss_mb()
-    peak = [base]
-    stop = threading.Event()
+    """(result, seconds, peak extra memory in MiB) of fn()."""
+    from mechlib.memory import peak_memory
 
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss_mb())
-            time.sleep(0.005)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    t0 = time.perf_counter()
-    try:
+    with peak_memory(DEVICE) as mem:
+        t0 = time.perf_counter()
         out = fn()
-    finally:
         secs = time.perf_counter() - t0
-        stop.set()
-        t.join()
-    return out, secs, peak[0] - base
+    return out, secs, mem["peak_extra_mib"] or 0.0
 
 
 def main(argv=None) -> int:
@@ -57,17 +43,27 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=1, help="IOI prompts")
     ap.add_argument("--full", action="store_true", help="run TL's full by-position head sweep")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma-3-270m"])
     args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device or mechlib.models.default_device()
+    torch.set_grad_enabled(False)
+    for name in args.models:
+        bench_model(name, args)
+    return 0
 
+
+def bench_model(name, args) -> None:
     from transformer_lens import patching as tlp
 
     torch.manual_seed(0)
-    model = mechlib.load_model(device=args.device)
+    model = mechlib.load_model(name, device=args.device)
     cs = tasks.ioi(model, n=args.n, seed=0, templates=[15])  # "When A and B went to the P, ..." (15 tokens)
     ld = metrics.logit_diff(cs)
     tl_metric = lambda logits: ld(logits).mean()  # noqa: E731
-    print(f"model: SmolLM2-135M-Instruct on {model.cfg.device}; {len(cs)} IOI prompt(s) of "
-          f"{cs.n_pos} tokens; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"\nmodel: {name} ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads, vocab {model.cfg.d_vocab}) on "
+          f"{model.cfg.device}; {len(cs)} IOI prompt(s) of {cs.n_pos} tokens; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
     _, clean_cache = model.run_with_cache(cs.clean_tokens)
     rows = []
 
@@ -78,7 +74,7 @@ def main(argv=None) -> int:
         diff = float((ours.values - ref.cpu()).abs().max())
         rows.append((label, t_tl, t_ours, t_tl / t_ours, diff, m_tl, m_ours))
         print(f"{label:<34} TL {t_tl:7.1f} s   mechlib {t_ours:6.1f} s   ratio {t_tl / t_ours:5.1f}x   "
-              f"max|diff| {diff:.1e}   peak +RSS TL {m_tl:6.0f} MB / mechlib {m_ours:6.0f} MB", flush=True)
+              f"max|diff| {diff:.1e}   peak extra memory TL {m_tl:6.0f} MiB / mechlib {m_ours:6.0f} MiB", flush=True)
         return ours
 
     compare("head_out, all positions [L,H]",
@@ -95,7 +91,8 @@ def main(argv=None) -> int:
         # TL on three layers only (its per-cell cost is flat), mechlib on the same cells
         import pandas as pd
 
-        layers = [0, 15, 29]
+        L = model.cfg.n_layers
+        layers = [0, L // 2, L - 1]
         idx = pd.DataFrame([(l, p, h) for l in layers for p in range(cs.n_pos) for h in range(model.cfg.n_heads)],
                            columns=["layer", "pos", "head"])
         def tl_sub():
@@ -108,20 +105,20 @@ def main(argv=None) -> int:
                                                             layers=layers, progress=False))
         full, t_full, _ = measure(lambda: mechlib.activation_patching(model, cs, ld, site="head_out",
                                                                       by_position=True, progress=False))
-        print(f"{'head_out by position, all 30 layers':<34} mechlib {t_full:6.1f} s "
-              f"(TL measured 665 s for this sweep on these machines)")
+        t_tl_est = rows[-1][1] * L / len(layers)  # TL's per-cell cost is flat
+        print(f"{'head_out by position, all layers':<34} mechlib {t_full:6.1f} s (TL estimated {t_tl_est:.0f} s "
+              f"from its 3-layer time: {t_tl_est / t_full:.1f}x)")
 
     # attribution patching: speed and agreement with exact patching
     attr, t_attr, m_attr = measure(lambda: mechlib.attribution_patching(model, cs, ld, site="resid_pre"))
     exact, t_exact, _ = measure(lambda: mechlib.activation_patching(model, cs, ld, site="resid_pre", progress=False))
     r = torch.corrcoef(torch.stack([attr.values.flatten(), exact.values.flatten()]))[0, 1]
     print(f"{'attribution patching resid_pre':<34} {t_attr:6.2f} s vs exact {t_exact:6.1f} s "
-          f"({t_exact / t_attr:.0f}x faster); correlation with exact r = {r:.3f}; peak +RSS {m_attr:.0f} MB")
+          f"({t_exact / t_attr:.0f}x faster); correlation with exact r = {r:.3f}; peak extra {m_attr:.0f} MiB")
     attr_h = mechlib.attribution_patching(model, cs, ld, site="head_out")
     exact_h = mechlib.activation_patching(model, cs, ld, site="head_out", progress=False)
     rh = torch.corrcoef(torch.stack([attr_h.values.flatten(), exact_h.values.flatten()]))[0, 1]
     print(f"{'attribution patching head_out':<34} correlation with exact r = {rh:.3f}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """Slow, obviously-correct references the fast verbs are tested against."""
 
-import torch
 
 
 def slow_path_patching(model, cs, metric, sender, receivers, last_only=False, sender_last=False):

@@ -12,7 +12,7 @@ import torch
 
 import mechlib
 from mechlib import models
-from mechlib.models import cache, embedded, local
+from mechlib.models import cache, embedded
 
 SMOL = embedded.EMBEDDED["smollm2-135m"]
 GEMMA = embedded.EMBEDDED["gemma-3-270m"]

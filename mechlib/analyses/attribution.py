@@ -244,7 +244,7 @@ def direct_logit_attribution(model, contrast: ContrastSet, *, batch_size: Option
 
     arch = describe(model)
     L, H = model.cfg.n_layers, model.cfg.n_heads
-    parts, labels, errs = [], None, []
+    parts, labels = [], None
     with peak_memory(model.cfg.device) as mem:
         for idx, sub, _ in prompt_batches(contrast, logit_diff(contrast), batch_size, trim=True):
             pp, labels, capped, pre_cap = _dla_batch(model, sub, arch)

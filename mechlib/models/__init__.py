@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from mechlib.models import cache, embedded, hub, local, tiny
+from mechlib.models import cache, embedded, hub, local, tiny  # noqa: F401 (submodules are part of the API)
 from mechlib.models._common import (ModelLoadError, ModelNotAvailableOffline, cache_dir, default_device,
                                     resolve_dtype, supported_architectures)
 from mechlib.models.embedded import EMBEDDED

@@ -1,0 +1,60 @@
+"""What every intervention shares: the error for edits a bridge cannot carry, head lists per
+layer, and attaching attention-pattern edits."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from mechlib import hooks
+from mechlib.sites import check_head, check_layer
+
+
+class UnsupportedBridgeError(TypeError):
+    """The bridge cannot carry this edit (e.g. it delegates attention to HF code, so pattern edits
+    would not reach the output); the message says which layer and why."""
+
+
+def _check_pattern_editable(model, layers: Sequence[int]) -> None:
+    from mechlib.arch import _pattern_editable
+
+    for l in layers:
+        if not _pattern_editable(model.blocks[l].attn):
+            raise UnsupportedBridgeError(
+                f"layer {l} uses {type(model.blocks[l].attn).__name__}, which runs HF's attention and fires "
+                "hook_pattern after the fact: an attention edit would be silently discarded. Supported: bridges "
+                "that re-implement attention (PositionEmbeddingsAttentionBridge, JointQKVAttentionBridge and "
+                "their subclasses: Llama, Qwen, Gemma, Mistral, Phi-3, OLMo, GPT-2, Pythia ...)")
+
+
+def _heads_by_layer(model, heads: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    if not heads:
+        raise ValueError("heads is empty: give (layer, head) pairs")
+    for l, h in heads:
+        out.setdefault(check_layer(model, l), []).append(check_head(model, "head_out", h))
+    return out
+
+
+@contextmanager
+def _editing_patterns(model, by_layer: dict[int, list[int]], edit) -> Iterator[dict[str, int]]:
+    """Attach ``edit(pattern, hook, heads)`` at each layer's ``hook_pattern`` for its heads."""
+    hk = [(f"blocks.{l}.attn.hook_pattern", lambda A, hook, hs=hs: edit(A, hook, hs))
+          for l, hs in by_layer.items()]
+    with hooks.attach(model, hk, must_fire=False) as fired:
+        yield fired
+
+
+def _move_mass(A: Tensor, take: Tensor, recipients: Tensor) -> Tensor:
+    """Remove ``take`` (same shape as A, ≥ 0) and add its row sum to ``recipients`` (bool mask over
+    keys, broadcastable), proportionally to their current attention; rows whose recipients hold no
+    attention keep the removed mass where it was."""
+    rec = A * recipients
+    rec_sum = rec.sum(-1, keepdim=True)
+    moved = take.sum(-1, keepdim=True)
+    ok = rec_sum > 1e-12
+    out = A - take + torch.where(ok, rec / rec_sum.clamp(min=1e-12) * moved, torch.zeros_like(A))
+    return torch.where(ok, out, A)
