@@ -29,12 +29,13 @@ from mechlib.analyses.patching import (PatchingResult, activation_patching,  # n
 __all__ += ["activation_patching", "attribution_patching", "path_patching", "PatchingResult"]
 
 from mechlib import interventions  # noqa: E402
-from mechlib.analyses.sinks import act_head_search, attention_sinks, massive_activations, sink_dimensions  # noqa: E402
+from mechlib.analyses.sinks import (act_head_search, attention_sinks, massive_activations, massive_means,  # noqa: E402
+                                   sink_dimensions)
 from mechlib.interventions import (ablate_massive, ablate_sink_values, calibrate_attention,  # noqa: E402
                                    redistribute_attention)
 from mechlib.tasks.contrast import PromptBatch  # noqa: E402
 
-__all__ += ["attention_sinks", "massive_activations", "sink_dimensions", "act_head_search", "interventions",
+__all__ += ["attention_sinks", "massive_activations", "massive_means", "sink_dimensions", "act_head_search", "interventions",
             "ablate_massive", "ablate_sink_values", "calibrate_attention", "redistribute_attention", "PromptBatch"]
 
 from mechlib.analyses.circuits import Circuit, OverlapResult, circuit_overlap, find_circuit  # noqa: E402

@@ -133,12 +133,16 @@ def accuracy(contrast: ContrastSet, *, among: str = "answers", candidates: Optio
     Args:
         among: ``"answers"`` ranks only the task's candidate tokens (every answer and wrong answer
             in the set, e.g. all colours of Colored Objects — the usual multiple-choice
-            accuracy); ``"vocab"`` ranks the whole vocabulary (greedy-decoding accuracy).
+            accuracy); ``"options"`` each prompt's own candidates (``contrast.options``, e.g. the
+            three colours of its scene); ``"vocab"`` ranks the whole vocabulary (greedy-decoding
+            accuracy).
         candidates: the candidate token ids for ``among="answers"`` (default: every answer and
             wrong answer of the set).
     """
-    if among not in ("answers", "vocab"):
-        raise ValueError(f"among={among!r}: choose 'answers' or 'vocab'")
+    if among not in ("answers", "options", "vocab"):
+        raise ValueError(f"among={among!r}: choose 'answers', 'options' or 'vocab'")
+    if among == "options" and not contrast.options:
+        raise ValueError("among='options' needs a contrast set with per-prompt options (e.g. colored_objects)")
     cand = torch.unique(torch.cat([contrast.answer_ids, contrast.wrong_ids])) if candidates is None else candidates
 
     def metric(logits):
@@ -148,6 +152,9 @@ def accuracy(contrast: ContrastSet, *, among: str = "answers", candidates: Optio
         if among == "answers":
             c = cand.to(last.device)
             pred = c[last[:, c].argmax(-1)]
+        elif among == "options":
+            opts = torch.tensor(contrast.options, device=last.device).repeat(b // len(contrast), 1)  # [b, k]
+            pred = opts.gather(1, last.gather(1, opts).argmax(-1, keepdim=True))[:, 0]
         else:
             pred = last.argmax(-1)
         return (pred == ans).float()

@@ -113,7 +113,7 @@ def test_probes_and_interventions_run_and_restore_the_model(family):
         interventions.scale_heads(m, heads, 2.0),
         interventions.steer_attention(m, heads, torch.zeros(1, L, dtype=torch.bool).index_fill(1, torch.tensor([2]), True),
                                       query_pos=torch.tensor([L - 1])),
-        interventions.ablate_massive(m, [1, 3]),
+        interventions.ablate_massive(m, [1, 3], layer=0),
         interventions.steer_residual(m, {0: torch.randn(m.cfg.d_model, generator=torch.Generator().manual_seed(0))}),
     ]
     for ctx in edits:

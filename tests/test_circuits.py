@@ -27,18 +27,38 @@ def hand_circuit(heads, classes=None, task="t", n_layers=4, n_heads=4, scores=No
 def test_overlap_known_answers():
     A = hand_circuit([(0, 0), (0, 1), (1, 0), (1, 1)], task="ioi")
     B = hand_circuit([(0, 0), (1, 1), (2, 2)], task="co")
-    o = mechlib.circuit_overlap(A, B, n_null=4000, n_boot=0)
-    assert o.values.tolist() == pytest.approx([2 / 4, 2 / 3, 2 / 5])
+    o = mechlib.circuit_overlap(A, B, n_boot=0)
+    assert o.values.tolist() == pytest.approx([2 / 5, 2 / 4, 2 / 3])  # IoU (the paper's figure), share of A, of B
+    assert o.iou == o.overlap == pytest.approx(0.4)
     assert o.shared == ((0, 0), (1, 1)) and o.only_a == ((0, 1), (1, 0)) and o.only_b == ((2, 2),)
-    # chance: a random |B|-set covers |B|/N of A's heads on average (N = 16 heads)
-    assert float(o.null[:, 0].mean()) == pytest.approx(3 / 16, abs=0.02)
-    assert 0 < o.p_value() < 0.2
+    # exact chance, written from the hypergeometric formula: N = 16 heads, |A| = 4, |B| = 3
+    p = lambda k: math.comb(4, k) * math.comb(12, 3 - k) / math.comb(16, 3)  # noqa: E731
+    assert o.p_value() == pytest.approx(p(2) + p(3), abs=1e-12)
+    assert o.baselines["chance_share_a"] == pytest.approx(3 / 16, abs=1e-12)
+    assert o.baselines["chance_iou"] == pytest.approx(sum(p(k) * k / (7 - k) for k in range(4)), abs=1e-12)
     assert o.per_class["name mover"] == {"n": 4, "in_b": 0.5, "same_class": 0.5}
-    assert mechlib.circuit_overlap(A, A, n_boot=0, n_null=200).values.tolist() == [1.0, 1.0, 1.0]
-    disjoint = mechlib.circuit_overlap(A, hand_circuit([(3, 3)]), n_boot=0, n_null=200)
-    assert disjoint.values.tolist() == [0.0, 0.0, 0.0] and disjoint.p_value() == 1.0
+    assert mechlib.circuit_overlap(A, A, n_boot=0).values.tolist() == [1.0, 1.0, 1.0]
+    disjoint = mechlib.circuit_overlap(A, hand_circuit([(3, 3)]), n_boot=0)
+    assert disjoint.values.tolist() == [0.0, 0.0, 0.0] and disjoint.p_value() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="different models"):
         mechlib.circuit_overlap(A, hand_circuit([(0, 0)], n_layers=5))
+
+
+def test_exact_null_equals_enumerating_every_random_circuit():
+    """Brute force: all C(12, 4) circuits B of 4 heads in a 3x4 model, against A of 5 heads."""
+    import itertools
+
+    heads = [(l, h) for l in range(3) for h in range(4)]
+    A = hand_circuit(heads[:5], n_layers=3, n_heads=4)
+    B = hand_circuit([heads[0], heads[1], heads[7], heads[9]], n_layers=3, n_heads=4)
+    o = mechlib.circuit_overlap(A, B, n_boot=0)
+    a, k_obs, ious, hits = set(A.heads), len(set(A.heads) & set(B.heads)), [], 0
+    for b in itertools.combinations(heads, 4):
+        k = len(a & set(b))
+        ious.append(k / len(a | set(b)))
+        hits += k >= k_obs
+    assert o.baselines["chance_iou"] == pytest.approx(sum(ious) / len(ious), abs=1e-12)
+    assert o.p_value() == pytest.approx(hits / len(ious), abs=1e-12)
 
 
 def test_overlap_per_class_and_bootstrap_from_stored_scores():
@@ -53,7 +73,7 @@ def test_overlap_per_class_and_bootstrap_from_stored_scores():
     assert A.resample(torch.tensor([2, 3, 2, 3])) == {(0, 0)}
     B = hand_circuit([(0, 0)], n_layers=2, n_heads=2)
     B = Circuit(**{**B.__dict__, "stages": (s1,), "metadata": meta})
-    o = mechlib.circuit_overlap(A, B, n_null=100, n_boot=200)
+    o = mechlib.circuit_overlap(A, B, n_boot=200)
     lo, hi = o.interval()
     assert 0.5 <= lo <= hi <= 1.0 and o.bootstrap.shape == (200, 3)
 

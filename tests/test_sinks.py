@@ -113,20 +113,59 @@ def test_calibrate_attention_scales_non_initial_sinks(tiny_llama):
 def test_ablate_massive_writes_zero_or_mean(tiny_llama):
     tokens = tiny_llama.to_tokens(PROMPTS[0])
     name = "blocks.0.hook_resid_post"
-    with mechlib.ablate_massive(tiny_llama, [3, 9], positions=[0], layers=[0]):
+    with mechlib.ablate_massive(tiny_llama, [3, 9], positions=[0], layer=0):
         with hooks.capture(tiny_llama, [name]) as seen:
             tiny_llama(tokens)
     assert (seen[name][0, 0, [3, 9]] == 0).all() and (seen[name][0, 1, [3, 9]] != 0).all()
-    with mechlib.ablate_massive(tiny_llama, [3], layers=[0], mode="mean", values=torch.tensor([2.5]), positions=None):
+    with mechlib.ablate_massive(tiny_llama, [3], layers=[0, 1], mode="mean", values=torch.tensor([2.5]), positions=None):
         with hooks.capture(tiny_llama, [name]) as seen:
             tiny_llama(tokens)
     assert (seen[name][0, :, 3] == 2.5).all()
     with pytest.raises(ValueError, match="needs values"):
-        with mechlib.ablate_massive(tiny_llama, [3], mode="mean"):
+        with mechlib.ablate_massive(tiny_llama, [3], layer=0, mode="mean"):
             pass
     with pytest.raises(ValueError, match="within 0..63"):
-        with mechlib.ablate_massive(tiny_llama, [64]):
+        with mechlib.ablate_massive(tiny_llama, [64], layer=0):
             pass
+    with pytest.raises(ValueError, match="first_layer"):
+        with mechlib.ablate_massive(tiny_llama, [3]):
+            pass
+
+
+def test_ablate_massive_paper_default_touches_one_layer_at_two_positions():
+    """Sun et al.'s edit: the emergence layer only, at token 0 and at the input's largest-activation
+    position (planted at 4 here), with a different mean per position; earlier layers untouched."""
+    m = mechlib.tiny_model("llama", seed=1, n_layers=3)
+    tokens = m.to_tokens(PROMPTS[0])
+    names = [f"blocks.{l}.hook_resid_post" for l in range(3)]
+
+    def plant(h, hook):
+        h = h.clone()
+        h[:, 4, 5] = 500.0
+        return h
+
+    with hooks.attach(m, [(names[1], plant)]):
+        with hooks.capture(m, names) as base:
+            m(tokens)
+        base = {k: v.clone() for k, v in base.items()}
+        means = torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # first token, delimiter
+        with mechlib.ablate_massive(m, [5, 9], layer=1, mode="mean", values=means):
+            with hooks.capture(m, names) as seen:
+                m(tokens)
+    assert torch.equal(seen[names[0]], base[names[0]])  # before the edited layer: untouched
+    changed = (seen[names[1]] != base[names[1]])[0]  # [pos, d]
+    assert set(changed.nonzero()[:, 0].tolist()) <= {0, 4} and set(changed.nonzero()[:, 1].tolist()) <= {5, 9}
+    assert seen[names[1]][0, 0, [5, 9]].tolist() == [1.0, 2.0] and seen[names[1]][0, 4, [5, 9]].tolist() == [3.0, 4.0]
+    assert not torch.allclose(seen[names[2]], base[names[2]])  # later layers run on the edited stream
+    assert mechlib.interventions.massive_positions(base[names[1]], [5, 9]).tolist() == [[0, 4]]
+
+
+def test_massive_means_per_position(tiny_llama):
+    means = mechlib.massive_means(tiny_llama, PROMPTS, [3, 7], layer=1)
+    _, acts = hooks.run_with_cache(tiny_llama, tiny_llama.to_tokens(PROMPTS[0]), ["blocks.1.hook_resid_post"])
+    assert means.shape == (2, 2) and torch.isfinite(means).all()
+    single = mechlib.massive_means(tiny_llama, PROMPTS[:1], [3, 7], layer=1)
+    torch.testing.assert_close(single[0], acts["blocks.1.hook_resid_post"][0, 0, [3, 7]])
 
 
 def test_intervention_errors(tiny_llama, monkeypatch):
@@ -190,3 +229,28 @@ def test_calibrate_attention_ignores_padding_queries(tiny_llama):
     with mechlib.calibrate_attention(tiny_llama, heads, epsilon=0.05, lengths=torch.tensor([7])):
         pad = tiny_llama(padded)[0, 6]
     torch.testing.assert_close(pad, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_act_sink_rule_paper_and_code_variants():
+    """α_k = mean of A[t, k] over t >= k (t = k included, written out as loops here); ACT flags
+    α_k > 0.1 absolutely, so late keys (few queries, their own row included) can be flagged; the
+    paper excludes the first token, the authors' code drops the first *flagged* key instead."""
+    T = 12
+    logits = torch.randn(T, T, generator=torch.Generator().manual_seed(3))
+    logits[:, 0] -= 6.0  # the first token gets little attention, so the first flagged key is later
+    logits[:, 4] += 3.0  # a hidden sink at key 4
+    logits = logits.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+    A = logits.softmax(-1)[None, None]
+    alpha = [sum(float(A[0, 0, t, k]) for t in range(k, T)) / (T - k) for k in range(T)]
+    flagged = [k for k in range(T) if alpha[k] > 0.1]
+    assert flagged[0] != 0 and 4 in flagged and flagged[-1] >= T - 2  # the set-up the variants differ on
+    paper = mechlib.interventions.act_sinks(A, epsilon=0.1).nonzero()[:, -1].tolist()
+    code = mechlib.interventions.act_sinks(A, epsilon=0.1, variant="code").nonzero()[:, -1].tolist()
+    guarded = mechlib.interventions.act_sinks(A, epsilon=0.1, min_queries=3).nonzero()[:, -1].tolist()
+    assert paper == flagged and code == flagged[1:]
+    assert guarded == [k for k in flagged if k < T - 2]  # the last two keys rest on one or two queries
+    out = mechlib.interventions.act_calibrate(A, mechlib.interventions.act_sinks(A, epsilon=0.1), 0.4)
+    torch.testing.assert_close(out.sum(-1), torch.ones(1, 1, T))
+    assert torch.equal(out[0, 0, 0], A[0, 0, 0])  # row 0 keeps its single key
+    k = flagged[0]
+    torch.testing.assert_close(out[0, 0, T - 1, k], 0.4 * A[0, 0, T - 1, k])  # β = 0.4 on a sink column

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -84,7 +83,9 @@ class StageRecord:
 
     def select(self, threshold: float, min_z: float, max_heads: int,
                idx: Optional[Tensor] = None) -> list[tuple[Head, float, float]]:
-        """``(head, mean score, z)`` of the heads that pass, strongest first."""
+        """``(head, mean score, z)`` of the heads that pass, strongest (largest |mean|) first:
+        |mean| ≥ ``threshold`` and |z| ≥ ``min_z``, at most ``max_heads`` (with ``threshold = min_z
+        = 0`` this is Merullo et al.'s "top k per stage")."""
         s = self.scores if idx is None else self.scores[idx]
         mean = s.mean(0)
         se = s.std(0) / math.sqrt(s.shape[0]) if s.shape[0] > 1 else torch.full_like(mean, float("nan"))
@@ -223,10 +224,31 @@ def find_circuit(
     max_heads: int = 6,
     candidates: Optional[int] = 24,
     edges: bool = True,
+    selection: str = "threshold",
+    top_fraction: float = 0.02,
+    sender_positions: str = "all",
     batch_size: Optional[int] = None,
     progress: Optional[bool] = None,
 ) -> Circuit:
     """Find a circuit by path patching backwards from the logits (IOI-style).
+
+    ====================  ==========================  ===========================  ===========================
+    choice                Merullo et al. (paper)      released code                mechlib default
+    ====================  ==========================  ===========================  ===========================
+    heads per stage       top 2% by importance         (selection not released)     |effect| ≥ threshold, |z| ≥ 2,
+                                                                                    ≤ ``max_heads``
+                          (``selection="top"``)
+    senders searched      all heads                   all heads                    top ``candidates`` by
+                                                                                    attribution (``None``: all)
+    sender positions      —                           END only (``position=-1``)   all (Wang et al.);
+                                                                                    ``sender_positions="last"``
+    receiver positions    —                           END only                     per stage (``Stage.positions``)
+    score                 (patched − clean)/(corr −   same                         (clean − patched)/gap (same,
+                          clean)                                                    sign flipped: + = helps)
+    ====================  ==========================  ===========================  ===========================
+
+    ``selection="top"`` reproduces the paper's rule: exhaustive (``candidates=None``), the top
+    ``ceil(top_fraction · n_layers · n_heads)`` heads of each stage by |mean effect|, no threshold.
 
     Args:
         contrast: clean/corrupted pairs; ``metric`` their metric (e.g. ``metrics.logit_diff``).
@@ -257,9 +279,16 @@ def find_circuit(
             raise ValueError(f"{st}: via must be 'logits'|'q'|'k'|'v' and positions 'all'|'last'")
     if any(st.via == "logits" for st in stages[1:]):
         raise ValueError("only the first stage can be via='logits'")
+    if selection not in ("threshold", "top"):
+        raise ValueError(f"selection={selection!r}: choose 'threshold' (mechlib) or 'top' (Merullo et al.'s top "
+                         "fraction per stage)")
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    if selection == "top":
+        if not 0 < top_fraction <= 1:
+            raise ValueError(f"top_fraction={top_fraction} must be in (0, 1]")
+        threshold, min_z, max_heads = 0.0, 0.0, math.ceil(top_fraction * L * H)
     if threshold < 0 or min_z < 0 or max_heads < 1:
         raise ValueError("threshold and min_z must be >= 0 and max_heads >= 1")
-    L, H = model.cfg.n_layers, model.cfg.n_heads
     all_heads = [(l, h) for l in range(L) for h in range(H)]
 
     ranked = all_heads
@@ -284,7 +313,8 @@ def find_circuit(
             break
         recv = "logits" if st.via == "logits" else _receiver_sites(model, receivers, st.via)
         res = path_patching(model, contrast, metric, receivers=recv, senders=senders,
-                            receiver_positions=st.positions, progress=progress, _base=base)
+                            receiver_positions=st.positions, sender_positions=sender_positions,
+                            progress=progress, _base=base)
         if gap is None:
             gap = res.baselines["clean"] - res.baselines["corrupted"]
             if abs(gap) < 1e-6:
@@ -310,8 +340,8 @@ def find_circuit(
                     if not upstream:
                         continue
                     one = path_patching(model, contrast, metric, receivers=_receiver_sites(model, [r], st.via),
-                                        senders=upstream, receiver_positions=st.positions, progress=False,
-                                        _base=base)
+                                        senders=upstream, receiver_positions=st.positions,
+                                        sender_positions=sender_positions, progress=False, _base=base)
                     e = _scores(one, gap).mean(0)
                     edge_list += [(head_label(h), head_label(r), float(e[h[0] * H + h[1]])) for h in upstream]
         receivers = [h for h, s, _ in found if s > 0]
@@ -320,6 +350,8 @@ def find_circuit(
         heads=tuple(heads), classes=classes, scores=scores, zscores=zs, edges=tuple(edge_list),
         task=contrast.task, model=str(name), n_layers=L, n_heads=H, stages=tuple(records),
         metadata=dict(threshold=threshold, min_z=min_z, max_heads=max_heads, candidates=candidates,
+                      selection=selection, top_fraction=top_fraction if selection == "top" else None,
+                      sender_positions=sender_positions,
                       n_prompts=len(contrast), gap=gap, stages=[s.name for s in stages],
                       metric=getattr(metric, "__name__", "metric")),
     )
@@ -332,44 +364,61 @@ def find_circuit(
 
 @dataclass(frozen=True, repr=False)
 class OverlapResult(Result):
-    """Overlap of two circuits. ``values`` = ``[overlap_a, overlap_b, iou]``; the null and bootstrap
-    distributions are in ``null`` / ``bootstrap`` (``[draw, 3]``), the per-class table in ``per_class``."""
+    """Overlap of two circuits. ``values`` = ``[iou, share_a, share_b]``: |A∩B|/|A∪B| (the paper's
+    figure: Merullo et al.'s 78% is 25 shared of a 32-head union), |A∩B|/|A| and |A∩B|/|B|.
 
-    shared: tuple[Head, ...] = ()
-    only_a: tuple[Head, ...] = ()
-    only_b: tuple[Head, ...] = ()
+    Chance is exact: under the null that B is a uniformly random set of |B| of the N units (heads or
+    edges), |A∩B| is hypergeometric. ``null`` holds ``[k, P(|A∩B| = k)]`` rows, ``chance`` (in
+    ``baselines``) the expected value of each measure, :meth:`p_value` ``P(|A∩B| ≥ observed)``.
+    ``bootstrap`` holds re-selections over resampled prompts (``[draw, 3]``)."""
+
+    shared: tuple = ()
+    only_a: tuple = ()
+    only_b: tuple = ()
     per_class: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     null: Optional[Tensor] = None
     bootstrap: Optional[Tensor] = None
 
     @property
-    def overlap(self) -> float:
-        """Share of circuit A's heads that are also in circuit B (the paper's figure, A = IOI)."""
+    def iou(self) -> float:
+        """|A∩B| / |A∪B| — the figure Merullo et al. report (78% = 25/32)."""
         return float(self.values[0])
 
     @property
-    def iou(self) -> float:
-        return float(self.values[2])
+    def overlap(self) -> float:
+        """Alias of :attr:`iou`, the paper's overlap figure."""
+        return self.iou
 
-    def p_value(self, which: int = 0) -> float:
-        """P(random head sets of the same sizes overlap at least this much)."""
-        if self.null is None:
-            raise ValueError("no null baseline was drawn")
-        return float((self.null[:, which] >= self.values[which] - 1e-12).float().mean())
+    @property
+    def share_a(self) -> float:
+        """|A∩B| / |A|: how much of circuit A (e.g. IOI) is reused in B."""
+        return float(self.values[1])
 
-    def interval(self, dist: str = "bootstrap", which: int = 0, level: float = 0.95) -> tuple[float, float]:
-        d = getattr(self, dist)
-        if d is None:
-            raise ValueError(f"no {dist} distribution was drawn")
+    def p_value(self) -> float:
+        """Exact P(|A∩B| ≥ observed) for a random B of the same size (hypergeometric; the same
+        p-value for every measure, since all three grow with |A∩B| at fixed sizes)."""
+        from scipy.stats import hypergeom
+
+        m = self.metadata
+        return float(hypergeom.sf(len(self.shared) - 1, m["n_units"], m["size_a"], m["size_b"]))
+
+    def interval(self, which: int = 0, level: float = 0.95) -> tuple[float, float]:
+        """Percentile interval of measure ``which`` (0 IoU, 1 share of A, 2 share of B) over the
+        prompt bootstrap."""
+        if self.bootstrap is None:
+            raise ValueError("no bootstrap was drawn (circuits without per-prompt stage scores, or n_boot=0)")
+        d = self.bootstrap[:, which].float()
+        d = d[~d.isnan()]
         q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2])
-        lo, hi = torch.quantile(d[:, which].float(), q).tolist()
+        lo, hi = torch.quantile(d, q).tolist()
         return lo, hi
 
     def summary(self) -> str:
-        s = (f"overlap {self.overlap:.0%} of A's {int(self.metadata['size_a'])} heads "
-             f"({len(self.shared)} shared; B has {int(self.metadata['size_b'])}), IoU {self.iou:.2f}")
-        if self.null is not None:
-            s += f"; chance {float(self.null[:, 0].mean()):.0%}, p = {self.p_value():.3f}"
+        m = self.metadata
+        s = (f"IoU {self.iou:.0%} ({len(self.shared)} shared of {len(self.shared) + len(self.only_a) + len(self.only_b)} "
+             f"in the union; A has {m['size_a']}, B {m['size_b']}; {self.share_a:.0%} of A reused)")
+        if self.baselines:
+            s += f"; chance IoU {self.baselines['chance_iou']:.1%}, p = {self.p_value():.2g} (exact)"
         if self.bootstrap is not None:
             lo, hi = self.interval()
             s += f"; bootstrap 95% [{lo:.0%}, {hi:.0%}]"
@@ -378,59 +427,91 @@ class OverlapResult(Result):
 
 def _overlaps(a: frozenset, b: frozenset) -> tuple[float, float, float]:
     inter = len(a & b)
-    return (inter / len(a) if a else float("nan"), inter / len(b) if b else float("nan"),
-            inter / len(a | b) if a | b else float("nan"))
+    return (inter / len(a | b) if a | b else float("nan"), inter / len(a) if a else float("nan"),
+            inter / len(b) if b else float("nan"))
 
 
-def circuit_overlap(
-    a: Circuit,
-    b: Circuit,
-    *,
-    n_null: int = 10_000,
-    n_boot: int = 500,
-    seed: int = 0,
-) -> OverlapResult:
-    """How many in-circuit heads two circuits share, against chance.
+def exact_null(n_units: int, size_a: int, size_b: int) -> tuple[Tensor, dict[str, float]]:
+    """The hypergeometric distribution of |A∩B| for a random B (``[k, pmf]`` rows) and the
+    expected IoU, share of A and share of B under it."""
+    from scipy.stats import hypergeom
+
+    if not (0 < size_a <= n_units and 0 < size_b <= n_units):
+        raise ValueError(f"sizes {size_a}, {size_b} must be in 1..{n_units}")
+    k = torch.arange(max(0, size_a + size_b - n_units), min(size_a, size_b) + 1)
+    pmf = torch.tensor(hypergeom.pmf(k.numpy(), n_units, size_a, size_b), dtype=torch.float64)
+    iou = (pmf * k / (size_a + size_b - k)).sum()
+    chance = {"chance_iou": float(iou), "chance_share_a": float((pmf * k).sum() / size_a),
+              "chance_share_b": float((pmf * k).sum() / size_b)}
+    return torch.stack([k.double(), pmf], 1), chance
+
+
+def circuit_overlap(a, b, *, n_boot: int = 500, seed: int = 0, units: str = "auto") -> OverlapResult:
+    """How much two circuits share, against exact chance.
 
     Args:
-        a, b: circuits on the same model (A is the reference, e.g. IOI; B e.g. Colored Objects).
-        n_null: random head sets of sizes ``|A|`` and ``|B|`` drawn uniformly from all heads.
+        a, b: two :class:`Circuit` (heads) or two edge :class:`~mechlib.analyses.edges.Graph`
+            circuits on the same model (A is the reference, e.g. IOI; B e.g. Colored Objects).
         n_boot: bootstrap resamples of each circuit's prompts; each resample re-selects the heads
             from the stored per-prompt path effects (stage receivers held fixed). 0 to skip.
+        units: ``"heads"``, ``"edges"`` or ``"nodes"`` (edge graphs; nodes = heads, MLPs) —
+            ``"auto"`` picks heads for circuits and edges for graphs.
 
     Returns:
-        :class:`OverlapResult` with ``values = [shared/|A|, shared/|B|, IoU]``, the shared heads,
-        per-class overlap (for each class of A: the share of its heads found in B at all, and in
-        B under the same class), ``p_value()`` against the null and ``interval()`` of the bootstrap.
+        :class:`OverlapResult` with ``values = [IoU, shared/|A|, shared/|B|]``, the shared units,
+        per-class overlap (circuits: for each class of A the share of its heads found in B, and in
+        B under the same class), the exact chance level and ``p_value()``, and ``interval()`` of
+        the bootstrap.
     """
-    if (a.n_layers, a.n_heads) != (b.n_layers, b.n_heads):
-        raise ValueError(f"circuits come from different models ({a.n_layers}x{a.n_heads} heads vs "
-                         f"{b.n_layers}x{b.n_heads}): overlap compares heads of one model")
-    A, B = frozenset(a.heads), frozenset(b.heads)
+    A, B, n_total, kind = _units(a, b, units)
     per_class = {}
-    for cls, hs in a.by_class().items():
-        per_class[cls] = dict(n=len(hs), in_b=sum(h in B for h in hs) / len(hs),
-                              same_class=sum(b.classes.get(h) == cls for h in hs) / len(hs))
-    n_total = a.n_layers * a.n_heads
-    rng = random.Random(seed)
-    null = None
-    if n_null and A and B:
-        universe = range(n_total)
-        null = torch.tensor([_overlaps(frozenset(rng.sample(universe, len(A))),
-                                       frozenset(rng.sample(universe, len(B)))) for _ in range(n_null)])
+    if kind == "heads" and isinstance(a, Circuit) and isinstance(b, Circuit):
+        for cls, hs in a.by_class().items():
+            per_class[cls] = dict(n=len(hs), in_b=sum(h in B for h in hs) / len(hs),
+                                  same_class=sum(b.classes.get(h) == cls for h in hs) / len(hs))
+    null, chance = exact_null(n_total, len(A), len(B)) if A and B else (None, {})
     boot = None
-    if n_boot and a.stages and b.stages:
+    if n_boot and kind == "heads" and isinstance(a, Circuit) and isinstance(b, Circuit) and a.stages and b.stages:
         g = torch.Generator().manual_seed(seed)
         na, nb = a.stages[0].scores.shape[0], b.stages[0].scores.shape[0]
         boot = torch.tensor([_overlaps(a.resample(torch.randint(na, (na,), generator=g)),
                                        b.resample(torch.randint(nb, (nb,), generator=g)))
                              for _ in range(n_boot)])
+    label = getattr(a, "task", "A"), getattr(b, "task", "B")
     return OverlapResult(
         values=torch.tensor(_overlaps(A, B)), axis_names=("measure",),
-        labels={"measure": ["shared / |A|", "shared / |B|", "IoU"]},
-        baselines={} if null is None else {"chance": float(null[:, 0].mean())},
+        labels={"measure": ["IoU", "shared / |A|", "shared / |B|"]},
+        baselines=chance,
         shared=tuple(sorted(A & B)), only_a=tuple(sorted(A - B)), only_b=tuple(sorted(B - A)),
         per_class=per_class, null=null, bootstrap=boot,
-        metadata=dict(task_a=a.task, task_b=b.task, model=a.model, size_a=len(A), size_b=len(B),
-                      n_null=n_null, n_boot=n_boot, title=f"circuit overlap {a.task} vs {b.task}"),
+        metadata=dict(task_a=label[0], task_b=label[1], model=getattr(a, "model", ""), size_a=len(A), size_b=len(B),
+                      n_units=n_total, units=kind, n_boot=n_boot if boot is not None else 0,
+                      title=f"circuit overlap {label[0]} vs {label[1]}"),
     )
+
+
+def _units(a, b, units: str):
+    """The two unit sets, the universe size and the unit kind."""
+    if isinstance(a, Circuit) and isinstance(b, Circuit):
+        if units not in ("auto", "heads"):
+            raise ValueError(f"units={units!r}: head circuits compare heads")
+        if (a.n_layers, a.n_heads) != (b.n_layers, b.n_heads):
+            raise ValueError(f"circuits come from different models ({a.n_layers}x{a.n_heads} heads vs "
+                             f"{b.n_layers}x{b.n_heads}): overlap compares units of one model")
+        return frozenset(a.heads), frozenset(b.heads), a.n_layers * a.n_heads, "heads"
+    from mechlib.analyses.edges import Graph
+
+    if isinstance(a, Graph) and isinstance(b, Graph):
+        if a.spec != b.spec:
+            raise ValueError("edge graphs come from different models: overlap compares units of one model")
+        kind = "edges" if units == "auto" else units
+        if kind == "edges":
+            return frozenset(a.edge_names()), frozenset(b.edge_names()), a.spec.n_edges, "edges"
+        if kind == "nodes":
+            return (frozenset(a.node_names(exclude_io=True)), frozenset(b.node_names(exclude_io=True)),
+                    a.spec.n_nodes - 2, "nodes")
+        if kind == "heads":
+            return frozenset(a.heads()), frozenset(b.heads()), a.spec.n_layers * a.spec.n_heads, "heads"
+        raise ValueError(f"units={units!r}: choose 'edges', 'nodes' or 'heads' for edge graphs")
+    raise TypeError(f"circuit_overlap compares two Circuits or two edge Graphs, got {type(a).__name__} and "
+                    f"{type(b).__name__}")

@@ -157,6 +157,30 @@ def massive_activations(
     )
 
 
+def massive_means(model, prompts, dims: Sequence[int], *, layer: int, extras: Optional[dict] = None,
+                  batch_size: Optional[int] = None) -> Tensor:
+    """Sun et al.'s mean values for :func:`~mechlib.interventions.ablate_massive` (``mode="mean"``):
+    ``[2, len(dims)]`` — the mean of ``dims`` at the first token and at each input's
+    largest-activation position (the first delimiter), in block ``layer``'s output, over the
+    prompts (the second row over prompts where that position is not 0; it repeats the first when
+    none is)."""
+    from mechlib.interventions.residual import massive_positions
+
+    batch = _batch(model, prompts, extras)
+    name = f"blocks.{check_layer(model, layer)}.hook_resid_post"
+    first, delim = [], []
+    for sub in batch.batches(batch_size):
+        _, acts = hooks.run_with_cache(model, sub.tokens, [name], extras=sub.extras)
+        h = acts[name].float()
+        pos = massive_positions(h, dims, sub.lengths)
+        rows = torch.arange(len(sub), device=h.device)
+        first.append(h[rows, 0][:, list(dims)].cpu())
+        keep = pos[:, 1] != 0
+        delim.append(h[rows[keep], pos[keep, 1]][:, list(dims)].cpu())
+    first, delim = torch.cat(first), torch.cat(delim)
+    return torch.stack([first.mean(0), delim.mean(0) if len(delim) else first.mean(0)])
+
+
 # ----------------------------------------------------------------------------------------------
 # attention sinks
 # ----------------------------------------------------------------------------------------------
@@ -185,7 +209,7 @@ class AttentionSinks(Result):
         return Result(values=per.mean(0), axis_names=("layer",), labels={"layer": self.labels["layer"]},
                       per_prompt=per, metadata={"title": f"sink rate by layer (k={k}, ε={self.metadata['epsilon']})"})
 
-    def hidden_sinks(self, min_heads: int = 1, min_queries: int = 4):
+    def hidden_sinks(self, min_heads: int = 1, min_queries: int = 1):
         """Non-initial sink tokens (ACT): per prompt and key position ``k > 0``, how many heads
         have α_k > ε, with the token text, sorted by that count. Positions followed by fewer than
         ``min_queries`` queries are skipped: α_k averages over queries ``t ≥ k``, so near the end
@@ -387,7 +411,8 @@ def act_head_search(
     *,
     beta: float = 0.4,
     epsilon: float = 0.1,
-    min_queries: int = 4,
+    min_queries: int = 1,
+    variant: str = "paper",
     layers: Optional[Sequence[int]] = None,
     max_heads: Optional[int] = None,
     progress: Optional[bool] = None,
@@ -404,7 +429,9 @@ def act_head_search(
 
     Args:
         calib: a :class:`ContrastSet` (answers vs wrong answers; accuracy among the set's answers).
-        layers: layers searched (default: from layer 2 on, as the authors' script).
+        layers: layers searched (default: 2 to the last-but-one, as the authors' scripts, which
+            search ``range(2, 31)`` of Llama's 32 layers).
+        variant, min_queries: the sink rule (see :func:`~mechlib.interventions.calibrate_attention`).
         max_heads: keep at most this many.
     """
     from tqdm.auto import tqdm
@@ -412,7 +439,8 @@ def act_head_search(
     from mechlib import metrics
     from mechlib.interventions import _check_pattern_editable, act_calibrate, act_sinks
 
-    layers = list(range(min(2, model.cfg.n_layers - 1), model.cfg.n_layers)) if layers is None else [
+    L = model.cfg.n_layers
+    layers = (list(range(min(2, L - 1), max(L - 1, 1))) or list(range(L))) if layers is None else [
         check_layer(model, l) for l in layers]
     _check_pattern_editable(model, layers)
     H, B = model.cfg.n_heads, len(calib)
@@ -435,7 +463,8 @@ def act_head_search(
         A = A.clone()
         for k in range(H):  # copy k calibrates head k
             sub = A[k * B:(k + 1) * B, k:k + 1]
-            sink = act_sinks(sub, epsilon=epsilon, min_queries=min_queries, lengths=lengths[k * B:(k + 1) * B])
+            sink = act_sinks(sub, epsilon=epsilon, min_queries=min_queries, lengths=lengths[k * B:(k + 1) * B],
+                             variant=variant)
             A[k * B:(k + 1) * B, k:k + 1] = act_calibrate(sub, sink, beta)
         return A
 
@@ -454,5 +483,6 @@ def act_head_search(
         keep = keep[:max_heads]
     return HeadSearch(values=acc_gain, axis_names=("layer", "head"), margin_gain=ld_gain,
                       baselines={"accuracy": acc0, "logit_diff": ld0},
-                      metadata=dict(selected=keep, beta=beta, epsilon=epsilon, layers=layers, n_prompts=B,
+                      metadata=dict(selected=keep, beta=beta, epsilon=epsilon, min_queries=min_queries, variant=variant,
+                                    layers=layers, n_prompts=B,
                                     title="ACT search: calibration accuracy change per head"))

@@ -29,7 +29,7 @@ from mechlib.interventions.attention import (ablate_sink_values, act_calibrate, 
                                              redistribute_attention, steer_attention)
 from mechlib.interventions.heads import scale_heads
 from mechlib.interventions.position import _order_shift, _rope_scores, position_invariant, rope_frequencies  # noqa: F401
-from mechlib.interventions.residual import ablate_massive, steer_residual
+from mechlib.interventions.residual import ablate_massive, massive_positions, steer_residual
 
 __all__ = ["UnsupportedBridgeError", "calibrate_attention", "redistribute_attention", "steer_attention",
            "ablate_sink_values", "scale_heads", "position_invariant", "ablate_massive", "steer_residual",

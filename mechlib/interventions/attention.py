@@ -16,12 +16,21 @@ from mechlib.interventions._common import (_check_pattern_editable, _editing_pat
                                            _heads_by_layer, _move_mass)
 
 
-def act_sinks(sub: Tensor, *, epsilon: float, min_queries: int = 4,
-              sink_positions: Optional[Sequence[int]] = None, lengths: Optional[Tensor] = None) -> Tensor:
-    """ACT's non-initial sinks of patterns ``sub`` ``[b, h, q, k]`` → bool ``[b, h, k]``: keys
-    ``k ≥ 1`` whose α_k (mean attention from the real queries ``t ≥ k``) exceeds ``epsilon``, with
-    at least ``min_queries`` such queries; or the fixed ``sink_positions``. ``lengths`` ``[b]``
-    (right padding) keeps padding queries and keys out."""
+ACT_VARIANTS = ("paper", "code")
+
+
+def act_sinks(sub: Tensor, *, epsilon: float, min_queries: int = 1,
+              sink_positions: Optional[Sequence[int]] = None, lengths: Optional[Tensor] = None,
+              variant: str = "paper") -> Tensor:
+    """ACT's sinks of patterns ``sub`` ``[b, h, q, k]`` → bool ``[b, h, k]``: keys whose α_k (mean
+    attention from the real queries ``t ≥ k``, ``t = k`` included) exceeds ``epsilon`` — an absolute
+    rule, so late keys (the answer row's own key among them) can be sinks — with at least
+    ``min_queries`` such queries; or the fixed ``sink_positions``. The initial sink is excluded:
+    position 0 (``variant="paper"``), or the *first flagged* key (``variant="code"``, the authors'
+    ``indices[1:]``; the same when position 0 is flagged). ``lengths`` ``[b]`` (right padding)
+    keeps padding queries and keys out."""
+    if variant not in ACT_VARIANTS:
+        raise ValueError(f"variant={variant!r}: choose 'paper' or 'code'")
     b, h, Q, K = sub.shape
     if sink_positions is not None:
         sink = torch.zeros(K, dtype=torch.bool, device=sub.device)
@@ -30,18 +39,25 @@ def act_sinks(sub: Tensor, *, epsilon: float, min_queries: int = 4,
     t = torch.arange(Q, device=sub.device)
     n_real = torch.full((b,), Q, device=sub.device) if lengths is None else lengths.to(sub.device)
     valid = (t[None, :, None] >= t[None, None, :K]) & (t[None, :, None] < n_real[:, None, None])  # [b, q, k]
-    n = valid.sum(1).clamp(min=1)  # [b, k] queries per key
-    alpha = (sub * valid[:, None].to(sub.dtype)).sum(-2) / n[:, None]  # [b, h, k]
-    sink = (alpha > epsilon) & (n[:, None] >= min_queries)
-    sink[..., 0] = False
+    n = valid.sum(1)  # [b, k] queries per key (0 on padding keys)
+    alpha = (sub * valid[:, None].to(sub.dtype)).sum(-2) / n.clamp(min=1)[:, None]  # [b, h, k]
+    sink = (alpha > epsilon) & (n[:, None] >= max(min_queries, 1))
+    if variant == "paper":
+        sink[..., 0] = False
+    else:
+        first = sink.int().argmax(-1, keepdim=True)  # the first flagged key (0 when none is flagged)
+        sink = sink.scatter(-1, first, False)
     return sink
 
 
 def act_calibrate(sub: Tensor, sink: Tensor, beta: float) -> Tensor:
-    """Scale the attention on ``sink`` keys (``[b, h, k]``) by ``beta`` and give the removed mass
-    to the other keys of each row, proportionally to their attention."""
+    """Scale the attention on ``sink`` keys (``[b, h, k]``) by ``beta`` in every query row and give
+    the removed mass to the other keys of each row, proportionally to their attention (the first
+    token included). Row 0 keeps its single key, as the authors reset it."""
     sink = sink[..., None, :]  # broadcast over queries
-    return _move_mass(sub, sub * sink * (1 - beta), ~sink)
+    out = _move_mass(sub, sub * sink * (1 - beta), ~sink)
+    out[..., 0, :] = sub[..., 0, :]
+    return out
 
 
 @contextmanager
@@ -52,21 +68,34 @@ def calibrate_attention(
     beta: float = 0.4,
     epsilon: float = 0.1,
     sink_positions: Optional[Sequence[int]] = None,
-    min_queries: int = 4,
+    min_queries: int = 1,
+    variant: str = "paper",
     lengths: Optional[Tensor] = None,
 ) -> Iterator[dict[str, int]]:
-    """ACT: in each chosen head, multiply the attention on non-initial sink tokens by ``beta`` and
-    give the removed mass to the remaining tokens (the first token included), proportionally.
+    """ACT (Yu et al. 2024): in each chosen head, multiply the attention on the sink tokens found
+    in this input by ``beta`` and give the removed mass to the remaining tokens (the first token
+    included), proportionally to their attention.
 
-    Sinks are found per input and head, as in ACT's input-adaptive calibration: key positions
-    ``k ≥ 1`` with α_k (mean attention from queries ``t ≥ k``) above ``epsilon`` and at least
-    ``min_queries`` queries after them; or fixed ``sink_positions``. The defaults β = 0.4 and
-    ε = 0.1 are those of the authors' calibration script (GATECH-EIC/ACT, ``scripts/calibration.sh``);
-    ``min_queries`` is ours: α_k of the last few keys rests on one or two queries. Pass the
-    prompts' ``lengths`` for right-padded batches so padding rows do not count as queries.
+    ====================  ================================  ==============================  ================
+    choice                paper                             released code (GATECH-EIC/ACT)  mechlib default
+    ====================  ================================  ==============================  ================
+    sink rule             α_k > ε, α_k = mean attention     same (column sum / (T − k))      same
+                          from queries t ≥ k (t = k in)
+    ε, β                  0.1 (calibration.sh), 0.4         0.1, 0.4                         0.1, 0.4
+    initial sink          excluded (the first token)        ``indices[1:]``: the first       ``variant=
+                                                            flagged key is dropped           "paper"|"code"``
+    late keys             flagged (≥ 1 query)               flagged                          ``min_queries=1``
+    where mass goes       non-sink keys incl. the first     same                             same
+    ====================  ================================  ==============================  ================
+
+    ``min_queries`` > 1 is mechlib's optional guard (α_k of the last few keys rests on one or two
+    queries); ``sink_positions`` fixes the sinks instead. Pass the prompts' ``lengths`` for
+    right-padded batches so padding rows do not count as queries.
     """
     if not 0 <= beta <= 1:
         raise ValueError(f"beta={beta} must be in [0, 1]")
+    if variant not in ACT_VARIANTS:
+        raise ValueError(f"variant={variant!r}: choose 'paper' or 'code'")
     by_layer = _heads_by_layer(model, heads)
     _check_pattern_editable(model, list(by_layer))
 
@@ -76,7 +105,8 @@ def calibrate_attention(
         if lengths is not None and A.shape[0] % len(lengths):
             raise ValueError(f"lengths has {len(lengths)} entries; this forward has batch {A.shape[0]}")
         lens = None if lengths is None else lengths.repeat(A.shape[0] // len(lengths))
-        sink = act_sinks(sub, epsilon=epsilon, min_queries=min_queries, sink_positions=sink_positions, lengths=lens)
+        sink = act_sinks(sub, epsilon=epsilon, min_queries=min_queries, sink_positions=sink_positions, lengths=lens,
+                         variant=variant)
         A[:, hs] = act_calibrate(sub, sink, beta)
         return A
 

@@ -13,51 +13,103 @@ from mechlib import hooks
 from mechlib.sites import check_layer
 
 
+def massive_positions(h: Tensor, dims: Sequence[int], lengths: Optional[Tensor] = None) -> Tensor:
+    """Sun et al.'s edited positions per input: ``[b, 2]`` = (0, the position of the largest
+    |activation| in ``dims``), found in the residual ``h`` ``[b, pos, d]`` over real tokens; when that
+    largest entry is at position 0 the second column repeats 0."""
+    mag = h[..., list(dims)].abs().amax(-1)  # [b, pos]
+    if lengths is not None:
+        real = torch.arange(h.shape[1], device=h.device)[None] < lengths.to(h.device)[:, None]
+        mag = mag.masked_fill(~real, -1.0)
+    return torch.stack([torch.zeros_like(mag[:, 0], dtype=torch.long), mag.argmax(-1)], 1)
+
+
 @contextmanager
 def ablate_massive(
     model,
     dims: Sequence[int],
     *,
-    positions: Union[Sequence[int], None] = (0,),
+    layer: Optional[int] = None,
     layers: Optional[Sequence[int]] = None,
+    positions: Union[str, Sequence[int], None] = "paper",
     mode: str = "zero",
     values: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
 ) -> Iterator[dict[str, int]]:
-    """Set residual-stream entries ``dims`` at ``positions`` (None: all) to zero or to ``values``.
+    """Sun et al. (2024): set the massive activations (``dims``) to zero or to their mean, in the
+    residual stream after block ``layer`` — where they appear — and let later layers run freely.
+
+    ==================  =================================  ==================================  ======================
+    choice              paper                              released code (massive-activations)  mechlib
+    ==================  =================================  ==================================  ======================
+    edited layer        where they emerge (one layer)      output of ``layers[layer_id-1]``     ``layer=`` (required;
+                                                           (README: ``--layer_id 2``)           ``layers=`` edits several,
+                                                                                                a stronger variant)
+    positions           the start token and the first      token 0 + the largest activation's   ``positions="paper"``
+                        delimiter                          position when not 0, per input       (or explicit positions)
+    mean values         per position                       hard-coded per position              ``values`` ``[2, dims]``
+                                                                                                (first, delimiter) or
+                                                                                                ``[dims]``; see
+                                                                                                :func:`~mechlib.analyses.sinks.massive_means`
+    ==================  =================================  ==================================  ======================
 
     Args:
-        layers: the ``resid_post`` layers to edit (default all; Sun et al. edit where massive
-            activations appear, and later layers carry them on).
-        mode: ``"zero"`` or ``"mean"``; then ``values`` are the means to write: ``[len(dims)]``
-            for every edited layer, or ``[len(layers), len(dims)]`` one row per layer (massive
-            entries change size across layers).
+        layer: the block whose output (``hook_resid_post``) is edited, e.g.
+            ``massive_activations(model, prompts).first_layer()``.
+        layers: instead of ``layer``, edit several layers' outputs (stronger: later layers cannot
+            rebuild the activations).
+        positions: ``"paper"`` (0 and each input's largest-activation position, found at the edited
+            layer), explicit positions shared by the batch, or ``None`` (all).
+        mode: ``"zero"`` or ``"mean"``; ``values`` are the means: ``[len(dims)]``, or one row per
+            position kind (``[2, len(dims)]`` for ``"paper"``: first token, delimiter; or
+            ``[len(positions), len(dims)]``).
+        lengths: the prompts' lengths for right-padded batches (``"paper"`` positions are found
+            among real tokens).
     """
     if mode not in ("zero", "mean"):
         raise ValueError(f"mode={mode!r}: choose 'zero' or 'mean'")
     if mode == "mean" and (values is None or values.shape[-1] != len(dims)):
-        raise ValueError("mode='mean' needs values with one mean per dim (last axis)")
+        raise ValueError("mode='mean' needs values with one mean per dim (last axis); see massive_means()")
     d_model = model.cfg.d_model
     bad = [d for d in dims if not 0 <= d < d_model]
     if bad or not dims:
         raise ValueError(f"dims {list(dims) or '[]'} must be non-empty and within 0..{d_model - 1}")
-    layers = list(range(model.cfg.n_layers)) if layers is None else [check_layer(model, l) for l in layers]
-    if mode == "mean" and values.ndim == 2 and values.shape[0] != len(layers):
-        raise ValueError(f"values has {values.shape[0]} rows but {len(layers)} layers are edited")
+    if (layer is None) == (layers is None):
+        raise ValueError("give layer= (Sun et al. edit the one layer where massive activations appear, e.g. "
+                         "massive_activations(model, prompts).first_layer()) or layers= (several), not both")
+    edit_layers = [check_layer(model, layer)] if layers is None else [check_layer(model, l) for l in layers]
+    if isinstance(positions, str) and positions != "paper":
+        raise ValueError(f"positions={positions!r}: 'paper', a list of positions, or None")
+    n_kinds = 2 if positions == "paper" else (None if positions is None else len(positions))
+    if mode == "mean" and values.ndim == 2 and values.shape[0] != n_kinds:
+        raise ValueError(f"values has {values.shape[0]} rows; give one per position kind ({n_kinds}) or a single row")
     d_idx = torch.tensor(list(dims))
 
-    def edit(h, hook, row):
+    def edit(h, hook):
         h = h.clone()
-        pos = slice(None) if positions is None else list(positions)
-        if mode == "zero":
-            fill = torch.zeros(len(dims), dtype=h.dtype, device=h.device)
+        di = d_idx.to(h.device)
+        fill = torch.zeros(len(dims), dtype=h.dtype, device=h.device) if mode == "zero" else values.to(h.device, h.dtype)
+        if positions is None:
+            h[..., di] = fill if fill.ndim == 1 else fill[0]
+            return h
+        if positions == "paper":
+            if lengths is not None and h.shape[0] % len(lengths):
+                raise ValueError(f"lengths has {len(lengths)} entries; this forward has batch {h.shape[0]}")
+            lens = None if lengths is None else lengths.repeat(h.shape[0] // len(lengths))
+            pos = massive_positions(h, dims, lens)  # [b, 2]
         else:
-            fill = (values[row] if values.ndim == 2 else values).to(h.device, h.dtype)
-        sel = h[:, pos]
-        sel[..., d_idx.to(h.device)] = fill
-        h[:, pos] = sel
+            if max(positions) >= h.shape[1]:
+                raise IndexError(f"positions {list(positions)} exceed the {h.shape[1]} tokens of this input")
+            pos = torch.tensor(list(positions), device=h.device).expand(h.shape[0], -1)
+        rows = torch.arange(h.shape[0], device=h.device)
+        for k in reversed(range(pos.shape[1])):  # kind 0 (the first token) last, so it wins a tie
+            row_fill = fill if fill.ndim == 1 else fill[k]
+            sel = h[rows, pos[:, k]]
+            sel[:, di] = row_fill
+            h[rows, pos[:, k]] = sel
         return h
 
-    hk = [(f"blocks.{l}.hook_resid_post", lambda h, hook, i=i: edit(h, hook, i)) for i, l in enumerate(layers)]
+    hk = [(f"blocks.{l}.hook_resid_post", edit) for l in edit_layers]
     with hooks.attach(model, hk, must_fire=False) as fired:
         yield fired
 

@@ -157,6 +157,10 @@ class ContrastSet:
             each a tensor whose first axis is the batch.
         spans: optional per-prompt ``(start, end)`` token span of interest (the context passage of
             a context-QA prompt; what :func:`mechlib.head_divergence` removes).
+        options: optional per-prompt candidate answer ids (e.g. the three colours of a Colored
+            Objects scene), for ``metrics.accuracy(among="options")``.
+        prepend_bos: whether the prompts were tokenized with BOS first (``model.to_tokens``'s
+            default; some papers' protocols use none, e.g. Merullo et al.'s GPT-2 prompts).
     """
 
     clean_tokens: Int[Tensor, "batch pos"]
@@ -174,6 +178,8 @@ class ContrastSet:
     extras: Mapping[str, Tensor] = field(default_factory=dict)
     corrupted_extras: Optional[Mapping[str, Tensor]] = None
     spans: tuple[tuple[int, int], ...] = ()
+    options: tuple[tuple[int, ...], ...] = ()
+    prepend_bos: bool = True
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -189,6 +195,8 @@ class ContrastSet:
         task: str = "custom",
         extras: Optional[Mapping[str, Tensor]] = None,
         corrupted_extras: Optional[Mapping[str, Tensor]] = None,
+        options: Optional[Sequence[Sequence[str]]] = None,
+        prepend_bos: bool = True,
     ) -> "ContrastSet":
         """Tokenize and validate plain strings.
 
@@ -198,6 +206,8 @@ class ContrastSet:
             answers, wrong_answers: one-token strings (mind the leading space: ``" Mary"``).
             extras: extra forward inputs for both runs (e.g. ``{"pixel_values": ...}``);
                 ``corrupted_extras`` overrides them for the corrupted run.
+            options: per prompt, the candidate answers (one-token strings) the answer competes with.
+            prepend_bos: tokenize with BOS first (default, ``model.to_tokens``'s convention).
 
         Example:
             >>> cs = ContrastSet.from_prompts(model,                       # doctest: +SKIP
@@ -217,7 +227,7 @@ class ContrastSet:
             raise ContrastSetError(f"labels has {len(labels)} entries but clean has {n}")
 
         def tok(text: str):
-            return model.to_tokens(text)[0].cpu()
+            return model.to_tokens(text, prepend_bos=prepend_bos)[0].cpu()
 
         clean_t = [tok(s) for s in clean]
         corr_t = [tok(s) for s in corrupted]
@@ -237,6 +247,16 @@ class ContrastSet:
                 wrong.append(single_token_id(model, wrong_answers[i], what=f"wrong_answers[{i}]"))
             except ContrastSetError as e:
                 raise ContrastSetError(f"prompt {i} ({clean[i]!r}): {e}") from None
+        opts = ()
+        if options is not None:
+            options = list(options)
+            if len(options) != n:
+                raise ContrastSetError(f"options has {len(options)} entries but clean has {n}")
+            opts = tuple(tuple(single_token_id(model, o, what=f"options[{i}] {o!r}") for o in row)
+                         for i, row in enumerate(options))
+            missing = [i for i in range(n) if ans[i] not in opts[i]]
+            if missing:
+                raise ContrastSetError(f"prompt(s) {missing}: the answer is not among the options")
         pad = _pad_id(model)
         lengths = torch.tensor([len(t) for t in clean_t])
         cs = cls(
@@ -246,6 +266,7 @@ class ContrastSet:
             answers=tuple(answers), wrong_answers=tuple(wrong_answers), labels=labels,
             task=task, pad_id=pad, extras=dict(extras or {}),
             corrupted_extras=dict(corrupted_extras) if corrupted_extras is not None else None,
+            options=opts, prepend_bos=prepend_bos,
         )
         cs._check_extras()
         return cs
@@ -304,6 +325,7 @@ class ContrastSet:
             answers=pick(self.answers), wrong_answers=pick(self.wrong_answers),
             labels=pick(self.labels) if self.labels else (),
             spans=pick(self.spans) if self.spans else (),
+            options=pick(self.options) if self.options else (),
             extras={k: v[t] for k, v in self.extras.items()},
             corrupted_extras=({k: v[t] for k, v in self.corrupted_extras.items()}
                               if self.corrupted_extras is not None else None),

@@ -85,18 +85,74 @@ def ioi(
                                     task=f"ioi/{corruption}")
 
 
-def colored_objects(model, n: int = 32, *, seed: int = 0, n_shots: int = 1) -> ContrastSet:
-    """Colored Objects (BIG-bench, one-token colour answers as in Merullo et al. 2024).
+def colored_objects(model, n: int = 32, *, seed: int = 0, n_shots: int = 1, format: str = "paper") -> ContrastSet:
+    """Colored Objects (BIG-bench "reasoning about colored objects", one-token colour answers).
 
-    Clean: "Q: On the table, there is a red pen, a blue cup, and a green book. What color is the
-    cup?\\nA:" → " blue"; wrong answer: the colour of another object in the scene. Corrupted: the
-    same scene asking about that other object, which flips the answer. ``n_shots`` solved examples
-    (identical in clean and corrupted) precede the question.
+    ``format="paper"`` (default) follows Merullo et al.'s generator (jmerullo/circuit_reuse
+    ``cobjs_data.py``): "Q: On the table, I see an orange textbook, a red puzzle, and a purple cup.
+    What color is the textbook?\nA: Orange\nQ: On the desk, there is a blue pencil, ... What
+    color is the pencil?\nA:" → " Blue" — 8 colours, 17 objects, 3 surfaces, 3 subject starts,
+    a/an by the colour, Title-case answers, shots separated by one newline, the example sharing no
+    colour or object with the question, and **no BOS** (``prepend_bos=False``, as their scripts).
+    ``format="simple"`` is mechlib's earlier variant (lower-case answers, "there is" only, blank
+    lines between shots, 12 colours, BOS first).
+
+    The corrupted prompt asks about another object of the same scene (their "mindiff" pairs), so the
+    wrong answer is that object's colour. ``options`` are the scene's three colours, for the
+    paper-style accuracy among them (``metrics.accuracy(cs, among="options")``: chance 1/3, the
+    paper's "35% chance" level).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    data = load_data("colored_objects")
+    if format not in ("paper", "simple"):
+        raise ValueError(f"format={format!r}: choose 'paper' (Merullo et al.'s generator) or 'simple'")
     rng = random.Random(seed)
+    if format == "simple":
+        return _colored_objects_simple(model, n, rng, n_shots)
+    data = load_data("colored_objects")["paper"]
+    colors = [c for c in data["colors"] if _is_one_token(model, " " + c.title())]
+    objects = [o for o in data["objects"] if _is_one_token(model, " " + o)]
+    if len(colors) < 6 or len(objects) < 6:
+        raise ValueError(f"this tokenizer has only {len(colors)} one-token Title-case colours and {len(objects)} "
+                         "one-token objects; 6 of each are needed (a question and an example sharing none)")
+
+    def items(cols, objs):
+        parts = [f"a{'n' if c[0] in 'aeiou' else ''} {c} {o}" for c, o in zip(cols, objs)]
+        return ", ".join(parts[:-1]) + ", and " + parts[-1]
+
+    def question(cols, objs, q, surf, ss):
+        return data["template"].format(surf=surf, ss=ss, items=items(cols, objs), q_object=objs[q])
+
+    clean, corrupted, answers, wrong, options = [], [], [], [], []
+    for _ in range(n):
+        # the question's scene first; every solved example shares no colour or object with it
+        cols, objs = rng.sample(colors, 3), rng.sample(objects, 3)
+        surf, ss = rng.choice(data["surfaces"]), rng.choice(data["subject_starts"])
+        q = rng.randrange(3)
+        d = rng.choice([i for i in range(3) if i != q])
+        free_c = [c for c in colors if c not in cols]
+        free_o = [o for o in objects if o not in objs]
+        text = ""
+        for _ in range(n_shots):
+            s_cols, s_objs = rng.sample(free_c, 3), rng.sample(free_o, 3)
+            sq = rng.randrange(3)
+            text += question(s_cols, s_objs, sq, rng.choice(data["surfaces"]), rng.choice(data["subject_starts"]))
+            text += " " + s_cols[sq].title() + "\n"
+        clean.append(text + question(cols, objs, q, surf, ss))
+        corrupted.append(text + question(cols, objs, d, surf, ss))
+        answers.append(" " + cols[q].title())
+        wrong.append(" " + cols[d].title())
+        options.append([" " + c.title() for c in cols])
+    return ContrastSet.from_prompts(model, clean, corrupted, answers, wrong, task="colored_objects",
+                                    options=options, prepend_bos=False)
+
+
+def _is_one_token(model, text: str) -> bool:
+    return len(model.tokenizer.encode(text, add_special_tokens=False)) == 1
+
+
+def _colored_objects_simple(model, n: int, rng: random.Random, n_shots: int) -> ContrastSet:
+    data = load_data("colored_objects")
     colors = _single_token_words(model, data["colors"], what="colors", need=3)
     objects = _single_token_words(model, data["objects"], what="objects", need=3)
     template = data["template"]
@@ -108,7 +164,7 @@ def colored_objects(model, n: int = 32, *, seed: int = 0, n_shots: int = 1) -> C
                                 **{f"O{k+1}": objs[k] for k in range(3)},
                                 **{f"C{k+1}": cols[k] for k in range(3)})
 
-    clean, corrupted, answers, wrong = [], [], [], []
+    clean, corrupted, answers, wrong, options = [], [], [], [], []
     for _ in range(n):
         shots = []
         for _ in range(n_shots):
@@ -122,8 +178,9 @@ def colored_objects(model, n: int = 32, *, seed: int = 0, n_shots: int = 1) -> C
         corrupted.append(prefix + template.format(OQ=objs[d], **fill))
         answers.append(" " + cols[q])
         wrong.append(" " + cols[d])
-    return ContrastSet.from_prompts(model, clean, corrupted, answers, wrong,
-                                    task="colored_objects")
+        options.append([" " + c for c in cols])
+    return ContrastSet.from_prompts(model, clean, corrupted, answers, wrong, task="colored_objects/simple",
+                                    options=options)
 
 
 def factual_recall(model, n: Optional[int] = None, *, seed: int = 0) -> ContrastSet:
