@@ -54,6 +54,7 @@ from mechlib.analyses.lens import (ComponentTokens, LensResult, component_tokens
 __all__ += ["logit_lens", "component_tokens", "self_logits_augmentation", "LensResult", "ComponentTokens"]
 
 from mechlib.analyses.position import PositionBias, position_bias, segment_attention  # noqa: E402
-from mechlib.interventions import position_invariant  # noqa: E402
+from mechlib.interventions import position_invariant, var, vhr, vista, steering_vectors  # noqa: E402
 
-__all__ += ["position_bias", "segment_attention", "PositionBias", "position_invariant"]
+__all__ += ["position_bias", "segment_attention", "PositionBias", "position_invariant", "var", "vhr", "vista",
+            "steering_vectors"]

@@ -21,49 +21,15 @@ answer; DLA measures a component's *direct* effect only — indirect effects thr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from mechlib import hooks
-from mechlib.hooks import image_token_id
 from mechlib.memory import peak_memory
 from mechlib.results import Result
-from mechlib.tasks.contrast import ContrastSet, PromptBatch, _pad_id, _pad_right
-
-Span = Union[tuple[int, int], Sequence[tuple[int, int]], str, None]
-
-
-def _spans(model, batch: PromptBatch, span: Span, contrast: Optional[ContrastSet]) -> list[list[int]]:
-    """Per prompt, the sorted token positions to remove."""
-    B = len(batch)
-    if span is None:
-        if contrast is None or not contrast.spans:
-            raise ValueError("span is required: (start, end), one (start, end) per prompt, or 'image'")
-        span = list(contrast.spans)
-    if span == "image":
-        tid = image_token_id(model)
-        if tid is None:
-            raise ValueError("span='image' needs a VLM; for a text model give the context span (start, end)")
-        out = [(batch.tokens[i, : int(batch.lengths[i])] == tid).nonzero().flatten().tolist() for i in range(B)]
-        empty = [i for i, o in enumerate(out) if not o]
-        if empty:
-            raise ValueError(f"prompt(s) {empty} have no image token ({tid}): nothing to remove")
-        return out
-    if isinstance(span, tuple) and len(span) == 2 and all(isinstance(x, int) for x in span):
-        span = [span] * B
-    span = list(span)
-    if len(span) != B:
-        raise ValueError(f"span has {len(span)} entries for {B} prompts")
-    out = []
-    for i, (s, e) in enumerate(span):
-        L = int(batch.lengths[i])
-        if not (1 <= s < e < L):
-            raise ValueError(f"prompt {i}: span ({s}, {e}) must satisfy 1 <= start < end < {L} (the prompt's "
-                             f"length; the first token and the answer position must stay)")
-        out.append(list(range(s, e)))
-    return out
+from mechlib.tasks.contrast import ContrastSet, PromptBatch, Span
 
 
 @dataclass(frozen=True, repr=False)
@@ -109,16 +75,9 @@ def head_divergence(
     """
     contrast = prompts if isinstance(prompts, ContrastSet) else None
     batch = PromptBatch.from_prompts(model, prompts, extras=extras)
-    removed = _spans(model, batch, span, contrast)
+    removed = batch.span_positions(model, span, contrast)
     B, L, H = len(batch), model.cfg.n_layers, model.cfg.n_heads
-    without = []
-    for i in range(B):
-        t = batch.tokens[i, : int(batch.lengths[i])]
-        keep = torch.ones(len(t), dtype=torch.bool)
-        keep[removed[i]] = False
-        without.append(t[keep])
-    wo = PromptBatch(_pad_right(without, _pad_id(model)), torch.tensor([len(t) for t in without]), batch.prompts,
-                     {} if span == "image" else dict(batch.extras))  # the image goes with its tokens
+    wo = batch.without(model, removed, drop_extras=span == "image")  # the image goes with its tokens
     names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
 
     def last_z(pb: PromptBatch) -> Tensor:

@@ -244,30 +244,61 @@ def component_tokens(
     )
 
 
+def sla_layers(model, variant: str = "paper", window: int = 5) -> list[int]:
+    """The blocks whose outputs SLA mixes in: the paper's ``w`` layers before the last
+    (``h^{L-w} .. h^{L-1}``); the released code's ``--logits-layers 25,30`` of LLaVA's 32 (HF
+    ``hidden_states[25..30]`` = the outputs of blocks 24..29: ``L-8 .. L-3``)."""
+    L = model.cfg.n_layers
+    if variant == "paper":
+        return list(range(max(L - 1 - window, 0), L - 1))
+    return list(range(max(L - 8, 0), max(L - 2, 1)))
+
+
 def self_logits_augmentation(
     model,
     prompts,
     *,
-    layers: Sequence[int],
     gamma: float = 0.3,
+    window: int = 5,
+    variant: str = "paper",
+    layers: Optional[Sequence[int]] = None,
+    batch_size: Optional[int] = None,
 ) -> Tensor:
-    """VISTA's self-logits augmentation at each prompt's last token:
-    ``(1 − γ) · final logits + γ · mean_l lens_logits(resid_post_l)`` over ``layers``.
+    """VISTA's self-logits augmentation (SLA) at each prompt's last token:
+    ``(1 − γ) · final logits + γ · mean_l H(h^l)`` over earlier layers' outputs ``h^l``.
+
+    ==============  =================================  =================================  ====================
+    choice          paper                              released code                      mechlib
+    ==============  =================================  =================================  ====================
+    window          the w = 5 layers before the last   ``--logits-layers 25,30``: 6       ``variant``/``window``
+                                                       layers, L−8..L−3 of 32             (or ``layers=``)
+    readout H       the LM head                        raw ``lm_head`` on pre-norm        ``"paper"``: final norm
+                                                       states (no final norm)             + unembedding (the logit
+                                                                                          lens); ``"code"``: raw
+    γ               0.3 (0.2–0.3 best)                 α = 0.3                            ``gamma=0.3``
+    ==============  =================================  =================================  ====================
 
     Returns ``[batch, vocab]`` logits (what mechlib metrics accept directly).
     """
-    if not 0 <= gamma <= 1:
-        raise ValueError(f"gamma={gamma} must be in [0, 1]")
-    batch = PromptBatch.from_prompts(model, prompts)
-    layers = [int(l) for l in layers]
-    if not layers:
-        raise ValueError("layers is empty")
     from mechlib.sites import check_layer
 
-    names = [f"blocks.{check_layer(model, l)}.hook_resid_post" for l in layers]
-    logits, acts = hooks.run_with_cache(model, batch.tokens, names, extras=batch.extras)
-    final = batch.at_last(logits)
-    with torch.no_grad():
-        early = torch.stack([model.unembed(model.ln_final(batch.at_last(acts[n])[:, None]))[:, 0]
-                             for n in names]).mean(0)
-    return ((1 - gamma) * final + gamma * early).detach()
+    if not 0 <= gamma <= 1:
+        raise ValueError(f"gamma={gamma} must be in [0, 1]")
+    if variant not in ("paper", "code"):
+        raise ValueError(f"variant={variant!r}: choose 'paper' or 'code'")
+    layers = sla_layers(model, variant, window) if layers is None else [check_layer(model, int(l)) for l in layers]
+    if not layers:
+        raise ValueError("layers is empty")
+    names = [f"blocks.{l}.hook_resid_post" for l in layers]
+    out = []
+    for sub in PromptBatch.from_prompts(model, prompts).batches(batch_size):
+        logits, acts = hooks.run_with_cache(model, sub.tokens, names, extras=sub.extras)
+        final = sub.at_last(logits)
+        with torch.no_grad():
+            h = torch.stack([sub.at_last(acts[n]) for n in names])  # [layers, b, d]
+            if variant == "paper":
+                early = hooks._logits_from_resid(model, h.transpose(0, 1)).mean(1)
+            else:
+                early = model.unembed(h).mean(0)
+        out.append(((1 - gamma) * final + gamma * early.to(final.device)).detach())
+    return torch.cat(out)

@@ -123,11 +123,16 @@ def redistribute_attention(
     sink_positions: Sequence[int],
     p: float = 0.6,
     queries: Optional[tuple[int, int]] = None,
+    variant: str = "paper",
 ) -> Iterator[dict[str, int]]:
-    """VAR: in each chosen head, take a share ``p`` of the attention on ``sink_positions`` and give
-    it to the non-sink positions inside ``span = (start, end)`` (end exclusive), proportionally to
-    their attention. ``queries`` restricts the edit to query rows ``[start, end)`` (default all).
+    """VAR's redistribution with fixed heads and sinks (the static ablation of :func:`var`): in each
+    chosen head, move a share of the attention on ``sink_positions`` to the non-sink positions
+    inside ``span = (start, end)`` (end exclusive), proportionally to their attention — ``p`` with
+    ``variant="paper"``, ``1 − p`` with ``"code"`` (the released code's semantics). ``queries``
+    restricts the edit to query rows ``[start, end)`` (default all).
     """
+    if variant not in ("paper", "code"):
+        raise ValueError(f"variant={variant!r}: choose 'paper' (p moved) or 'code' (1 - p moved)")
     if not 0 <= p <= 1:
         raise ValueError(f"p={p} must be in [0, 1]")
     start, end = span
@@ -150,7 +155,7 @@ def redistribute_attention(
         rec = torch.zeros(K, dtype=torch.bool, device=A.device)
         rec[start:end] = True
         rec &= ~sink
-        take = sub * sink * p
+        take = sub * sink * (p if variant == "paper" else 1 - p)
         new = _move_mass(sub, take, rec)
         if queries is not None:
             rows = torch.zeros(A.shape[-2], dtype=torch.bool, device=A.device)
@@ -241,3 +246,124 @@ def ablate_sink_values(
     hk = [(f"blocks.{l}.attn.hook_v", edit) for l in layers]
     with hooks.attach(model, hk, must_fire=False) as fired:
         yield fired
+
+
+# --- VAR: visual attention redistribution (Kang et al., ICLR 2025) ------------------------------
+
+
+def rms_sink_scores(h: Tensor, dims: Sequence[int]) -> Tensor:
+    """VAR's sink score of every token ``[b, pos]``: max over ``dims`` of ``|h / rms(h)|`` (the block
+    input, no norm weight, eps 1e-6, float32 — their ``DimProspector``)."""
+    x = h.float()
+    x = x * (x.pow(2).mean(-1, keepdim=True) + 1e-6).rsqrt()
+    return x[..., list(dims)].abs().amax(-1)
+
+
+@contextmanager
+def var(
+    model,
+    prompts,
+    *,
+    dims: Sequence[int],
+    span=None,
+    tau: float = 20.0,
+    rho: float = 0.5,
+    summ: float = 0.2,
+    p: float = 0.6,
+    variant: str = "paper",
+    layers: Optional[Sequence[int]] = None,
+    extras: Optional[dict] = None,
+) -> Iterator[dict]:
+    """VAR (Kang et al. 2025, "See What You Are Told: Visual Attention Sink in Large Multimodal
+    Models"), decided on the fly in every forward inside the block: in each layer, find the sink
+    tokens (``max_{d ∈ dims} |RMSNorm(h)_d| > τ`` on the layer's input); in each head and query row
+    after the image that attends to the image (Σ ≥ ``summ``) mostly outside the visual sinks
+    (sink share ≤ ``rho``) — an image-centric row — move a share of the attention on all sink
+    tokens (visual and text sinks, BOS included) to the non-sink image tokens, proportionally to
+    their attention.
+
+    ===============  ==================================  ===================================  ==================
+    choice           paper                               released code (seilk/VisAttnSink)    mechlib
+    ===============  ==================================  ===================================  ==================
+    sink dims        the LLM's massive dims, hard-coded   ``[2533, 1415]`` (Llama-2-7B)        ``dims=`` (discover
+                                                                                              them with
+                                                                                              :func:`~mechlib.sink_dimensions`)
+    sink tokens      φ(x) ≥ τ = 20, per layer            > 20, every layer from 2, per        same, per layer and
+                                                         forward (prefill)                    forward
+    heads            image-centric per head and query:   same, on the unedited attention     same
+                     summ ≥ 0.2, sink share ≤ ρ = 0.5
+    rows             text queries after the image         same in prefill; the new row when   rows after the image
+                                                         decoding                             span
+    p                the share **moved** (p = 0.6)        keeps p, moves 1 − p (0.4)           ``variant="paper"``
+                                                                                              moves p; ``"code"``
+                                                                                              moves 1 − p
+    layers           2 .. L−2 (first two and the last     2 .. L−1 (``except_last_layer`` is   ``"paper"``: 2..L−2,
+                     excluded)                            overridden)                          ``"code"``: 2..L−1
+    ===============  ==================================  ===================================  ==================
+
+    Args:
+        prompts, span, extras: the prompts the forwards will run (rows in this order) and the
+            "image": ``"image"`` on a VLM, or a context span per prompt (text analogue).
+        dims: the sink dimensions. On small models mind τ: ``|h/rms(h)|`` is bounded by
+            ``sqrt(d_model)`` (24 on SmolLM2-135M against 64 on Llama-2-7B).
+
+    Yields a record ``{"sinks": {layer: [b, pos]}, "rows": {layer: [b, heads, pos]}}`` of the last
+    forward's sink tokens and edited (image-centric) rows.
+    """
+    from mechlib.tasks.contrast import ContrastSet, PromptBatch
+
+    if variant not in ("paper", "code"):
+        raise ValueError(f"variant={variant!r}: choose 'paper' (p moved) or 'code' (1 - p moved)")
+    if not 0 <= p <= 1:
+        raise ValueError(f"p={p} must be in [0, 1]")
+    if not dims:
+        raise ValueError("dims is empty: pass the sink dimensions (mechlib.sink_dimensions(...).sink_dims)")
+    contrast = prompts if isinstance(prompts, ContrastSet) else None
+    batch = PromptBatch.from_prompts(model, prompts, extras=extras)
+    image = torch.zeros(batch.tokens.shape, dtype=torch.bool)
+    for i, pos in enumerate(batch.span_positions(model, span, contrast)):
+        image[i, pos] = True
+    after = image.int().cumsum(1).eq(image.sum(1, keepdim=True)) & ~image & batch.mask  # real rows after the image
+    L = model.cfg.n_layers
+    if layers is None:
+        layers = list(range(2, L - 1)) if variant == "paper" else list(range(2, L))
+    layers = [check_layer(model, l) for l in layers]
+    _check_pattern_editable(model, layers)
+    moved = p if variant == "paper" else 1 - p
+    P = len(batch)
+    record: dict = {"sinks": {}, "rows": {}}
+    sinks_now: dict[int, Tensor] = {}
+
+    def tile(mask: Tensor, b: int, T: int, device, later: bool) -> Tensor:
+        """``mask`` for a forward of batch ``b`` and ``T`` tokens (tokens beyond the prompts, e.g.
+        generated ones, get ``later``)."""
+        if b % P:
+            raise ValueError(f"VAR was set up for {P} prompts; this forward has batch {b}")
+        m = mask[:, :T] if T <= mask.shape[1] else torch.nn.functional.pad(mask, (0, T - mask.shape[1]), value=later)
+        return m.repeat(b // P, 1).to(device)
+
+    def find_sinks(h, hook, layer):
+        sinks_now[layer] = rms_sink_scores(h, dims) > tau
+        record["sinks"][layer] = sinks_now[layer].cpu()
+
+    def edit(A, hook, layer):
+        b, H, T, _ = A.shape
+        img, rows_ok = tile(image, b, T, A.device, False), tile(after, b, T, A.device, True)  # [b, T]
+        sinks = sinks_now.pop(layer).to(A.device)
+        vis = sinks & img
+        has_vis = vis.any(-1)  # a sample whose layer has no visual sink is skipped
+        Af = A.float()
+        on_img = (Af * img[:, None, None]).sum(-1)  # [b, H, T]
+        share = (Af * vis[:, None, None]).sum(-1) / (on_img + img.sum(-1)[:, None, None] * 1e-6)
+        chosen = (on_img >= summ) & (share <= rho) & rows_ok[:, None, :] & has_vis[:, None, None]
+        record["rows"][layer] = chosen.cpu()
+        take = Af * sinks[:, None, None, :] * moved
+        new = _move_mass(Af, take, (img & ~sinks)[:, None, None, :])
+        return torch.where(chosen[..., None], new, Af).to(A.dtype)
+
+    hk = []
+    for l in layers:
+        hk += [(f"blocks.{l}.hook_resid_pre", lambda h, hook, l=l: find_sinks(h, hook, l)),
+               (f"blocks.{l}.attn.hook_pattern", lambda A, hook, l=l: edit(A, hook, l))]
+    with hooks.attach(model, hk, must_fire=False):
+        yield record

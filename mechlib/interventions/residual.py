@@ -4,12 +4,14 @@ activation-addition steering (VISTA)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from mechlib import hooks
+from mechlib.results import Result
 from mechlib.sites import check_layer
 
 
@@ -141,5 +143,107 @@ def steer_residual(
         return x
 
     hk = [(f"blocks.{l}.hook_resid_post", lambda x, hook, v=v: edit(x, hook, v)) for l, v in vectors.items()]
+    with hooks.attach(model, hk, must_fire=False) as fired:
+        yield fired
+
+
+# --- VISTA: visual steering vector (Li et al., ICML 2025) ----------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class SteeringVectors(Result):
+    """VISTA's per-input steering vectors. ``vectors`` ``[prompt, layer, d_model]``: v^l = h^l(with the
+    image/context) − h^l(without), at the last token of each layer's output; ``values[layer]`` /
+    ``per_prompt[prompt, layer]``: their norms."""
+
+    vectors: Optional[Tensor] = None
+
+
+def steering_vectors(model, prompts, *, span=None, extras: Optional[dict] = None) -> SteeringVectors:
+    """Per-input VSVs (VISTA, ``obtain_vsv`` with one positive/negative pair): for each prompt and
+    layer, the difference of the layer's output (``hook_resid_post``) at the last token with the
+    image (or context ``span``) and with it removed. With a single pair the authors' rank-1 PCA
+    reduces to this difference."""
+    from mechlib.tasks.contrast import ContrastSet, PromptBatch
+
+    contrast = prompts if isinstance(prompts, ContrastSet) else None
+    batch = PromptBatch.from_prompts(model, prompts, extras=extras)
+    removed = batch.span_positions(model, span, contrast)
+    wo = batch.without(model, removed, drop_extras=span == "image")
+    names = [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
+    _, pos = hooks.run_with_cache(model, batch.tokens, names, extras=batch.extras)
+    _, neg = hooks.run_with_cache(model, wo.tokens, names, extras=wo.extras)
+    v = torch.stack([batch.at_last(pos[n]).float() - wo.at_last(neg[n]).float() for n in names], 1).cpu()
+    norms = v.norm(dim=-1)
+    return SteeringVectors(values=norms.mean(0), axis_names=("layer",), per_prompt=norms, vectors=v,
+                           labels={"layer": [f"L{l}" for l in range(model.cfg.n_layers)]},
+                           metadata=dict(method="vista_vsv", n_prompts=len(batch),
+                                         span="image" if span == "image" else "context", title="‖VSV‖ per layer"))
+
+
+VISTA_VARIANTS = ("paper", "code")
+
+
+@contextmanager
+def vista(
+    model,
+    vsv: SteeringVectors,
+    *,
+    lam: float = 0.17,
+    variant: str = "paper",
+    layers: Optional[Sequence[int]] = None,
+) -> Iterator[dict[str, int]]:
+    """VISTA's steering (Li et al. 2025, "The Hidden Life of Tokens"): every forward inside the block
+    is steered, row by row, with that prompt's own vector.
+
+    ==============  ================================  ===================================  ===================
+    choice          paper                             released code (LzVv123456/VISTA)     mechlib
+    ==============  ================================  ===================================  ===================
+    vector          v^l = h^l(image) − h^l(no image),  same (``obtain_vsv``; rank-1 PCA of   :func:`steering_vectors`
+                    last token, per input, each layer  one pair = the difference)
+    edited state    layer output h (residual)          MLP output m                         ``variant``
+    injection       h̃ = h + λv, rescaled to ‖h‖       m̃ = ‖m‖·norm(norm(m) + λ(1 +         ``"paper"`` / ``"code"``
+                                                       max(0, cos(m, −v)))·norm(v))
+    where           every layer, every position        every layer, every position          ``layers`` (default all)
+    λ               0.17 LLaVA-1.5 (0.10 MiniGPT-4,    0.17 CHAIR, 0.01 POPE, 0.1 MMHal     ``lam=0.17``
+                    0.12 Shikra, 0.01 POPE)
+    ==============  ================================  ===================================  ===================
+
+    The paper's edit preserves each token's norm (tested); λ is not transferable between variants.
+    Forwards must have the prompts' batch (a multiple of it, copy-major).
+    """
+    if variant not in VISTA_VARIANTS:
+        raise ValueError(f"variant={variant!r}: choose 'paper' (residual, norm-preserving) or 'code' (MLP output)")
+    if vsv.vectors is None:
+        raise ValueError("vsv has no vectors: build it with steering_vectors(model, prompts, span=...)")
+    P, L, d = vsv.vectors.shape
+    if L != model.cfg.n_layers or d != model.cfg.d_model:
+        raise ValueError(f"the vectors are [{P}, {L}, {d}] but this model has {model.cfg.n_layers} layers, d_model "
+                         f"{model.cfg.d_model}: they were made on another model")
+    layers = list(range(L)) if layers is None else [check_layer(model, l) for l in layers]
+    V = vsv.vectors
+
+    def rows(x, layer):
+        if x.shape[0] % P:
+            raise ValueError(f"the vectors were made for {P} prompts; this forward has batch {x.shape[0]}")
+        return V[:, layer].repeat(x.shape[0] // P, 1).to(x.device, torch.float32)[:, None, :]  # [b, 1, d]
+
+    def paper(h, hook, layer):
+        v = rows(h, layer)
+        hf = h.float()
+        steered = hf + lam * v
+        out = steered * (hf.norm(dim=-1, keepdim=True) / steered.norm(dim=-1, keepdim=True).clamp(min=1e-12))
+        return out.to(h.dtype)
+
+    def code(m, hook, layer):
+        v = rows(m, layer)
+        mf = m.float()
+        unit = lambda x: x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # noqa: E731
+        cos = (unit(mf) * unit(-v)).sum(-1, keepdim=True)
+        out = unit(unit(mf) + lam * (1 + cos.clamp(min=0)) * unit(v)) * mf.norm(dim=-1, keepdim=True)
+        return out.to(m.dtype)
+
+    site, fn = ("hook_resid_post", paper) if variant == "paper" else ("hook_mlp_out", code)
+    hk = [(f"blocks.{l}.{site}", lambda x, hook, l=l: fn(x, hook, l)) for l in layers]
     with hooks.attach(model, hk, must_fire=False) as fired:
         yield fired

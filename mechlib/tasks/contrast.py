@@ -13,7 +13,7 @@ positions).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Iterator, Mapping, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Int
@@ -49,6 +49,9 @@ def single_token_id(model, text: str, *, what: str = "answer") -> int:
             f"single-token answers{hint}: pick another word"
         )
     return int(ids[0])
+
+
+Span = Union[tuple[int, int], Sequence[tuple[int, int]], str, None]
 
 
 def _pad_right(seqs: Sequence[Tensor], pad: int) -> Tensor:
@@ -118,6 +121,52 @@ class PromptBatch:
         """``x[b, pos, ...]`` read at each prompt's last real token → ``[b, ...]`` (same device)."""
         rows = torch.arange(len(self), device=x.device)
         return x[rows, (self.lengths - 1).to(x.device)]
+
+    def span_positions(self, model, span: "Span", contrast: Optional["ContrastSet"] = None) -> list[list[int]]:
+        """Per prompt, the sorted token positions of ``span``: ``(start, end)`` for every prompt, one
+        such pair per prompt, ``"image"`` (a VLM's image tokens), or ``None`` (the contrast set's
+        own ``spans``). The first token and the last (answer) position must stay outside."""
+        from mechlib.hooks import image_token_id
+
+        B = len(self)
+        if span is None:
+            if contrast is None or not contrast.spans:
+                raise ValueError("span is required: (start, end), one (start, end) per prompt, or 'image'")
+            span = list(contrast.spans)
+        if span == "image":
+            tid = image_token_id(model)
+            if tid is None:
+                raise ValueError("span='image' needs a VLM; for a text model give the context span (start, end)")
+            out = [(self.tokens[i, : int(self.lengths[i])] == tid).nonzero().flatten().tolist() for i in range(B)]
+            empty = [i for i, o in enumerate(out) if not o]
+            if empty:
+                raise ValueError(f"prompt(s) {empty} have no image token ({tid}): nothing to remove")
+            return out
+        if isinstance(span, tuple) and len(span) == 2 and all(isinstance(x, int) for x in span):
+            span = [span] * B
+        span = list(span)
+        if len(span) != B:
+            raise ValueError(f"span has {len(span)} entries for {B} prompts")
+        out = []
+        for i, (s, e) in enumerate(span):
+            L = int(self.lengths[i])
+            if not (1 <= s < e < L):
+                raise ValueError(f"prompt {i}: span ({s}, {e}) must satisfy 1 <= start < end < {L} (the prompt's "
+                                 f"length; the first token and the answer position must stay)")
+            out.append(list(range(s, e)))
+        return out
+
+    def without(self, model, positions: Sequence[Sequence[int]], *, drop_extras: bool = False) -> "PromptBatch":
+        """The same prompts with the given token positions removed (re-padded on the right);
+        ``drop_extras`` drops ``pixel_values`` too (the image goes with its tokens)."""
+        seqs = []
+        for i in range(len(self)):
+            t = self.tokens[i, : int(self.lengths[i])]
+            keep = torch.ones(len(t), dtype=torch.bool)
+            keep[list(positions[i])] = False
+            seqs.append(t[keep])
+        return PromptBatch(_pad_right(seqs, _pad_id(model)), torch.tensor([len(t) for t in seqs]), self.prompts,
+                           {} if drop_extras else dict(self.extras))
 
     def batches(self, size: Optional[int]) -> Iterator["PromptBatch"]:
         """Consecutive row slices of at most ``size`` prompts (same class; per-row fields sliced,
