@@ -248,10 +248,11 @@ def test_option_positions_and_accuracy(model):
     co = tasks.colored_objects(model, n=6, seed=3, n_shots=1)
     keys = co.option_positions(3)
     assert keys.sum(1).tolist() == [2] * 6
-    for i in range(6):
-        toks = co.clean_tokens[i, keys[i]].tolist()
-        assert co.wrong_ids[i].item() in toks and co.answer_ids[i].item() not in toks
+    for i in range(6):  # the two wrong colours of the question's scene (lower case in the scene text)
+        words = [model.tokenizer.decode([t]).strip() for t in co.clean_tokens[i, keys[i]].tolist()]
+        assert co.wrong_answers[i].strip().lower() in words and co.answers[i].strip().lower() not in words
         assert int(keys[i].nonzero().max()) < int(co.last_pos[i])
+    assert metrics.accuracy(co, among="options")(torch.zeros(6, model.cfg.d_vocab)).shape == (6,)
     # accuracy: a logits tensor that puts the answer on top scores 1, the wrong answer on top 0
     V = model.cfg.d_vocab
     logits = torch.zeros(6, V)

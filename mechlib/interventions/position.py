@@ -218,7 +218,7 @@ def position_invariant(
             ref = torch.softmax(_cap_and_mask(_rope_scores(qr[0].float(), kr[0].float(), torch.zeros(1, 1, 1, dtype=torch.long,
                                                                                                device=A.device), f) * scale,
                                               pos[:, None], pos[None, :], cap, window), -1)
-            err = float((ref - A[0].detach().float()).abs().max())
+            err = float((ref.detach() - A[0].detach().float()).abs().max())
             if not err < 1e-4:
                 raise UnsupportedBridgeError(
                     f"position_invariant could not reproduce layer {layer}'s attention from its rotated queries and "

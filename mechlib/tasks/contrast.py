@@ -208,6 +208,8 @@ class ContrastSet:
             a context-QA prompt; what :func:`mechlib.head_divergence` removes).
         options: optional per-prompt candidate answer ids (e.g. the three colours of a Colored
             Objects scene), for ``metrics.accuracy(among="options")``.
+        option_pos: optional per-prompt token positions where those options are mentioned in the
+            prompt (same order as ``options``), for :meth:`option_positions`.
         prepend_bos: whether the prompts were tokenized with BOS first (``model.to_tokens``'s
             default; some papers' protocols use none, e.g. Merullo et al.'s GPT-2 prompts).
     """
@@ -228,6 +230,7 @@ class ContrastSet:
     corrupted_extras: Optional[Mapping[str, Tensor]] = None
     spans: tuple[tuple[int, int], ...] = ()
     options: tuple[tuple[int, ...], ...] = ()
+    option_pos: tuple[tuple[int, ...], ...] = ()
     prepend_bos: bool = True
 
     # ---------------------------------------------------------------- construction
@@ -245,6 +248,7 @@ class ContrastSet:
         extras: Optional[Mapping[str, Tensor]] = None,
         corrupted_extras: Optional[Mapping[str, Tensor]] = None,
         options: Optional[Sequence[Sequence[str]]] = None,
+        option_pos: Optional[Sequence[Sequence[int]]] = None,
         prepend_bos: bool = True,
     ) -> "ContrastSet":
         """Tokenize and validate plain strings.
@@ -316,6 +320,7 @@ class ContrastSet:
             task=task, pad_id=pad, extras=dict(extras or {}),
             corrupted_extras=dict(corrupted_extras) if corrupted_extras is not None else None,
             options=opts, prepend_bos=prepend_bos,
+            option_pos=tuple(tuple(int(p) for p in row) for row in option_pos) if option_pos is not None else (),
         )
         cs._check_extras()
         return cs
@@ -375,6 +380,7 @@ class ContrastSet:
             labels=pick(self.labels) if self.labels else (),
             spans=pick(self.spans) if self.spans else (),
             options=pick(self.options) if self.options else (),
+            option_pos=pick(self.option_pos) if self.option_pos else (),
             extras={k: v[t] for k, v in self.extras.items()},
             corrupted_extras=({k: v[t] for k, v in self.corrupted_extras.items()}
                               if self.corrupted_extras is not None else None),
@@ -389,8 +395,16 @@ class ContrastSet:
         answer with ``exclude_answer``. Raises if a prompt lists fewer than ``n_options``.
         """
         toks = self.clean_tokens if side == "clean" else self.corrupted_tokens
-        cand = torch.unique(torch.cat([self.answer_ids, self.wrong_ids]))
         mask = torch.zeros_like(toks, dtype=torch.bool)
+        if self.option_pos:  # the generator recorded where each option is mentioned
+            for i, (opts, pos) in enumerate(zip(self.options, self.option_pos)):
+                if len(pos) < n_options:
+                    raise ContrastSetError(f"prompt {i} lists {len(pos)} options, fewer than n_options={n_options}")
+                for o, p in list(zip(opts, pos))[-n_options:]:
+                    if not (exclude_answer and o == int(self.answer_ids[i])):
+                        mask[i, p] = True
+            return mask
+        cand = torch.unique(torch.cat([self.answer_ids, self.wrong_ids]))
         for i in range(len(self)):
             L = int(self.lengths[i])
             hits = torch.isin(toks[i, :L], cand).nonzero().flatten()

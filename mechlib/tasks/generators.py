@@ -123,7 +123,7 @@ def colored_objects(model, n: int = 32, *, seed: int = 0, n_shots: int = 1, form
     def question(cols, objs, q, surf, ss):
         return data["template"].format(surf=surf, ss=ss, items=items(cols, objs), q_object=objs[q])
 
-    clean, corrupted, answers, wrong, options = [], [], [], [], []
+    clean, corrupted, answers, wrong, options, where = [], [], [], [], [], []
     for _ in range(n):
         # the question's scene first; every solved example shares no colour or object with it
         cols, objs = rng.sample(colors, 3), rng.sample(objects, 3)
@@ -143,8 +143,21 @@ def colored_objects(model, n: int = 32, *, seed: int = 0, n_shots: int = 1, form
         answers.append(" " + cols[q].title())
         wrong.append(" " + cols[d].title())
         options.append([" " + c.title() for c in cols])
+        where.append(_word_positions(model, clean[-1], [f" {c} {o}" for c, o in zip(cols, objs)], start=len(text)))
     return ContrastSet.from_prompts(model, clean, corrupted, answers, wrong, task="colored_objects",
-                                    options=options, prepend_bos=False)
+                                    options=options, option_pos=where, prepend_bos=False)
+
+
+def _word_positions(model, text: str, phrases: Sequence[str], *, start: int = 0, prepend_bos: bool = False) -> list[int]:
+    """Token position of the first word of each phrase (searched in order from character ``start``)."""
+    enc = model.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    offsets, out, at = enc["offset_mapping"], [], start
+    for ph in phrases:
+        c = text.index(ph, at) + (len(ph) - len(ph.lstrip()))
+        tok = next(i for i, (a, b) in enumerate(offsets) if a <= c < b or (a >= c and b > a))
+        out.append(tok + int(prepend_bos))
+        at = c + 1
+    return out
 
 
 def _is_one_token(model, text: str) -> bool:
