@@ -11,7 +11,11 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.mechlib-setup
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup system model notebooks test test-fast lab bench clean
+MODEL  ?=
+DEVICE ?=
+NB_PARAMS := $(if $(MODEL),-p MODEL $(MODEL)) $(if $(DEVICE),-p DEVICE $(DEVICE))
+
+.PHONY: setup system model notebooks test test-fast lab bench clean sync lint
 
 setup: system $(STAMP) model
 
@@ -40,8 +44,16 @@ $(STAMP): pyproject.toml
 model: $(STAMP)
 	@$(PY) -c "from mechlib.models import prepare_embedded as p; print('embedded model caches:', p('smollm2-135m'), p('gemma-3-270m'))"
 
+# make notebooks MODEL=gemma-3-270m   runs every notebook on another model (papermill parameters)
 notebooks: setup
-	$(PY) tools/run_notebooks.py notebooks reports
+	$(PY) tools/run_notebooks.py notebooks reports $(NB_PARAMS)
+
+# notebooks/*.py (py:percent) and notebooks/*.ipynb are jupytext pairs: edit either, then sync
+sync: setup
+	$(VENV)/bin/jupytext --sync notebooks/*.py
+
+lint: setup
+	$(VENV)/bin/ruff check mechlib tests tools benchmarks notebooks
 
 test: setup
 	$(PY) -m pytest
@@ -50,7 +62,7 @@ test-fast: setup
 	$(PY) -m pytest -m "not notebook"
 
 bench: setup
-	$(PY) benchmarks/patching.py
+	$(PY) benchmarks/patching.py $(if $(DEVICE),--device $(DEVICE))
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks

@@ -23,7 +23,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mechlib  # noqa: E402
 from mechlib import metrics, tasks  # noqa: E402
 
-
 DEVICE = None
 
 

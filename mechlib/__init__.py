@@ -9,8 +9,7 @@ Importing mechlib has no side effects: no network, no plotting backend, no globa
 """
 
 from mechlib import arch, hooks, metrics, sites, tasks, viz
-from mechlib.models import (ModelLoadError, ModelNotAvailableOffline, generate, load_model,
-                            tiny_model, vlm_inputs)
+from mechlib.models import ModelLoadError, ModelNotAvailableOffline, generate, load_model, tiny_model, vlm_inputs
 from mechlib.results import Result
 from mechlib.sites import SITES, Site
 from mechlib.tasks import ContrastSet, ContrastSetError
@@ -23,16 +22,13 @@ __all__ = [
     "arch", "hooks", "metrics", "sites", "tasks", "viz",
 ]
 
-from mechlib.analyses.patching import (PatchingResult, activation_patching,  # noqa: E402
-                                       attribution_patching, path_patching)
+from mechlib.analyses.patching import PatchingResult, activation_patching, attribution_patching, path_patching  # noqa: E402
 
 __all__ += ["activation_patching", "attribution_patching", "path_patching", "PatchingResult"]
 
 from mechlib import interventions  # noqa: E402
-from mechlib.analyses.sinks import (act_head_search, attention_sinks, massive_activations, massive_means,  # noqa: E402
-                                   sink_dimensions)
-from mechlib.interventions import (ablate_massive, ablate_sink_values, calibrate_attention,  # noqa: E402
-                                   redistribute_attention)
+from mechlib.analyses.sinks import act_head_search, attention_sinks, massive_activations, massive_means, sink_dimensions  # noqa: E402
+from mechlib.interventions import ablate_massive, ablate_sink_values, calibrate_attention, redistribute_attention  # noqa: E402
 from mechlib.tasks.contrast import PromptBatch  # noqa: E402
 
 __all__ += ["attention_sinks", "massive_activations", "massive_means", "sink_dimensions", "act_head_search", "interventions",
@@ -43,18 +39,16 @@ from mechlib.interventions import scale_heads, steer_attention, steer_residual  
 
 __all__ += ["find_circuit", "circuit_overlap", "Circuit", "OverlapResult", "scale_heads", "steer_attention", "steer_residual"]
 
-from mechlib.analyses.attribution import (DLAResult, HeadScores, direct_logit_attribution,  # noqa: E402
-                                          head_divergence)
+from mechlib.analyses.attribution import DLAResult, HeadScores, direct_logit_attribution, head_divergence  # noqa: E402
 
 __all__ += ["head_divergence", "direct_logit_attribution", "HeadScores", "DLAResult"]
 
-from mechlib.analyses.lens import (ComponentTokens, LensResult, component_tokens, logit_lens,  # noqa: E402
-                                   self_logits_augmentation)
+from mechlib.analyses.lens import ComponentTokens, LensResult, component_tokens, logit_lens, self_logits_augmentation  # noqa: E402
 
 __all__ += ["logit_lens", "component_tokens", "self_logits_augmentation", "LensResult", "ComponentTokens"]
 
 from mechlib.analyses.position import PositionBias, position_bias, segment_attention  # noqa: E402
-from mechlib.interventions import position_invariant, var, vhr, vista, steering_vectors  # noqa: E402
+from mechlib.interventions import position_invariant, steering_vectors, var, vhr, vista  # noqa: E402
 
 __all__ += ["position_bias", "segment_attention", "PositionBias", "position_invariant", "var", "vhr", "vista",
             "steering_vectors"]

@@ -479,3 +479,35 @@ def lens_explorer(model, prompts, *, tokens: Optional[Sequence[str]] = None, top
     }, draw, figsize=(9, 3.4))
     ex.lens = lens
     return ex
+
+
+# ------------------------------------------------------------------------------------------------
+# the notebooks' report card (read by the reports gallery)
+# ------------------------------------------------------------------------------------------------
+
+REPORT_MIME = "application/vnd.mechlib.report+json"
+VERDICTS = ("reproduced", "partly", "not reproduced")
+
+
+class ReportCard:
+    """A notebook's one-line summary: the paper, the finding, the verdict, the model and settings.
+    Displays as a small HTML box and carries a JSON bundle the reports gallery reads."""
+
+    def __init__(self, *, paper: str, finding: str, status: str, model: str):
+        if status not in VERDICTS:
+            raise ValueError(f"status={status!r}: one of {VERDICTS}")
+        self.data = dict(paper=paper, finding=finding, status=status, model=model)
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        import html
+
+        d = {k: html.escape(v) for k, v in self.data.items()}
+        box = (f"<div style='border:1px solid #ccc;border-radius:6px;padding:.6em'><b>{d['status']}</b> — "
+               f"{d['finding']}<br><i>{d['paper']}</i><br><small>{d['model']}</small></div>")
+        return {REPORT_MIME: self.data, "text/html": box,
+                "text/plain": f"[{self.data['status']}] {self.data['finding']} ({self.data['model']})"}
+
+
+def report_card(*, paper: str, finding: str, status: str, model: str) -> ReportCard:
+    """The summary a notebook ends with (``status``: reproduced / partly / not reproduced)."""
+    return ReportCard(paper=paper, finding=finding, status=status, model=model)

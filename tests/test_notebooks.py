@@ -12,6 +12,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+import mechlib
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from run_notebooks import WIDGET_VIEW, offline_html, run, write_index  # noqa: E402
@@ -44,6 +46,31 @@ def test_notebooks_have_colab_and_parameters_cells():
         assert "MECHLIB_REPO_URL" in code[0].source, f"{p.name}: first code cell must install mechlib on Colab"
         assert "parameters" in code[1].metadata.get("tags", []), f"{p.name}: second code cell must be the parameters"
         assert all(c.get("outputs", []) == [] for c in code), f"{p.name}: commit notebooks without outputs"
+        assert all(c.get("execution_count") is None for c in code), f"{p.name}: commit notebooks unexecuted"
+
+
+def test_every_notebook_is_paired_with_its_jupytext_source():
+    """notebooks/*.py (py:percent) and notebooks/*.ipynb hold the same cells: a pair that drifts
+    (one edited without `make sync`) fails here."""
+    import jupytext
+
+    assert {p.stem for p in NOTEBOOKS} == {p.stem for p in (ROOT / "notebooks").glob("*.py")}
+    for p in NOTEBOOKS:
+        nb = nbformat.read(p, as_version=4)
+        src = jupytext.read(p.with_suffix(".py"))
+        assert [(c.cell_type, c.source) for c in nb.cells] == [(c.cell_type, c.source) for c in src.cells], \
+            f"{p.name} and {p.stem}.py differ: run `make sync`"
+        assert [c.metadata.get("tags", []) for c in nb.cells] == [c.metadata.get("tags", []) for c in src.cells]
+        assert len({c["id"] for c in nb.cells}) == len(nb.cells), f"{p.name}: duplicate cell ids"
+
+
+def test_notebooks_end_with_their_report_card_and_findings():
+    for p in NOTEBOOKS:
+        nb = nbformat.read(p, as_version=4)
+        code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+        assert "report_card(" in code, f"{p.name}: end with viz.report_card(...) (the gallery reads it)"
+        assert "assert " in code, f"{p.name}: assert on the notebook's own findings"
+        assert any("key-figure" in c.metadata.get("tags", []) for c in nb.cells), f"{p.name}: tag its key figure"
 
 
 def test_offline_html_drops_cdn_scripts_and_widget_views(tmp_path):
@@ -57,9 +84,15 @@ def test_offline_html_drops_cdn_scripts_and_widget_views(tmp_path):
     assert not re.search(r"<script[^>]+src=[\"']https?://", page), "external script left in the report"
     assert "unpkg.com" not in page
     (tmp_path / "a.html").write_text(page)
+    card = mechlib.viz.report_card(paper="P", finding="F <b>", status="partly", model="M")
+    nb.cells[0].outputs.append(nbformat.v4.new_output("display_data", data=card._repr_mimebundle_()))
+    nb.cells[0].metadata["tags"] = ["key-figure"]
+    nb.cells[0].outputs.append(nbformat.v4.new_output("display_data", data={"image/png": "iVBORw0KGgo="}))
+    nbformat.write(nb, tmp_path / "a.ipynb")
     write_index(tmp_path, {"a": (True, 3.0)})
     index = (tmp_path / "index.html").read_text()
-    assert "a.html" in index and "ok, 3 s" in index
+    assert "a.html" in index and "3 s" in index and "partly" in index and "F &lt;b&gt;" in index
+    assert "data:image/png;base64,iVBORw0KGgo=" in index
 
 
 _PROBE = """<script>window.__errs=[];

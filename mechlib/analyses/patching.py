@@ -708,7 +708,7 @@ def _path_batch(model, base: _PathBase, senders, recv, receiver_positions, sende
             for k, (l, h) in enumerate(part):
                 rows_of.setdefault(l, []).append((k, h))
 
-            def freeze(act, hook, layer):
+            def freeze(act, hook, layer, C=C, rows_of=rows_of):
                 out = clean_z[z_names[layer]].repeat(C, 1, 1, 1)
                 corr = corr_z[z_names[layer]]
                 for k, h in rows_of.get(layer, []):
@@ -733,7 +733,7 @@ def _path_batch(model, base: _PathBase, senders, recv, receiver_positions, sende
                 rows = torch.arange(C * B)
                 last = last_b.repeat(C)
 
-                def put(act, hook, hname):
+                def put(act, hook, hname, rows=rows, last=last):
                     act = act.clone()
                     for r in recv:
                         if r.hook_name != hname:

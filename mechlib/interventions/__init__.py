@@ -25,12 +25,26 @@ these raise :class:`UnsupportedBridgeError` instead.
 
 
 from mechlib.interventions._common import UnsupportedBridgeError, _check_pattern_editable, _heads_by_layer  # noqa: F401
-from mechlib.interventions.attention import (ablate_sink_values, act_calibrate, act_sinks, calibrate_attention,
-                                             redistribute_attention, rms_sink_scores, steer_attention, var)
+from mechlib.interventions.attention import (
+                                             ablate_sink_values,
+                                             act_calibrate,
+                                             act_sinks,
+                                             calibrate_attention,
+                                             redistribute_attention,
+                                             rms_sink_scores,
+                                             steer_attention,
+                                             var,
+)
 from mechlib.interventions.heads import VHRSelection, reinforce_heads, scale_heads, vhr, vhr_layers
 from mechlib.interventions.position import _order_shift, _rope_scores, position_invariant, rope_frequencies  # noqa: F401
-from mechlib.interventions.residual import (SteeringVectors, ablate_massive, massive_positions, steer_residual,
-                                            steering_vectors, vista)
+from mechlib.interventions.residual import (
+                                             SteeringVectors,
+                                             ablate_massive,
+                                             massive_positions,
+                                             steer_residual,
+                                             steering_vectors,
+                                             vista,
+)
 
 __all__ = ["UnsupportedBridgeError", "calibrate_attention", "redistribute_attention", "steer_attention",
            "ablate_sink_values", "scale_heads", "position_invariant", "ablate_massive", "steer_residual",

@@ -10,11 +10,8 @@ import torch
 from torch import Tensor
 
 from mechlib import hooks
+from mechlib.interventions._common import _check_pattern_editable, _editing_patterns, _heads_by_layer, _move_mass
 from mechlib.sites import check_layer
-
-from mechlib.interventions._common import (_check_pattern_editable, _editing_patterns,
-                                           _heads_by_layer, _move_mass)
-
 
 ACT_VARIANTS = ("paper", "code")
 

@@ -10,10 +10,8 @@ import torch
 from torch import Tensor
 
 from mechlib import hooks
-from mechlib.sites import check_layer
-
 from mechlib.interventions._common import UnsupportedBridgeError, _check_pattern_editable
-
+from mechlib.sites import check_layer
 
 
 def rope_frequencies(cos: Tensor, sin: Tensor) -> Tensor:

@@ -28,8 +28,14 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from mechlib.models import cache, embedded, hub, local, tiny  # noqa: F401 (submodules are part of the API)
-from mechlib.models._common import (ModelLoadError, ModelNotAvailableOffline, cache_dir, default_device,
-                                    resolve_dtype, supported_architectures)
+from mechlib.models._common import (
+    ModelLoadError,
+    ModelNotAvailableOffline,
+    cache_dir,
+    default_device,
+    resolve_dtype,
+    supported_architectures,
+)
 from mechlib.models.embedded import EMBEDDED
 from mechlib.models.generation import generate
 from mechlib.models.hub import HUB_ALIASES

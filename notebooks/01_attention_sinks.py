@@ -22,7 +22,7 @@ if importlib.util.find_spec("mechlib") is None:  # Colab: install from the repos
         raise RuntimeError("mechlib is not installed: set MECHLIB_REPO_URL to the mechlib git URL, or pip install it")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"mechlib[notebooks] @ git+{repo}"], check=True)
 
-# %%
+# %% tags=["parameters"]
 # parameters
 MODEL = os.environ.get("MECHLIB_MODEL", "smollm2-135m")   # "llama-2-7b" on a GPU box with hub access
 N_PROMPTS = int(os.environ.get("MECHLIB_N_PROMPTS", "12"))
