@@ -52,3 +52,9 @@ from mechlib.interventions import position_invariant, steering_vectors, var, vhr
 
 __all__ += ["position_bias", "segment_attention", "PositionBias", "position_invariant", "var", "vhr", "vista",
             "steering_vectors"]
+
+from mechlib import stats  # noqa: E402
+from mechlib.analyses.controls import compare_with_random, random_head_sets  # noqa: E402
+from mechlib.analyses.probes import PCAResult, ProbeResult, pca, probe  # noqa: E402
+
+__all__ += ["stats", "probe", "pca", "ProbeResult", "PCAResult", "random_head_sets", "compare_with_random"]

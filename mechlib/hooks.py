@@ -175,11 +175,32 @@ def run_with_cache(
     *,
     extras: Optional[Mapping[str, Tensor]] = None,
     hooks: Sequence[tuple[str, HookFn]] = (),
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """``(logits, {name: activation})`` caching only ``names`` (plus optional patch hooks)."""
+):
+    """``(logits, cache)`` caching only ``names`` (plus optional patch hooks). The cache is
+    TransformerLens' ``ActivationCache`` (``cache[name]``, ``accumulated_resid``, ...), so what
+    mechlib records can go straight into TL's tools, and a user's own cache can be handed to verbs
+    that take ``cache=``."""
+    from transformer_lens import ActivationCache
+
     with capture(model, names) as store:
         logits = forward(model, tokens, hooks=hooks, extras=extras)
-    return logits, store
+    return logits, ActivationCache(dict(store), model)
+
+
+def cached(model, cache, names: Sequence[str], n_prompts: int):
+    """Activations ``{name: tensor}`` from a user's cache (an ``ActivationCache`` or dict), checked
+    to hold every needed hook for the prompts (batch axis first)."""
+    have = set(cache.keys())
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise KeyError(f"the cache lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}: run the model with "
+                       f"names_filter covering them, or drop cache= to let mechlib run it")
+    out = {n: cache[n] for n in names}
+    bad = [n for n, v in out.items() if v.shape[0] != n_prompts]
+    if bad:
+        raise ValueError(f"cached {bad[0]} has batch {out[bad[0]].shape[0]} but there are {n_prompts} prompts "
+                         "(a cache made with remove_batch_dim=True, or for other prompts)")
+    return out
 
 
 # ------------------------------------------------------------------------------------------

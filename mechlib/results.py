@@ -67,15 +67,12 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
-def bootstrap_ci(x: Tensor, *, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of ``x`` (``[n]``, e.g. per-prompt paired differences)."""
-    x = torch.as_tensor(x).float().flatten().cpu()
-    if len(x) < 2:
-        raise ValueError(f"bootstrap_ci needs at least 2 values, got {len(x)}")
-    g = torch.Generator().manual_seed(seed)
-    boot = torch.stack([x[torch.randint(len(x), (len(x),), generator=g)].mean() for _ in range(n_boot)])
-    lo, hi = torch.quantile(boot, torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2])).tolist()
-    return lo, hi
+def bootstrap_ci(x: Tensor, *, level: float = 0.95, n_boot: int = 9999, seed: int = 0) -> tuple[float, float]:
+    """BCa bootstrap CI of the mean of ``x`` (``[n]``, e.g. per-prompt paired differences); see
+    :func:`mechlib.stats.bootstrap_ci`."""
+    from mechlib.stats import bootstrap_ci as _ci
+
+    return _ci(torch.as_tensor(x).float().flatten(), level=level, n_resamples=n_boot, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -141,18 +138,16 @@ class Result:
             return None
         return self.per_prompt.float().std(0) / math.sqrt(self.per_prompt.shape[0])
 
-    def ci(self, level: float = 0.95, n_boot: int = 1000, seed: int = 0) -> tuple[Tensor, Tensor]:
-        """Percentile bootstrap CI of the mean over prompts: ``(low, high)``, each like ``values``."""
+    def ci(self, level: float = 0.95, n_boot: int = 9999, seed: int = 0) -> tuple[Tensor, Tensor]:
+        """BCa bootstrap CI of the mean over prompts (scipy): ``(low, high)``, each like ``values``."""
+        from mechlib.stats import bootstrap_ci as _ci
+
         if self.per_prompt is None:
             raise ValueError("this result has no per-prompt values to bootstrap")
-        g = torch.Generator().manual_seed(seed)
         n = self.per_prompt.shape[0]
-        idx = torch.randint(0, n, (n_boot, n), generator=g)
-        flat = self.per_prompt.float().reshape(n, -1)
-        means = torch.stack([flat[i].mean(0) for i in idx])  # [n_boot, cells]
-        a = (1 - level) / 2
-        lo, hi = torch.quantile(means, torch.tensor([a, 1 - a]), dim=0)
-        return lo.reshape(self.values.shape), hi.reshape(self.values.shape)
+        lo, hi = _ci(self.per_prompt.float().reshape(n, -1), level=level, n_resamples=n_boot, seed=seed)
+        as_t = lambda a: torch.as_tensor(a, dtype=torch.float32).reshape(self.values.shape)  # noqa: E731
+        return as_t(lo), as_t(hi)
 
     # ------------------------------------------------------------------ tables
     def to_dataframe(self):
@@ -245,8 +240,9 @@ class Result:
         return path
 
     @staticmethod
-    def load(path: Union[str, Path]) -> "Result":
-        """Read a file written by :meth:`save`, as the class that wrote it."""
+    def load(path: Union[str, Path], model=None) -> "Result":
+        """Read a file written by :meth:`save`, as the class that wrote it. With ``model``, warn when
+        it is not the model the result was made with (its weights digest differs)."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
@@ -263,14 +259,32 @@ class Result:
             elif f.name in meta:
                 kwargs[f.name] = meta[f.name]
         kwargs["axis_names"] = tuple(kwargs["axis_names"])
-        return cls(**kwargs)
+        out = cls(**kwargs)
+        prov = out.metadata.get("provenance")
+        if model is not None and prov:
+            import warnings
+
+            from mechlib.provenance import weights_digest
+
+            if prov.get("weights") != weights_digest(model):
+                warnings.warn(f"{path} was made with {prov.get('model')!r} (weights {prov.get('weights')}), not with "
+                              f"this model (weights {weights_digest(model)}): its numbers describe another model",
+                              stacklevel=2)
+        return out
+
+    @property
+    def provenance(self) -> dict:
+        """How this result was made (verb, arguments, model and weights digest, inputs, versions)."""
+        return dict(self.metadata.get("provenance", {}))
 
     # ------------------------------------------------------------------ display
     def summary(self) -> str:
         dims = " × ".join(f"{a}={n}" for a, n in zip(self.axis_names, self.values.shape))
         base = ", ".join(f"{k}={v:.3g}" for k, v in self.baselines.items())
         prompts = f", {self.n_prompts} prompts" if self.n_prompts else ""
-        return f"{type(self).__name__}({dims}{prompts}{', ' + base if base else ''})"
+        prov = self.metadata.get("provenance") or {}
+        made = f"; {prov['verb']} on {prov['model']}" if prov else ""
+        return f"{type(self).__name__}({dims}{prompts}{', ' + base if base else ''}{made})"
 
     def __repr__(self) -> str:
         return self.summary()

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+import mechlib
 from mechlib import ContrastSet, Result, metrics
 from mechlib.results import atomic_write_bytes
 
@@ -132,3 +133,50 @@ def test_bootstrap_ci_brackets_the_mean_and_narrows_with_n():
     assert bootstrap_ci(torch.ones(5)) == (1.0, 1.0)
     with pytest.raises(ValueError, match="at least 2"):
         bootstrap_ci(torch.ones(1))
+
+
+def test_results_remember_how_they_were_made(tmp_path, tiny_llama):
+    import warnings
+
+    r = mechlib.attention_sinks(tiny_llama, ["Mary gave a drink to John"], epsilon=0.2)
+    prov = r.provenance
+    assert prov["verb"] == "attention_sinks" and prov["arguments"] == {"epsilon": 0.2}
+    assert prov["model"] == "tiny-llama" and len(prov["weights"]) == 16 and prov["versions"]["torch"]
+    back = mechlib.Result.load(r.save(tmp_path / "r.safetensors"), model=tiny_llama)
+    assert back.provenance == prov and "attention_sinks on tiny-llama" in back.summary()
+    other = mechlib.tiny_model("llama", seed=9)
+    with pytest.warns(UserWarning, match="not with this model"):
+        mechlib.Result.load(tmp_path / "r.safetensors", model=other)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mechlib.Result.load(tmp_path / "r.safetensors", model=tiny_llama)
+    again = mechlib.attention_sinks(tiny_llama, ["Mary gave a drink to"], epsilon=0.2)
+    assert again.provenance["inputs"] != prov["inputs"]
+
+
+def test_statistics_from_scipy():
+    from mechlib import stats
+
+    x = torch.tensor([0.5, 1.0, 1.5, 0.7, 1.2, 0.9, 1.1, 0.8])
+    lo, hi = stats.bootstrap_ci(x)
+    assert lo < float(x.mean()) < hi
+    assert stats.bootstrap_ci(torch.ones(4)) == (1.0, 1.0)  # degenerate: the interval collapses
+    # exact sign-flip p-value: all 8 positive -> only the all-positive and all-negative flips are as extreme
+    assert stats.sign_flip_pvalue(x) == pytest.approx(2 / 2 ** 8)
+    e = stats.paired(torch.zeros(8), x)
+    assert e.mean == pytest.approx(float(x.mean())) and e.p == pytest.approx(2 / 256)
+    assert stats.empirical_p(3.0, [1.0, 2.0, 4.0]) == pytest.approx(2 / 4)
+
+
+def test_random_head_sets_and_comparison(tiny_llama):
+    heads = [(0, 1), (1, 2), (1, 3)]
+    sets = mechlib.random_head_sets(tiny_llama, heads, n=5, seed=1)
+    assert len(sets) == 5 and all(len(s) == 3 for s in sets)
+    for s in sets:
+        assert not set(s) & set(heads)
+        assert sorted(l for l, _ in s) == [0, 1, 1]  # depth matched
+    assert mechlib.random_head_sets(tiny_llama, heads, n=5, seed=1) == sets
+    cmp = mechlib.compare_with_random(lambda hs: float(sum(h for _, h in hs)), heads, sets)
+    assert cmp.values[0] == 6.0 and cmp.p == pytest.approx((1 + int((cmp.random >= 6).sum())) / 6)
+    with pytest.raises(ValueError, match="same_layers=False"):
+        mechlib.random_head_sets(tiny_llama, [(0, h) for h in range(3)], n=1)

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from mechlib import hooks
 from mechlib.memory import peak_memory
+from mechlib.provenance import records
 from mechlib.results import Result
 from mechlib.tasks.contrast import ContrastSet, PromptBatch, Span
 
@@ -42,6 +43,7 @@ class HeadScores(Result):
         return [(i // H, i % H) for i in flat]
 
 
+@records
 def head_divergence(
     model,
     prompts,
@@ -175,6 +177,7 @@ def _final_norm_frozen(model, x: Tensor, y: Tensor):
     return frozen_norm(model, model.ln_final, x, y)
 
 
+@records
 def direct_logit_attribution(model, contrast: ContrastSet, *, batch_size: Optional[int] = None) -> DLAResult:
     """Split each prompt's logit difference (answer − wrong answer, last token) into the direct
     contributions of the embedding, every head, every MLP and the bias terms.

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from mechlib.analyses.patching import PathBases, attribution_patching, path_patching
 from mechlib.metrics import Metric
+from mechlib.provenance import records
 from mechlib.results import Result, atomic_write_bytes
 from mechlib.sites import Site
 from mechlib.tasks.contrast import ContrastSet
@@ -213,6 +214,7 @@ def _scores(res, gap: float) -> Tensor:
     return ((clean - res.per_prompt) / gap).flatten(1)
 
 
+@records
 def find_circuit(
     model,
     contrast: ContrastSet,

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from mechlib import hooks
 from mechlib.memory import peak_memory
+from mechlib.provenance import records
 from mechlib.results import Result
 from mechlib.tasks.contrast import ContrastSet, PromptBatch, single_token_id
 
@@ -105,6 +106,7 @@ class LensResult(Result):
         return fig
 
 
+@records
 def logit_lens(
     model,
     prompts,
@@ -193,6 +195,7 @@ class ComponentTokens(Result):
                              "top tokens": [", ".join(repr(t) for t in row) for row in self.top_tokens]})
 
 
+@records
 def component_tokens(
     model,
     prompts,

@@ -38,6 +38,7 @@ from torch import Tensor
 from mechlib import hooks
 from mechlib.memory import peak_memory
 from mechlib.metrics import Metric, check_metric_values, on_prompts
+from mechlib.provenance import records
 from mechlib.results import Result
 from mechlib.sites import Site, SiteError, SiteSpec, check_head, check_layer, n_heads, site_spec
 from mechlib.tasks.contrast import ContrastSet
@@ -281,6 +282,7 @@ def _fallback_warning(verb: str, reason: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+@records
 def activation_patching(
     model,
     contrast: ContrastSet,
@@ -426,6 +428,7 @@ def gradients_available(verb: str) -> None:
             "torch.set_grad_enabled(False) around it are fine: it enables gradients itself).")
 
 
+@records
 def attribution_patching(
     model,
     contrast: ContrastSet,
@@ -583,6 +586,7 @@ class PathBases:
             yield idx, base
 
 
+@records
 def path_patching(
     model,
     contrast: ContrastSet,

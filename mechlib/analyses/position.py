@@ -23,6 +23,7 @@ from torch import Tensor
 
 from mechlib import hooks
 from mechlib.interventions import position_invariant
+from mechlib.provenance import records
 from mechlib.results import Result, bootstrap_ci
 from mechlib.tasks.segments import OptionPrompts, SegmentedPrompts
 
@@ -78,6 +79,7 @@ def _maybe_pine(model, chunk: SegmentedPrompts, pine: bool):
     return position_invariant(model, chunk) if pine else nullcontext()
 
 
+@records
 def position_bias(model, options: OptionPrompts, *, pine: bool = False, batch_size: int = 32) -> PositionBias:
     """Logit difference (correct − wrong) of every item in both orders → :class:`PositionBias`.
     ``pine=True`` runs the forwards under PINE."""
@@ -95,6 +97,7 @@ def position_bias(model, options: OptionPrompts, *, pine: bool = False, batch_si
                                                   "model": model.cfg.model_name})
 
 
+@records
 def segment_attention(model, prompts: SegmentedPrompts, *, pine: bool = False, batch_size: int = 32,
                       layers: Optional[list[int]] = None) -> Result:
     """``values[layer, head, slot]``: attention mass from each prompt's last token to the tokens

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from mechlib import hooks
 from mechlib.memory import peak_memory
+from mechlib.provenance import records
 from mechlib.results import Result
 from mechlib.sites import check_layer
 from mechlib.tasks.contrast import PromptBatch
@@ -35,6 +36,23 @@ from mechlib.tasks.contrast import PromptBatch
 
 def _batch(model, prompts, extras) -> PromptBatch:
     return PromptBatch.from_prompts(model, prompts, extras=extras)
+
+
+def _activations(model, batch: PromptBatch, names, batch_size, cache):
+    """``(sub-batch, {name: activation})`` per batch of prompts: from the model, or sliced from a
+    user's ``cache`` (then trimmed to each batch's width)."""
+    if cache is not None:
+        full = hooks.cached(model, cache, names, len(batch))
+    start = 0
+    for sub in batch.batches(batch_size):
+        if cache is None:
+            _, acts = hooks.run_with_cache(model, sub.tokens, names, extras=sub.extras)
+        else:
+            T = sub.tokens.shape[1]
+            acts = {n: (v[start:start + len(sub), :, :T, :T] if v.ndim == 4 and "pattern" in n
+                        else v[start:start + len(sub), :T]) for n, v in full.items()}
+        start += len(sub)
+        yield sub, acts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,6 +116,7 @@ class MassiveActivations(Result):
         return None if hit.numel() == 0 else self.metadata["layers"][int(hit[0])]
 
 
+@records
 def massive_activations(
     model,
     prompts,
@@ -108,6 +127,7 @@ def massive_activations(
     layers: Optional[Sequence[int]] = None,
     extras: Optional[dict] = None,
     batch_size: Optional[int] = None,
+    cache=None,
 ) -> MassiveActivations:
     """The largest residual-stream entries per layer (``blocks.{l}.hook_resid_post``).
 
@@ -126,8 +146,7 @@ def massive_activations(
     names = [f"blocks.{l}.hook_resid_post" for l in layers]
     tv, tp, td, med = [], [], [], []
     with peak_memory(model.cfg.device) as mem:
-        for sub in batch.batches(batch_size):
-            _, acts = hooks.run_with_cache(model, sub.tokens, names, extras=sub.extras)
+        for sub, acts in _activations(model, batch, names, batch_size, cache):
             mask = sub.mask.to(acts[names[0]].device)
             v_, p_, d_, m_ = [], [], [], []
             for n in names:
@@ -230,6 +249,7 @@ class AttentionSinks(Result):
         return df.sort_values("n_heads", ascending=False).reset_index(drop=True)
 
 
+@records
 def attention_sinks(
     model,
     prompts,
@@ -238,6 +258,7 @@ def attention_sinks(
     layers: Optional[Sequence[int]] = None,
     extras: Optional[dict] = None,
     batch_size: Optional[int] = None,
+    cache=None,
 ) -> AttentionSinks:
     """Gu et al.'s sink scores for every layer and head, hidden sinks, and value norms.
 
@@ -262,8 +283,7 @@ def attention_sinks(
     group = H // int(getattr(model.cfg, "n_key_value_heads", None) or H)
     alphas, ratios = [], []
     with peak_memory(model.cfg.device) as mem:
-        for sub in batch.batches(batch_size):
-            _, acts = hooks.run_with_cache(model, sub.tokens, pat + val, extras=sub.extras)
+        for sub, acts in _activations(model, batch, pat + val, batch_size, cache):
             Ps = sub.tokens.shape[1]
             mask = sub.mask.float()  # [b, pos]
             # α_k = mean over real queries t >= k of A[t, k]
@@ -322,6 +342,7 @@ class SinkDimensions(Result):
         return pd.DataFrame(rows, columns=["prompt", "pos", "token", "score"])
 
 
+@records
 def sink_dimensions(
     model,
     prompts,
@@ -331,6 +352,7 @@ def sink_dimensions(
     layers: Optional[Sequence[int]] = None,
     extras: Optional[dict] = None,
     batch_size: Optional[int] = None,
+    cache=None,
 ) -> SinkDimensions:
     """Discover the sink dimensions (VAR's ``D_sink``) and flag sink tokens.
 
@@ -355,8 +377,7 @@ def sink_dimensions(
     P = batch.tokens.shape[1]
     xs = []
     with peak_memory(model.cfg.device) as mem:
-        for sub in batch.batches(batch_size):
-            _, acts = hooks.run_with_cache(model, sub.tokens, names, extras=sub.extras)
+        for sub, acts in _activations(model, batch, names, batch_size, cache):
             x = torch.stack([acts[n].float().cpu() for n in names], 1)  # [b, layer, pos, d]
             x = x * (x.pow(2).mean(-1, keepdim=True) + 1e-6).rsqrt()  # RMSNorm without weight (VAR's code)
             xs.append(torch.nn.functional.pad(x, (0, 0, 0, P - x.shape[2])))
@@ -405,6 +426,7 @@ class HeadSearch(Result):
         return pd.DataFrame(rows).sort_values(["accuracy_gain", "margin_gain"], ascending=False).reset_index(drop=True)
 
 
+@records
 def act_head_search(
     model,
     calib,

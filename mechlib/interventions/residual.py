@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from mechlib import hooks
+from mechlib.provenance import records
 from mechlib.results import Result
 from mechlib.sites import check_layer
 
@@ -159,6 +160,7 @@ class SteeringVectors(Result):
     vectors: Optional[Tensor] = None
 
 
+@records
 def steering_vectors(model, prompts, *, span=None, extras: Optional[dict] = None) -> SteeringVectors:
     """Per-input VSVs (VISTA, ``obtain_vsv`` with one positive/negative pair): for each prompt and
     layer, the difference of the layer's output (``hook_resid_post``) at the last token with the
