@@ -84,13 +84,12 @@ import json
 import math
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from mechlib import hooks
@@ -193,10 +192,6 @@ class GraphSpec:
     @property
     def n_edges(self) -> int:
         return int(self.real_mask.sum())
-
-    @property
-    def n_layers_heads(self) -> int:
-        return self.n_layers * self.n_heads
 
     def head_index(self, layer: int, head: int) -> int:
         return 1 + layer * (self.n_heads + 1) + head
@@ -705,38 +700,38 @@ def _masked_logits(model, w: _Wiring, tokens: Tensor, extras, ablated: Tensor, n
     ``input − Σ_{ablated edges u→v} (a_u(this run) − a_u(ablated))``."""
     spec = w.spec
     C, b = notin.shape[0], tokens.shape[0]
-    dev = model.cfg.device
-    ablated = ablated.to(dev)
-    notin = notin.to(dev)
+    notin = notin.to(model.cfg.device)
     if not bool(notin.any()):
         return hooks.forward(model, tokens.repeat(C, 1), extras=_tile(extras, C))
-    diff = {}  # writer rows → a(run) − a(ablated), [C*b, p, rows, d]
+    buf: dict[str, Tensor] = {}  # "d": [C*b, p, n_forward, d] = a(this run) − a(ablated), filled as writers fire
     zs: dict[int, Tensor] = {}
 
-    def tiled(rows: slice) -> Tensor:
-        return ablated[:, :, rows].repeat(C, 1, 1, 1)
+    def write(rows: slice, value: Tensor) -> None:
+        abl = ablated[:, :, rows].to(value.device, value.dtype)
+        buf["d"][:, :, rows] = value - abl.repeat(C, *([1] * (abl.ndim - 1)))
 
     def on_embed(x, hook):
-        diff[0] = (x - ablated[:, :, 0].repeat(C, 1, 1))[:, :, None]
+        buf["d"] = x.new_zeros((x.shape[0], x.shape[1], spec.n_forward, x.shape[-1]))
+        write(slice(0, 1), x[:, :, None])
 
     def on_z(x, hook, l):
-        if w.post[l] is not None:
+        if w.post[l] is not None:  # the write needs this run's post-norm scale: finish at its input
             zs[l] = x
             return None
         i = spec.head_index(l, 0)
-        diff[i] = _head_writes(w, l, x, None) - tiled(slice(i, i + spec.n_heads))
+        write(slice(i, i + spec.n_heads), _head_writes(w, l, x, None))
 
     def on_raw(x, hook, l):
         i = spec.head_index(l, 0)
-        diff[i] = _head_writes(w, l, zs.pop(l), x) - tiled(slice(i, i + spec.n_heads))
+        write(slice(i, i + spec.n_heads), _head_writes(w, l, zs.pop(l), x))
 
     def on_mlp(x, hook, l):
         i = spec.mlp_index(l)
-        diff[i] = (x - ablated[:, :, i].repeat(C, 1, 1))[:, :, None]
+        write(slice(i, i + 1), x[:, :, None])
 
     def on_reader(x, hook, slot: _Slot, weights: Tensor):
-        d = torch.cat([diff[k] for k in sorted(diff)], 2)[:, :, :slot.prev]  # [C*b, p, prev, d]
-        d = d.reshape(C, b, *d.shape[1:])
+        d = buf["d"][:, :, :slot.prev]
+        d = d.reshape(C, b, *d.shape[1:])  # [C, b, p, prev, d]
         corr = torch.einsum("cbpfd,cfk->cbpkd", d, weights.to(d.dtype)).reshape(C * b, d.shape[2], -1, d.shape[-1])
         return x - (corr[:, :, 0] if slot.flat else corr)
 
@@ -1313,7 +1308,7 @@ def _evaluate(model, contrast: ContrastSet, metric, circuits: Sequence, *, ablat
     masks, units, sizes = _circuit_masks(w, circuits)
     C, B = len(circuits), len(contrast)
     heads = units == "heads"
-    empty = torch.ones_like(masks[:1])  # every unit ablated
+    empty = torch.ones_like(masks[:1]) if heads else w.spec.real_mask[None]  # every unit ablated
     full_masks = torch.cat([masks, empty])
     values = torch.empty(C + 1, B)
     clean_vals, corr_vals = torch.empty(B), torch.empty(B)
@@ -1333,7 +1328,7 @@ def _evaluate(model, contrast: ContrastSet, metric, circuits: Sequence, *, ablat
                     m(hooks.forward(model, sub.corrupted_tokens, extras=sub.forward_extras("corrupted"))),
                     b, name=name).cpu()
                 abl = sources(idx, sub)
-                per = (spec_floats(w) if not heads else 0)
+                per = (_per_copy_floats(w) if not heads else 0)
                 chunk = _chunk(model, b, sub.n_pos, per)
                 for c0 in range(0, C + 1, chunk):
                     part = full_masks[c0:c0 + chunk]
@@ -1351,7 +1346,7 @@ def _evaluate(model, contrast: ContrastSet, metric, circuits: Sequence, *, ablat
                 sizes=sizes, peak_memory=mem, metric=name)
 
 
-def spec_floats(w: _Wiring) -> int:
+def _per_copy_floats(w: _Wiring) -> int:
     return 2 * w.spec.n_forward * int(w.W_O[0].shape[-1])
 
 
@@ -1516,6 +1511,3 @@ def faithfulness_curve(
 
 __all__ = ["GraphSpec", "Graph", "EdgeScores", "FaithfulnessResult", "FaithfulnessCurve", "EdgeGraphError",
            "edge_attribution", "faithfulness", "faithfulness_curve", "select", "METHODS", "ABLATIONS"]
-
-Float  # re-exported for shape annotations in user code
-field  # noqa: B018

@@ -16,8 +16,9 @@ def vlm_inputs(model, prompts: Union[str, Sequence[str]], images) -> tuple[torch
     Each prompt contains one ``"<image>"`` placeholder; ``images`` are ``[H, W, 3]`` uint8 arrays or
     PIL images (one per prompt, or ``[batch, H, W, 3]``). With the model's processor (loaded with
     a hub LLaVA) the processor does everything; otherwise (the tiny LLaVA, or a processor that
-    could not be loaded) the placeholder is expanded to the number of patch tokens and images get
-    CLIP preprocessing (resize to the vision tower's size, CLIP mean/std). Prompts must have the
+    could not be loaded) the placeholder is expanded to the number of patch tokens and images go
+    through transformers' ``CLIPImageProcessor`` with LLaVA's settings (shortest edge resized to
+    the vision tower's size, centre crop, CLIP mean/std), built offline. Prompts must have the
     same token length after expansion (use one template).
     """
     import numpy as np
@@ -46,9 +47,15 @@ def vlm_inputs(model, prompts: Union[str, Sequence[str]], images) -> tuple[torch
     seqs = [model.to_tokens(p.replace("<image>", "<image>" * n_tokens))[0] for p in prompts]
     if len({len(t) for t in seqs}) != 1:
         raise ValueError("prompts have different token lengths; build them from one template")
-    pix = []
-    for img in images:
-        img = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img, dtype=np.uint8))
-        arr = np.asarray(img.convert("RGB").resize((vc.image_size, vc.image_size), Image.BICUBIC), dtype=np.float32) / 255
-        pix.append(torch.from_numpy((arr - _CLIP_MEAN) / _CLIP_STD).permute(2, 0, 1).float())
-    return torch.stack(seqs).cpu(), {"pixel_values": torch.stack(pix)}
+    pil = [img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img, dtype=np.uint8)) for img in images]
+    return torch.stack(seqs).cpu(), {"pixel_values": clip_processor(vc.image_size)(pil, return_tensors="pt")["pixel_values"]}
+
+
+def clip_processor(size: int):
+    """The CLIP image processor LLaVA uses (resize the shortest edge to ``size``, centre crop,
+    CLIP mean/std), built offline from its settings rather than fetched from the hub."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                              do_center_crop=True, image_mean=list(_CLIP_MEAN), image_std=list(_CLIP_STD),
+                              do_convert_rgb=True)

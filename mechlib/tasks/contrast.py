@@ -55,15 +55,12 @@ Span = Union[tuple[int, int], Sequence[tuple[int, int]], str, None]
 
 
 def _pad_right(seqs: Sequence[Tensor], pad: int) -> Tensor:
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), pad, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = s
-    return out
+    return torch.nn.utils.rnn.pad_sequence(list(seqs), batch_first=True, padding_value=pad).long()
 
 
 def _decode_each(model, tokens: Tensor) -> list[str]:
-    return [model.tokenizer.decode([int(t)]) for t in tokens]
+    """One string per token (TransformerLens' ``to_str_tokens``)."""
+    return list(model.to_str_tokens(tokens.reshape(-1)))
 
 
 def _pad_id(model) -> int:
