@@ -511,3 +511,88 @@ class ReportCard:
 def report_card(*, paper: str, finding: str, status: str, model: str) -> ReportCard:
     """The summary a notebook ends with (``status``: reproduced / partly / not reproduced)."""
     return ReportCard(paper=paper, finding=finding, status=status, model=model)
+
+
+# ------------------------------------------------------------------------------------------------
+# edge circuits (mechlib.analyses.edges.Graph)
+# ------------------------------------------------------------------------------------------------
+
+
+def edge_diagram(graph, *, engine: str = "auto", title: Optional[str] = None) -> HTMLView:
+    """An SVG of an edge circuit (:class:`mechlib.analyses.edges.Graph`): one column per layer's
+    heads and per MLP, input on the left, logits on the right; an edge is drawn from its writer
+    to the node whose input it feeds (solid: a query, MLP or logits input; dashed: a key or value
+    input — on grouped-query models to every head of the KV group in the graph), green when its
+    score supports the clean answer, red when it opposes it, wider for larger |score|.
+
+    Args:
+        engine: ``"dot"`` (graphviz's ``dot`` program), ``"python"`` (built-in SVG layout, no
+            dependency) or ``"auto"`` (dot when installed), as :func:`circuit_diagram`.
+        title: default ``"edge circuit (N edges)"``.
+
+    Returns:
+        an :class:`HTMLView` with the inline SVG (``.html``), displayed by Jupyter.
+
+    Example:
+        >>> viz.edge_diagram(scores.graph(50))          # doctest: +SKIP
+    """
+    import shutil
+
+    from mechlib.analyses.edges import Graph
+
+    if not isinstance(graph, Graph):
+        raise TypeError(f"edge_diagram draws an edge Graph (EdgeScores.graph(...)), got {type(graph).__name__}; "
+                        "for a head Circuit use viz.circuit_diagram")
+    if engine not in ("auto", "dot", "python"):
+        raise ValueError(f"engine={engine!r}: choose 'auto', 'dot' or 'python'")
+    if engine == "dot" and shutil.which("dot") is None:
+        raise RuntimeError("engine='dot' needs graphviz's `dot` program (Debian: apt-get install graphviz; "
+                           "`make setup` installs it); engine='python' needs nothing")
+    use_dot = engine == "dot" or (engine == "auto" and shutil.which("dot") is not None)
+    spec = graph.spec
+    L = spec.n_layers
+
+    def column(name: str) -> int:
+        if name == "input":
+            return 0
+        if name == "logits":
+            return 2 * L + 1
+        if name.startswith("M"):
+            return 2 + 2 * int(name[1:])
+        return 1 + 2 * int(name[1:].split("H")[0])
+
+    def column_name(c: int) -> str:
+        if c == 0:
+            return "input"
+        layer, r = divmod(c - 1, 2)
+        return f"L{layer} heads" if r == 0 else f"M{layer}"
+
+    n_cols = 2 * L + 2
+    order = [column_name(n_cols - 2 - i) for i in range(n_cols - 1)]
+    nodes: dict[str, dict] = {}
+    for name in graph.node_names(exclude_io=False) + ["input", "logits"]:
+        c = column(name)
+        nodes[name] = dict(column=c, layer=c, member="both",
+                           cls="logits" if name == "logits" else column_name(c))
+    edges = []
+    scores = graph.scores
+    for e in graph.mask.nonzero().flatten().tolist():
+        src, dst = spec.edge_names[e].split("->")
+        w = float(scores[e]) if scores is not None else 1.0
+        slot = int(spec.edge_dst[e])
+        kind = 1 if dst.endswith(("<k>", "<v>")) else 0
+        targets = [spec.node_names_all[n] for n in spec.slot_nodes[slot]]
+        for t in targets:
+            if t in nodes:
+                edges.append((src, t, w, kind))
+    title = title or f"edge circuit ({len(graph)} edges)"
+    if use_dot:
+        import graphviz
+
+        svg = graphviz.Source(_dot_source(nodes, edges, order, title)).pipe(format="svg").decode()
+        svg = svg[svg.find("<svg"):]
+    else:
+        svg = _svg_fallback(nodes, edges, order, title)
+    legend = ("<div style='font:12px sans-serif'>edges: solid = query / MLP / logits input, dashed = key or "
+              "value input; green supports the clean answer, red opposes it; width ∝ |score|</div>")
+    return HTMLView(svg + legend, title=title)

@@ -37,35 +37,30 @@ may simply be saturated — compare ``"eap"`` with ``"eap-ig"`` and with ``"exac
 is judged by its faithfulness, not by how well its nodes overlap a hand-made circuit ("overlap is
 no substitute for faithfulness", the paper's point): always evaluate the selected graph.
 
-==============================  ==========================  ================================  ==================================
-choice                          paper (Hanna et al. 2024)   released code (hannamw/EAP-IG)    mechlib
-==============================  ==========================  ================================  ==================================
-nodes                           input, heads, MLPs, logits  same; input = ``hook_embed``       same; input = ``blocks.0.hook_resid_pre``
-                                                            (token embedding only)             (token + position embedding; the
-                                                                                               same Δ when clean/corrupted align)
-edges into heads                q, k, v separately          same; GQA ungrouped (k/v per       q per query head; k/v per **KV**
-                                                            query head)                        head (shared by its query group)
-head write                      z_h W_O^h (no b_O)          ``hook_result`` (no b_O)          z_h W_O^h (b_O is a constant, never
-                                                                                               ablated); post-norm models: see below
-default method                  EAP-IG (inputs)             ``attribute(method=...)``          ``"eap-ig"``
-IG steps                        5                           5 in the paper's scripts           ``ig_steps=5``
-IG points                       α = k/m, k = 1..m           paper-era (0edbdd7): k = 1..m;     k = 1..m (clean end included,
-                                                            (right Riemann sum)                HEAD: k = 0..m−1                    corrupted excluded), spec §2
-score sign                      corr−clean · ∇(−LD)         same (noising)                     (clean−corr) · ∇metric: same value
-aggregation                     Σ pos, d; mean over items   Σ, ÷ items (÷ batch inside too)    Σ pos, d; mean over prompts;
-                                                                                               per-prompt scores kept
-selection                       greedy (``pareto.py``)      top-n, threshold, greedy           ``graph(method="greedy")`` default,
-                                                                                               ``"topn"``
-pruning                         childless, then parentless  fixpoint of has-in & has-out       reachability input→node→logits
-                                (one pass each)                                                (= the fixpoint)
-evaluation (ablation)           corrupted patching          patching / mean / zero             ``"corrupted"`` / ``"mean"`` /
-                                                                                               ``"zero"`` / ``"resample"``
-faithfulness                    (circuit − corr) /          —                                  same (ratio of prompt means),
-                                (clean − corr)                                                 BCa bootstrap CI
-norms                           gradients through LN        same                               same; post-attention norms (Gemma 2/3,
-                                                                                               OLMo-2) linearised per head, scale of
-                                                                                               each run frozen
-==============================  ==========================  ================================  ==================================
+=================  ===============================  ====================================  ========================================
+choice             paper (Hanna et al. 2024)        released code (hannamw/EAP-IG)        mechlib
+=================  ===============================  ====================================  ========================================
+nodes              input, heads, MLPs, logits       same; input = hook_embed (token)      same; input = blocks.0.hook_resid_pre
+                                                                                          (token + position; same Δ when aligned)
+edges into a head  q, k, v separately               same; GQA ungrouped (k/v per q head)  q per head; k/v per KV head (shared)
+head write         z_h W_O^h (no b_O)               hook_result (no b_O)                  z_h W_O^h; b_O a constant, never ablated
+default method     EAP-IG (inputs)                  attribute(method=...)                 method="eap-ig"
+IG steps           5                                5 in the paper scripts (default 30)   ig_steps=5
+IG points α = k/m  k = 1..m (right Riemann sum)     paper-era 0edbdd7: k = 1..m;          k = 1..m: clean end in, corrupted
+                                                    HEAD 795f560: k = 0..m−1              end out (paper-era; spec §2)
+score sign         (corr − clean)·∇(−LD)            same (noising)                        (clean − corr)·∇metric: same value
+aggregation        Σ pos, d; mean over items        Σ pos, d; ÷ items                     Σ pos, d; mean over prompts;
+                                                                                          per-prompt scores kept
+selection          greedy (pareto.py)               top-n, threshold, greedy              graph(method="greedy"), "topn"
+pruning            childless, then parentless       fixpoint: has in & has out            reachability input → node → logits
+ablation           corrupted patching               patching, mean, zero                  corrupted, mean, zero, resample
+faithfulness       (circuit − corr)/(clean − corr)  —                                     same (ratio of prompt means) + BCa CI
+norms              gradients through LN             same                                  same; post-attention norms linearised
+                                                                                          per head, scale frozen per run
+=================  ===============================  ====================================  ========================================
+
+The "paper" column is what the paper's experiment repository (hannamw/eap-ig-faithfulness, with
+EAP-IG pinned at 0edbdd7) ran; "released code" is EAP-IG's HEAD (795f560) unless stated.
 
 **Post-norm families** (Gemma 2/3, OLMo-2) normalise the attention output before adding it to the
 residual, so a single head's write is not additive. mechlib linearises that norm per head with its
@@ -95,6 +90,7 @@ from torch import Tensor
 from mechlib import hooks
 from mechlib.memory import peak_memory
 from mechlib.metrics import Metric, MetricError, check_metric_values
+from mechlib.provenance import records
 from mechlib.results import Result, atomic_write_bytes
 from mechlib.tasks.contrast import ContrastSet
 
@@ -397,17 +393,18 @@ class Graph:
         return m
 
     def _node_mask(self) -> Tensor:
-        """``[n_nodes]`` True for nodes touched by an edge (a k/v edge touches its whole KV group)."""
+        """``[n_nodes]`` True for nodes in the circuit: writers with an outgoing edge, and the
+        logits when an edge reaches them (the reference's rule; after :meth:`prune` every such
+        node also lies on an input → logits path)."""
         spec = self.spec
         nodes = torch.zeros(spec.n_nodes, dtype=torch.bool)
         nodes[spec.edge_src[self.mask]] = True
-        for k in spec.edge_dst[self.mask].unique().tolist():
-            nodes[list(spec.slot_nodes[k])] = True
+        nodes[spec.n_forward] = bool(self.mask[spec.edge_dst == spec.logits_slot].any())
         return nodes
 
     def node_names(self, exclude_io: bool = True) -> list[str]:
-        """Names of the nodes in the graph (heads ``L{l}H{h}``, MLPs ``M{l}``; with
-        ``exclude_io=False`` also ``input`` and ``logits``)."""
+        """Names of the nodes in the graph — writers with an outgoing edge: heads ``L{l}H{h}``,
+        MLPs ``M{l}``; with ``exclude_io=False`` also ``input`` and ``logits`` when connected."""
         names = self.spec.node_names_all
         out = [names[i] for i in self._node_mask().nonzero().flatten().tolist()]
         return [n for n in out if n not in ("input", "logits")] if exclude_io else out
@@ -686,12 +683,19 @@ def _check_additive(model, w: _Wiring, tokens: Tensor, extras) -> None:
         raise NotImplementedError(f"{w.family}: the MLP's input hook ({mlp_slots[0].hook}) is not the residual "
                                   f"stream the MLP reads (off by {err:.3g}); edge attribution cannot use it")
     for l, p in enumerate(w.post):
-        if p is not None:
-            got = p[1].apply(cache[p[0]])
-            want = cache[w.attn_out[l]]
-            if not torch.allclose(got, want.float(), atol=1e-3 * float(want.abs().max()) + 1e-5):
-                raise NotImplementedError(f"{w.family}: could not reproduce layer {l}'s post-attention norm from "
-                                          "its input, so per-head writes cannot be linearised exactly")
+        if p is None:
+            continue
+        want = cache[w.attn_out[l]]
+        scale = 1e-3 * float(want.abs().max()) + 1e-5
+        if not torch.allclose(p[1].apply(cache[p[0]]), want.float(), atol=scale):
+            raise NotImplementedError(f"{w.family}: could not reproduce layer {l}'s post-attention norm from "
+                                      "its input, so per-head writes cannot be linearised exactly")
+        i = spec.head_index(l, 0)
+        rest = float((want - acts[:, :, i:i + spec.n_heads].sum(2)).abs().max())
+        if rest > scale:
+            warnings.warn(f"{w.family}: layer {l}'s attention has an output bias, and its share of the post-norm "
+                          "output changes with each run's norm scale; it is a constant of no node, never ablated, "
+                          "so the empty graph is not exactly the corrupted run", stacklevel=3)
 
 
 def _masked_logits(model, w: _Wiring, tokens: Tensor, extras, ablated: Tensor, notin: Tensor) -> Tensor:
@@ -703,15 +707,18 @@ def _masked_logits(model, w: _Wiring, tokens: Tensor, extras, ablated: Tensor, n
     notin = notin.to(model.cfg.device)
     if not bool(notin.any()):
         return hooks.forward(model, tokens.repeat(C, 1), extras=_tile(extras, C))
-    buf: dict[str, Tensor] = {}  # "d": [C*b, p, n_forward, d] = a(this run) − a(ablated), filled as writers fire
+    # buf["d"]: [C, n_forward, b, p, d] = a(this run) − a(ablated), filled as the writers fire;
+    # writer-major so that each reader's correction is one batched matmul over the copies
+    buf: dict[str, Tensor] = {}
     zs: dict[int, Tensor] = {}
 
-    def write(rows: slice, value: Tensor) -> None:
+    def write(rows: slice, value: Tensor) -> None:  # value [C*b, p, rows, d]
         abl = ablated[:, :, rows].to(value.device, value.dtype)
-        buf["d"][:, :, rows] = value - abl.repeat(C, *([1] * (abl.ndim - 1)))
+        diff = value.reshape(C, b, *value.shape[1:]) - abl[None]
+        buf["d"][:, rows] = diff.permute(0, 3, 1, 2, 4)
 
     def on_embed(x, hook):
-        buf["d"] = x.new_zeros((x.shape[0], x.shape[1], spec.n_forward, x.shape[-1]))
+        buf["d"] = x.new_zeros((C, spec.n_forward, b, x.shape[1], x.shape[-1]))
         write(slice(0, 1), x[:, :, None])
 
     def on_z(x, hook, l):
@@ -730,9 +737,10 @@ def _masked_logits(model, w: _Wiring, tokens: Tensor, extras, ablated: Tensor, n
         write(slice(i, i + 1), x[:, :, None])
 
     def on_reader(x, hook, slot: _Slot, weights: Tensor):
-        d = buf["d"][:, :, :slot.prev]
-        d = d.reshape(C, b, *d.shape[1:])  # [C, b, p, prev, d]
-        corr = torch.einsum("cbpfd,cfk->cbpkd", d, weights.to(d.dtype)).reshape(C * b, d.shape[2], -1, d.shape[-1])
+        d = buf["d"][:, :slot.prev]  # [C, prev, b, p, d]
+        k = weights.shape[-1]
+        corr = torch.bmm(weights.transpose(1, 2).to(d.dtype), d.reshape(C, slot.prev, -1))  # [C, k, b·p·d]
+        corr = corr.reshape(C, k, b, d.shape[3], d.shape[4]).permute(0, 2, 3, 1, 4).reshape(C * b, d.shape[3], k, -1)
         return x - (corr[:, :, 0] if slot.flat else corr)
 
     hk = [(w.embed, on_embed)]
@@ -925,6 +933,7 @@ def _metric_name(metric) -> str:
     return getattr(metric, "__name__", type(metric).__name__)
 
 
+@records
 def edge_attribution(
     model,
     contrast: ContrastSet,
@@ -954,8 +963,8 @@ def edge_attribution(
     * ``"eap-ig-activations"``: for each layer node in turn (input, attention layer ``l``, MLP
       ``l``) its output is set to ``α·clean + (1 − α)·corrupted`` (``α = k/m, k = 1..m``), the
       clean prompt runs and all readers' gradients are accumulated; divided by ``(2L+1)·m``
-      runs (the reference's ``ig-activations``; note it cuts the gradient into the interpolated
-      node's own inputs on its runs).
+      runs (the reference's ``ig-activations``; as there, a node whose output is replaced
+      passes no gradient on its own runs, so its inputs and the paths through it get 0 there).
     * ``"exact"``: the quantity itself, one edge patched at a time (``n_edges`` forwards, batched
       as stacked copies) — the ground truth, for small models.
 
@@ -1039,7 +1048,10 @@ def _grad_run(model, w: _Wiring, tokens: Tensor, extras, metric, embed: Tensor,
     seen: dict[str, Tensor] = {}
 
     def capture(x, hook, name):
-        seen[name] = x
+        # a fresh view, so the gradient is the one through this reader only (the MLP's input hook
+        # sees the same tensor the residual skip connection carries on)
+        seen[name] = x.view_as(x)
+        return seen[name]
 
     hk = [(w.embed, lambda x, hook: leaf)]
     if replace is not None:
@@ -1107,11 +1119,13 @@ def _gradient_batch(model, w: _Wiring, contrast: ContrastSet, metric, method: st
                     add(_grad_run(model, w, clean_tok, ex_clean, metric, mix)[1], wt)
                 else:
                     add(_grad_run(model, w, clean_tok, ex_clean, metric, e_clean, (hook_name, mix))[1], wt)
-    delta = (A_clean - A_corr).float()  # mechlib sign: clean − corrupted
+    # mechlib sign: Δ = clean − corrupted, as [b, writer, pos·d] so each reader group is one bmm
+    delta = (A_clean - A_corr).float().permute(0, 2, 1, 3).reshape(B, spec.n_forward, -1)
     S = torch.zeros(B, spec.n_forward, spec.n_backward, device=delta.device)
     for s, g in zip(w.slots, G):
-        # every edge into these reader slots at once: Σ_pos,d Δ_u · ∂metric/∂input_v
-        S[:, :s.prev, list(s.cols)] = torch.einsum("bpfd,bpkd->bfk", delta[:, :, :s.prev], g)
+        # every edge into these reader slots at once: Σ_pos,d Δ_u · ∂metric/∂input_v  ([b, prev, k])
+        g = g.permute(0, 2, 1, 3).reshape(B, g.shape[2], -1)
+        S[:, :s.prev, s.cols[0]:s.cols[-1] + 1] = torch.bmm(delta[:, :s.prev], g.transpose(1, 2))
     per_prompt = S[:, spec.edge_src.to(S.device), spec.edge_dst.to(S.device)].cpu()
     return per_prompt, clean_vals, corr_vals
 
@@ -1143,7 +1157,8 @@ def _exact_batch(model, w: _Wiring, contrast: ContrastSet, metric):
 # ==============================================================================================
 
 
-def _bca(circuit: Tensor, clean: Tensor, ablated: Tensor, level: float, seed: int) -> tuple[tuple[float, float], str]:
+def _bca(circuit: Tensor, clean: Tensor, ablated: Tensor, level: float, seed: int,
+         n_boot: int = 2000) -> tuple[tuple[float, float], str]:
     """BCa bootstrap interval of the recovery ``(mean circuit − mean ablated) / (mean clean − mean
     ablated)``, resampling prompts (the three values of a prompt stay together)."""
     import numpy as np
@@ -1163,11 +1178,11 @@ def _bca(circuit: Tensor, clean: Tensor, ablated: Tensor, level: float, seed: in
     for how in ("BCa", "percentile"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            res = bootstrap(data, ratio, paired=True, vectorized=True, method=how, n_resamples=2000,
+            res = bootstrap(data, ratio, paired=True, vectorized=True, method=how, n_resamples=n_boot,
                             confidence_level=level, random_state=seed)
         lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
         if math.isfinite(lo) and math.isfinite(hi):
-            return (lo, hi), f"{how} bootstrap of the ratio of prompt means (scipy, 2000 resamples)"
+            return (lo, hi), f"{how} bootstrap of the ratio of prompt means (scipy, {n_boot} resamples)"
     return (float("nan"), float("nan")), "bootstrap failed (degenerate resamples)"
 
 
@@ -1192,6 +1207,14 @@ class FaithfulnessResult(Result):
     @property
     def circuit(self) -> float:
         return float(self.values[1])
+
+    def ci(self, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[Tensor, Tensor]:
+        """``(low, high)`` like ``values``: the recovery's BCa interval of the ratio of prompt
+        means (prompts resampled, as :attr:`interval`), percentile intervals of the three means."""
+        lo, hi = super().ci(level, n_boot, seed)
+        (lo[0], hi[0]), _ = _bca(self.per_prompt[:, 1], self.per_prompt[:, 2], self.per_prompt[:, 3], level, seed,
+                                 n_boot)
+        return lo, hi
 
     def summary(self) -> str:
         lo, hi = self.interval
@@ -1328,8 +1351,7 @@ def _evaluate(model, contrast: ContrastSet, metric, circuits: Sequence, *, ablat
                     m(hooks.forward(model, sub.corrupted_tokens, extras=sub.forward_extras("corrupted"))),
                     b, name=name).cpu()
                 abl = sources(idx, sub)
-                per = (_per_copy_floats(w) if not heads else 0)
-                chunk = _chunk(model, b, sub.n_pos, per)
+                chunk = _chunk(model, b, sub.n_pos, 0 if heads else _per_copy_floats(w))
                 for c0 in range(0, C + 1, chunk):
                     part = full_masks[c0:c0 + chunk]
                     if heads:
@@ -1359,6 +1381,7 @@ def _recovery(circuit: Tensor, clean: Tensor, ablated: Tensor) -> float:
     return float(circuit.mean() - ablated.mean()) / gap
 
 
+@records
 def faithfulness(
     model,
     contrast: ContrastSet,
@@ -1455,6 +1478,7 @@ class FaithfulnessCurve(Result):
         return fig
 
 
+@records
 def faithfulness_curve(
     model,
     contrast: ContrastSet,

@@ -322,3 +322,66 @@ def colored_shapes(n: int = 8, *, size: int = 336, seed: int = 0):
         images.append(img)
         colors.append(color)
     return np.stack(images), colors
+
+
+def natural_text(model, n: int = 100, *, length: int = 64, bos: str = "hf", seed: int = 0):
+    """``n`` natural-text sequences of exactly ``length`` tokens, as Gu et al. measure sinks (100
+    sequences, T = 64) and Sun et al. evaluate the massive-activation edits (chunks of text).
+
+    The text is the prose of the Python reference manual shipped with every CPython
+    (``pydoc_data.topics``: paragraphs of at least 400 characters, code examples left out) — the
+    one sizeable body of natural English on an offline machine. ``bos``: ``"hf"`` tokenizes as the
+    model's Hugging Face tokenizer does by default (Gu et al.'s protocol: Gemma and Llama-2 get BOS,
+    GPT-2, Pythia and SmolLM2 do not), ``"always"`` prepends BOS (TransformerLens' default),
+    ``"never"`` adds none (Sun et al.'s ``add_special_tokens=False`` chunks).
+
+    Returns a :class:`~mechlib.tasks.contrast.PromptBatch` of ``[n, length]`` tokens.
+    """
+    import re
+
+    import pydoc_data.topics as topics
+    import torch
+
+    from mechlib.tasks.contrast import PromptBatch
+
+    if bos not in ("hf", "always", "never"):
+        raise ValueError(f"bos={bos!r}: choose 'hf' (the tokenizer's default), 'always' or 'never'")
+    paras = []
+    for _, text in sorted(topics.topics.items()):
+        for p in re.split(r"\n\s*\n", text):
+            p = " ".join(p.split())
+            if len(p) > 400 and not p.startswith((">>>", "...")) and p.count("(") < 8:
+                paras.append(p)
+    rng = random.Random(seed)
+    rng.shuffle(paras)
+    tok = model.tokenizer
+    bos_id = tok.bos_token_id
+    add_bos = bos == "always" or (bos == "hf" and hf_adds_bos(model))
+    rows, texts = [], []
+    for p in paras:
+        ids = tok(p, add_special_tokens=False)["input_ids"]
+        if add_bos and bos_id is not None:
+            ids = [bos_id] + ids
+        if len(ids) >= length:
+            rows.append(torch.tensor(ids[:length]))
+            texts.append(tok.decode(ids[:length], skip_special_tokens=True))
+        if len(rows) == n:
+            break
+    if len(rows) < n:
+        raise ValueError(f"only {len(rows)} passages reach {length} tokens with this tokenizer; ask for fewer or shorter")
+    return PromptBatch(torch.stack(rows), torch.full((n,), length), tuple(texts))
+
+
+def hf_adds_bos(model) -> bool:
+    """Whether the model's own Hugging Face tokenizer puts BOS first by default (TransformerLens
+    re-creates tokenizers with ``add_bos_token=True``, so ask the saved original)."""
+    from transformers import AutoTokenizer
+
+    tok = model.tokenizer
+    src = getattr(tok, "name_or_path", "")
+    try:
+        raw = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    except Exception:  # noqa: BLE001 - no local copy: fall back on the loaded tokenizer's setting
+        raw = tok
+    ids = raw("a")["input_ids"]
+    return bool(ids) and raw.bos_token_id is not None and ids[0] == raw.bos_token_id
