@@ -58,7 +58,13 @@ from mechlib.analyses.controls import compare_with_random, random_head_sets  # n
 from mechlib.analyses.probes import PCAResult, ProbeResult, pca, probe  # noqa: E402
 
 __all__ += ["stats", "probe", "pca", "ProbeResult", "PCAResult", "random_head_sets", "compare_with_random"]
-from mechlib.analyses.edges import (EdgeScores, FaithfulnessResult, Graph, edge_attribution,  # noqa: E402
-                                    faithfulness, faithfulness_curve)
+from mechlib.analyses.edges import (  # noqa: E402
+    EdgeScores,
+    FaithfulnessResult,
+    Graph,
+    edge_attribution,
+    faithfulness,
+    faithfulness_curve,
+)
 
 __all__ += ["edge_attribution", "faithfulness", "faithfulness_curve", "EdgeScores", "FaithfulnessResult", "Graph"]

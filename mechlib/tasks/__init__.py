@@ -17,8 +17,15 @@ from __future__ import annotations
 
 from mechlib.tasks.contrast import ContrastSet, ContrastSetError, single_token_id
 from mechlib.tasks.data import load_data, vocabulary_words
-from mechlib.tasks.generators import (colored_objects, colored_shapes, context_qa, factual_recall, ioi, natural_text,
-                                      sentiment)
+from mechlib.tasks.generators import (
+                                      colored_objects,
+                                      colored_shapes,
+                                      context_qa,
+                                      factual_recall,
+                                      ioi,
+                                      natural_text,
+                                      sentiment,
+)
 from mechlib.tasks.segments import OptionPrompts, SegmentedPrompts, pairwise_choice
 
 __all__ = ["ContrastSet", "ContrastSetError", "single_token_id", "ioi", "colored_objects",

@@ -337,9 +337,9 @@ def natural_text(model, n: int = 100, *, length: int = 64, bos: str = "hf", seed
 
     Returns a :class:`~mechlib.tasks.contrast.PromptBatch` of ``[n, length]`` tokens.
     """
+    import pydoc_data.topics as topics
     import re
 
-    import pydoc_data.topics as topics
     import torch
 
     from mechlib.tasks.contrast import PromptBatch
