@@ -5,14 +5,20 @@
 #
 # * **Gu et al. 2024, "When Attention Sink Emerges in Language Models"** — many heads put most of
 #   their attention on the first token. Sink metric: α_k^{l,h} = mean over queries t ≥ k of
-#   A^{l,h}[t, k]; head (l, h) has a sink at k if α_k > ε (ε = 0.3); Sink_k^ε = share of heads.
-#   The sink behaves like a key bias: large attention, small value vector.
+#   A^{l,h}[t, k]; head (l, h) has a sink at k if α_k > ε (ε = 0.3); Sink_k^ε = share of heads
+#   (the paper counts tokens from 1, so its Sink_1 is our k = 0). The sink behaves like a key bias:
+#   large attention, small value vector. **Protocol**: 100 natural-text sequences of exactly T = 64
+#   tokens, tokenized as the model's own tokenizer does by default (BOS for Llama/Gemma, none for
+#   GPT-2/Pythia/SmolLM2).
 # * **Sun et al. 2024, "Massive Activations in Large Language Models"** — a few residual-stream
 #   entries are enormous (> 100 and > 1000× the median), sit in fixed dimensions on the first
-#   token, appear abruptly in an early layer; zeroing them breaks the model, setting them to their
-#   mean does not.
+#   token and the first delimiter, appear abruptly in an early layer. **Intervention**: in the one
+#   layer where they appear, set them to zero (the model breaks: perplexity → ∞) or to their mean —
+#   one mean for the first token, one for the delimiter — (nothing happens), on text chunks with no
+#   BOS, so the first token differs between sequences and the mean test is not trivial.
 #
-# We reproduce both on the embedded SmolLM2-135M-Instruct (offline, CPU, ~1 minute).
+# We run both protocols on the embedded SmolLM2-135M and, in a second column, Gemma 3 270M
+# (offline, CPU, a few minutes), then read the sink tokens back with a sparse linear probe.
 
 # %%
 import importlib.util, os, subprocess, sys
@@ -23,11 +29,19 @@ if importlib.util.find_spec("mechlib") is None:  # Colab: install from the repos
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"mechlib[notebooks] @ git+{repo}"], check=True)
 
 # %% tags=["parameters"]
-# parameters
-MODEL = os.environ.get("MECHLIB_MODEL", "smollm2-135m")   # "llama-2-7b" on a GPU box with hub access
-N_PROMPTS = int(os.environ.get("MECHLIB_N_PROMPTS", "12"))
+# parameters — on a GPU with hub access, Sun et al.'s setting: MODEL = "llama-2-7b", SECOND_MODEL = "",
+# N_TEXT = 100, T = 64 (Gu) and the perplexity on longer chunks (they use 4096 tokens of WikiText).
+MODEL = os.environ.get("MECHLIB_MODEL", "smollm2-135m")
+SECOND_MODEL = os.environ.get("MECHLIB_SECOND_MODEL", "gemma-3-270m")   # "" to skip the second column
 DEVICE = os.environ.get("MECHLIB_DEVICE") or None
-EPSILON = 0.3
+N_TEXT = 100          # Gu et al.: 100 sequences
+T = 64                # Gu et al.: T = 64 tokens
+N_EVAL = 32           # chunks for the perplexity runs (100+ on a GPU)
+N_PROBE = 48          # Gu sequences whose tokens the sink probe reads
+N_SECOND = 32         # the second model's sink sequences ...
+N_SECOND_EVAL = 12    # ... and perplexity chunks (its 262k vocabulary makes every logit costly)
+EPSILON = 0.3         # Gu et al.'s ε
+BATCH_SIZE = 25
 
 # %%
 import math
@@ -35,120 +49,198 @@ import pandas as pd
 pd.set_option("display.max_colwidth", None)   # show the paper-vs-ours tables in full
 import torch
 import mechlib
-from mechlib import metrics
-from mechlib.tasks import load_data
+from mechlib import metrics, stats, tasks, viz
 
 torch.manual_seed(0)
+torch.set_grad_enabled(False)
 model = mechlib.load_model(MODEL, device=DEVICE)
-passages = load_data("passages")["passages"][:N_PROMPTS]
-print(len(passages), "passages;", model.cfg.n_layers, "layers ×", model.cfg.n_heads, "heads")
+gu = tasks.natural_text(model, N_TEXT, length=T, bos="hf")           # Gu et al.'s protocol
+print(f"{MODEL}: {model.cfg.n_layers} layers × {model.cfg.n_heads} heads; {N_TEXT} sequences of {T} tokens;",
+      "first token of sequence 0:", repr(model.to_str_tokens(gu.tokens[0])[0]))
 
 # %% [markdown]
 # ## Attention sinks (Gu et al.)
 
 # %%
-sinks = mechlib.attention_sinks(model, passages, epsilon=EPSILON)
-by_layer = sinks.rate_by_layer()
-print(f"Sink_0^{EPSILON} = {sinks.sink_rate():.2f} (share of heads whose mean attention to the first token exceeds {EPSILON})")
-fig = by_layer.plot(title=f"share of heads with a first-token sink (ε={EPSILON}) by layer")
-
-# %%
-fig = sinks.plot(title="α_0: mean attention to the first token", cmap="viridis")
+sinks = mechlib.attention_sinks(model, gu, epsilon=EPSILON, batch_size=BATCH_SIZE)
+with_bos = mechlib.attention_sinks(model, tasks.natural_text(model, N_TEXT, length=T, bos="always"),
+                                   epsilon=EPSILON, batch_size=BATCH_SIZE)
+print(f"Sink_1^{EPSILON} (first token, tokenizer's own convention) = {sinks.sink_rate():.3f}; "
+      f"with BOS always first = {with_bos.sink_rate():.3f}")
+fig = sinks.rate_by_layer().plot(title=f"share of heads with a first-token sink (ε={EPSILON}) by layer")
 
 # %% [markdown]
 # Sinks as key biases: heads attend to the first token, but its value vectors are small compared
-# with the other tokens' (ratio < 1), so little is written from it.
+# with the other tokens' (ratio < 1), so little is written from it. Non-initial sinks (ACT,
+# notebook 02) are tokens after the first that many heads treat as sinks.
 
 # %%
 ratio = sinks.value_norm_ratio
 strong = sinks.values > 0.8
 print(f"‖v(first token)‖ / mean ‖v(other tokens)‖: all heads {ratio.mean():.2f}, heads with α_0 > 0.8: {ratio[strong].mean():.2f}")
-
-# %% [markdown]
-# Non-initial sinks (studied by ACT, notebook 02): tokens after the first that many heads treat as
-# sinks — often punctuation.
-
-# %%
-sinks.hidden_sinks(min_heads=5).head(10)
+sinks.hidden_sinks(min_heads=5, min_queries=4).head(8)
 
 # %% [markdown]
 # ## Massive activations (Sun et al.)
-
-# %%
-massive = mechlib.massive_activations(model, passages)
-fig = massive.plot(title="largest |residual entry| per layer (resid_post)")
-massive.entries().query("rank == 0").groupby("layer").first().head(12)[["value", "token", "dim", "ratio_to_median", "massive"]]
-
-# %%
-dims = massive.massive_dims()
-first = massive.first_layer()
-top0 = massive.entries().query("rank == 0")
-appear = int(top0[top0["value"].abs() > 100]["layer"].min())   # first layer with an entry > 100
-print("massive dims:", dims, "| first layer meeting both criteria:", first, "| first layer with |a| > 100:", appear)
-print("tokens carrying massive entries:", sorted(set(massive.entries(massive_only=True)["token"])))
-
-# %% [markdown]
-# ## Interventions: zero vs mean, and removing the sink's value
 #
-# Next-token loss on the passages: unchanged model; the massive entry zeroed in every layer from
-# where it appears (zeroing it in one layer is not enough here: the next layer rebuilds it); set
-# to its per-layer mean over prompts; and the first token's value vectors zeroed in every layer
-# (attention to it kept).
+# Detection on text chunks without BOS (Sun et al.'s `add_special_tokens=False`): the first token
+# is an ordinary word, different in every sequence. Half the chunks are held out to estimate the
+# per-position means; the other half are evaluated.
 
 # %%
-d0 = dims[0]
-edit_layers = list(range(appear, model.cfg.n_layers))
-names = [f"blocks.{l}.hook_resid_post" for l in edit_layers]
-_, acts = mechlib.hooks.run_with_cache(model, mechlib.PromptBatch.from_prompts(model, passages).tokens, names)
-means = torch.stack([acts[n][:, 0, d0].mean() for n in names])[:, None]   # [layer, 1]
-loss = {"original": metrics.next_token_loss(model, passages)}
-with mechlib.ablate_massive(model, [d0], positions=[0], layers=[appear]):
-    loss["massive → 0 (one layer)"] = metrics.next_token_loss(model, passages)
-with mechlib.ablate_massive(model, [d0], positions=[0], layers=edit_layers):
-    loss["massive → 0"] = metrics.next_token_loss(model, passages)
-with mechlib.ablate_massive(model, [d0], positions=[0], layers=edit_layers, mode="mean", values=means):
-    loss["massive → mean"] = metrics.next_token_loss(model, passages)
-with mechlib.ablate_sink_values(model, positions=[0]):
-    loss["sink values → 0"] = metrics.next_token_loss(model, passages)
-ppl = {k: math.exp(float(v.mean())) for k, v in loss.items()}
-pd.DataFrame({"perplexity": ppl})
+chunks = tasks.natural_text(model, 2 * N_EVAL, length=T, bos="never")
+evals = mechlib.PromptBatch(chunks.tokens[:N_EVAL], chunks.lengths[:N_EVAL], chunks.prompts[:N_EVAL])
+calib = mechlib.PromptBatch(chunks.tokens[N_EVAL:], chunks.lengths[N_EVAL:], chunks.prompts[N_EVAL:])
+massive = mechlib.massive_activations(model, evals, batch_size=BATCH_SIZE)
+dims, first = massive.massive_dims()[:2], massive.first_layer()
+entries = massive.entries(massive_only=True)
+print("massive dims:", massive.massive_dims()[:4], "| first layer where every sequence has one:", first)
+print("tokens carrying them:", entries["token"].value_counts().head(6).to_dict(),
+      "| positions:", sorted(set(entries["pos"]))[:8])
+fig = massive.plot(title="largest |residual entry| per layer (resid_post)")
 
 # %% [markdown]
-# Setting the first token's massive entry to its mean over prompts changes nothing here at all:
-# in a causal model the first token only sees itself, so its activation is the same in every
-# prompt and its mean equals itself. Sun et al.'s "mean" result is about the entry being a
-# constant bias; on the first token that is automatic.
+# ## Interventions (Sun et al.'s, and Gu et al.'s key-bias test)
+#
+# Next-token loss per sequence under: the paper's edit — zero / per-position mean at the emergence
+# layer only, at position 0 and each sequence's largest-activation position (the first delimiter);
+# a stronger variant that zeroes them in every layer from there on (later layers cannot rebuild
+# them); and the sink's value vectors zeroed in every layer (attention to the first token kept:
+# Gu et al.'s "the sink is a key bias" test).
+
+# %%
+def interventions(m, text, cal, dims, layer, batch_size):
+    """Per-sequence next-token loss under each edit (a dict of [n] tensors)."""
+    means = mechlib.massive_means(m, cal, dims, layer=layer, batch_size=batch_size)
+    loss = {"original": metrics.next_token_loss(m, text, batch_size=batch_size)}
+    with mechlib.ablate_massive(m, dims, layer=layer):
+        loss["massive → 0"] = metrics.next_token_loss(m, text, batch_size=batch_size)
+    with mechlib.ablate_massive(m, dims, layer=layer, mode="mean", values=means):
+        loss["massive → mean"] = metrics.next_token_loss(m, text, batch_size=batch_size)
+    with mechlib.ablate_massive(m, dims, layers=list(range(layer, m.cfg.n_layers))):
+        loss["massive → 0, every later layer"] = metrics.next_token_loss(m, text, batch_size=batch_size)
+    with mechlib.ablate_sink_values(m, positions=[0]):
+        loss["sink values → 0"] = metrics.next_token_loss(m, text, batch_size=batch_size)
+    return loss
+
+
+loss = interventions(model, evals, calib, dims, first, BATCH_SIZE)
+ppl = {k: math.exp(float(v.mean())) for k, v in loss.items()}
+mean_effect = stats.paired(loss["original"], loss["massive → mean"])   # loss change, per sequence
+pd.DataFrame({"perplexity": ppl}).round(2)
+
+# %% [markdown]
+# ## A linear probe reads the sink tokens (cross-check of the threshold methods)
+#
+# Label every token (α_k > ε in at least 5% of the heads of layers 2+, and at least 4 queries after
+# it) and fit a sparse (L1) logistic probe on the residual stream entering a middle layer, in raw
+# units so a massive dimension keeps its size. Which dimensions does it use — the ones
+# `sink_dimensions` finds by VAR's threshold on the first token, or others? The controls: the same
+# probe on shuffled labels, and the best random direction.
+
+# %%
+batch = mechlib.PromptBatch(gu.tokens[:N_PROBE], gu.lengths[:N_PROBE], gu.prompts[:N_PROBE])
+share = (sinks.alpha[:N_PROBE, 2:] > EPSILON).float().mean((1, 2))     # [prompt, pos]
+labels = (share > 0.05).long()
+labels[~batch.mask] = -1
+labels[torch.arange(T)[None] >= batch.lengths[:, None] - 4] = -1      # too few queries to judge
+probe_layer = model.cfg.n_layers // 3
+sink_probe = mechlib.probe(model, batch, labels, site="resid_pre", layers=[probe_layer], positions="all",
+                           method="l1", scale="none", C=0.01, batch_size=BATCH_SIZE)
+sdims = mechlib.sink_dimensions(model, batch, batch_size=BATCH_SIZE)
+probe_top = sink_probe.top_dims(0, 3)
+print(f"{int((labels == 1).sum())} sink tokens, {int((labels == 0).sum())} others;",
+      "sink tokens:", pd.Series([batch.str_tokens(model, i)[k] for i, k in (labels == 1).nonzero().tolist()]).value_counts().head(5).to_dict())
+print("probe's top dimensions:", probe_top, "| sink_dimensions (VAR threshold):", sdims.sink_dims,
+      "| massive dims:", massive.massive_dims()[:3])
+sink_probe.table()
+
+# %% tags=["key-figure"]
+view = mechlib.pca(model, batch, layer=probe_layer, site="resid_pre", labels=labels, batch_size=BATCH_SIZE)
+fig = view.plot(names={0: "ordinary token", 1: "sink token"},
+                title=f"{MODEL}: residual stream entering layer {probe_layer} (PCA)")
+
+# %% [markdown]
+# ## The second model
+
+# %%
+second = {}
+if SECOND_MODEL and SECOND_MODEL != MODEL:
+    m2 = mechlib.load_model(SECOND_MODEL, device=DEVICE)
+    gu2 = tasks.natural_text(m2, N_SECOND, length=T, bos="hf")
+    s2 = mechlib.attention_sinks(m2, gu2, epsilon=EPSILON, batch_size=BATCH_SIZE)
+    chunks2 = tasks.natural_text(m2, 2 * N_SECOND_EVAL, length=T, bos="never")
+    ev2 = mechlib.PromptBatch(chunks2.tokens[:N_SECOND_EVAL], chunks2.lengths[:N_SECOND_EVAL], chunks2.prompts[:N_SECOND_EVAL])
+    cal2 = mechlib.PromptBatch(chunks2.tokens[N_SECOND_EVAL:], chunks2.lengths[N_SECOND_EVAL:], chunks2.prompts[N_SECOND_EVAL:])
+    ma2 = mechlib.massive_activations(m2, ev2, batch_size=8)
+    loss2 = interventions(m2, ev2, cal2, ma2.massive_dims()[:2], ma2.first_layer(), 8)
+    second = dict(model=SECOND_MODEL, sinks=s2, massive=ma2, loss=loss2,
+                  ppl={k: math.exp(float(v.mean())) for k, v in loss2.items()},
+                  tokens=ma2.entries(massive_only=True)["token"].value_counts().head(3).to_dict())
+    print(SECOND_MODEL, "Sink_1 =", round(s2.sink_rate(), 3), "| massive dims", ma2.massive_dims()[:2],
+          "from layer", ma2.first_layer(), "on", second["tokens"])
+    print({k: round(v, 1) for k, v in second["ppl"].items()})
+    del m2
 
 # %% [markdown]
 # ## Checks and comparison
 
 # %%
-assert sinks.sink_rate() > 0.5, "most heads should have a first-token sink"
-assert ratio[strong].mean() < 1.0, "sink heads' first-token values should be small (key-bias view)"
-assert dims and first is not None, "a massive dimension should exist on this model"
-assert set(massive.entries(massive_only=True)["pos"]) == {0}, "massive entries sit on the first token"
-assert ppl["massive → 0"] > 2 * ppl["original"], "zeroing the massive entry should break the model"
-assert abs(ppl["massive → mean"] - ppl["original"]) < 0.01 * ppl["original"], "mean-setting should not"
-assert ppl["sink values → 0"] < ppl["massive → 0"], "removing the sink's values hurts less than zeroing the massive entry"
-assert ppl["sink values → 0"] > 1.5 * ppl["original"], "on this 135M model the sink's values DO matter (see below)"
+assert sinks.sink_rate() > 0.5, "most heads have a first-token sink (Gu et al.)"
+assert ratio[strong].mean() < 1.0, "sink heads' first-token values are small (key-bias view)"
+assert dims and first is not None, "massive activations exist"
+assert ppl["massive → 0, every later layer"] > 10 * ppl["original"], "zeroing them everywhere breaks the model"
+assert mean_effect.high - mean_effect.low < 0.1, "the mean edit's effect is pinned down"
+assert sink_probe.values[0, 1] > sink_probe.controls[0, 0] + 0.2, "the probe beats shuffled labels"
+if second:
+    assert second["sinks"].sink_rate() > 0.5, "the second model has first-token sinks too"
 
-ours = f"ours ({MODEL}, {len(passages)} passages)"
-pd.DataFrame([
-    {"quantity": f"Sink_0^ε, ε={EPSILON}", "paper": "sinks in all pretrained LMs studied (Gu et al.)", ours: f"{sinks.sink_rate():.2f}"},
-    {"quantity": "massive dims", "paper": "Llama-2-7B: 1415, 2533 (Sun et al.)", ours: ", ".join(map(str, dims))},
-    {"quantity": "layer where they appear", "paper": "Llama-2-7B: layer 2 (Sun et al.)", ours: f"|a|>100 from layer {appear}; ratio>1000× from layer {first}"},
-    {"quantity": "largest magnitude", "paper": "Llama-2-7B: ≈ 2.6k", ours: f"{massive.values.max():.0f}"},
-    {"quantity": "perplexity: original / zero / mean", "paper": "Llama-2-7B WikiText: 5.47 / inf / 5.47 (Sun et al., Table 1)",
-     ours: f"{ppl['original']:.1f} / {ppl['massive → 0']:.1f} / {ppl['massive → mean']:.1f}"},
-    {"quantity": "perplexity with sink values zeroed", "paper": "small change (sink ≈ key bias, Gu et al.)", ours: f"{ppl['sink values → 0']:.1f}"},
-])
+harmless_mean = mean_effect.low < 0 < mean_effect.high or abs(mean_effect.mean) < 0.01
+zero_breaks = ppl["massive → 0"] > 10 * ppl["original"]
+col = f"ours: {MODEL} (sinks N={N_TEXT}, T={T}; ppl on {N_EVAL})"
+rows = [
+    {"quantity": "Sink_1^0.3 (first token; Gu's protocol)", "paper": "high in every pretrained LM studied (e.g. GPT-2, Llama-2, Pythia, OPT)",
+     col: f"{sinks.sink_rate():.2f} (BOS always first: {with_bos.sink_rate():.2f})"},
+    {"quantity": "value norm, first token / others (sink heads)", "paper": "small (sink ≈ key bias)", col: f"{ratio[strong].mean():.2f}"},
+    {"quantity": "massive dims, tokens", "paper": "Llama-2-7B: 1415, 2533 on the start token and first delimiter",
+     col: f"{', '.join(map(str, massive.massive_dims()[:2]))} on {', '.join(list(entries['token'].value_counts().index[:3]))}"},
+    {"quantity": "layer where they appear", "paper": "Llama-2-7B: layer 2", col: f"{first}"},
+    {"quantity": "ppl: original / zero / mean (edit at that layer)", "paper": "Llama-2-7B WikiText: 5.47 / inf / 5.47",
+     col: f"{ppl['original']:.1f} / {ppl['massive → 0']:.3g} / {ppl['massive → mean']:.2f}"},
+    {"quantity": "loss change with the mean edit (per sequence)", "paper": "≈ 0", col: str(mean_effect)},
+    {"quantity": "ppl with the sink's values zeroed", "paper": "barely changes (Gu et al.)", col: f"{ppl['sink values → 0']:.1f}"},
+    {"quantity": "sparse probe: held-out AUC, top dims", "paper": "— (sink dims hard-coded by VAR)",
+     col: f"{float(sink_probe.values[0, 1]):.3f} (shuffled {float(sink_probe.controls[0, 0]):.2f}); dims {probe_top} vs threshold {sdims.sink_dims}"},
+]
+if second:
+    c2 = f"ours: {SECOND_MODEL} (sinks N={N_SECOND}; ppl on {N_SECOND_EVAL})"
+    p2, e2 = second["ppl"], second["massive"]
+    extra = [f"{second['sinks'].sink_rate():.2f}", f"{float(second['sinks'].value_norm_ratio[second['sinks'].values > 0.8].mean()):.2f}",
+             f"{', '.join(map(str, e2.massive_dims()[:2]))} on {', '.join(list(second['tokens'])[:3])}", f"{e2.first_layer()}",
+             f"{p2['original']:.1f} / {p2['massive → 0']:.3g} / {p2['massive → mean']:.1f}",
+             str(stats.paired(second["loss"]["original"], second["loss"]["massive → mean"])), f"{p2['sink values → 0']:.1f}", "—"]
+    for r, v in zip(rows, extra):
+        r[c2] = v
+pd.DataFrame(rows)
 
 # %% [markdown]
-# **What reproduces and what does not on SmolLM2-135M.** Sinks are everywhere (most heads, most
-# layers, with two sink-free layers in the middle where the massive entry also shrinks), and the
-# sink tokens' value vectors are small. The massive entry sits in one dimension on the first
-# token; zeroing it from its first layer on breaks the model while its mean leaves it intact.
-# It passes Sun et al.'s absolute threshold from layer 1 but their 1000×-median ratio only from
-# layer 11. **Not reproduced:** removing the sink's value contribution is *not* harmless here —
-# perplexity rises several-fold. At 135M parameters the heads' small per-head writes from the
-# first token add up; the pure key-bias picture is an approximation for this model.
+# **Reading the table.** Sinks reproduce on both models under Gu et al.'s protocol — most heads
+# put most of their attention on the first token even when it is an ordinary word (SmolLM2's
+# tokenizer adds no BOS), and the sink's value vectors are small. Sun et al.'s edit reproduces on
+# SmolLM2: its massive entries (dims 507 and 247) sit on the first token whatever it is; zeroing them
+# in the one layer where they appear breaks the model and their per-position means leave the loss
+# unchanged (the CI of the change straddles 0), a test that is not trivial here because the first
+# token varies. Gemma 3's massive entries sit on delimiters, not on the first token, and zeroing the
+# first one does not break it: the other delimiters keep theirs (not reproduced on Gemma). The
+# key-bias picture is only approximate at this scale: zeroing the sink's values raises perplexity on
+# both models. The probe separates sink tokens far above its controls, but the dimension it leans on
+# first is not always the one the first-token threshold picks: both are properties of these tokens,
+# not the same measurement.
+
+# %%
+verdict = "reproduced" if (zero_breaks and harmless_mean) else "partly"
+viz.report_card(
+    paper="Gu et al. 2024, When Attention Sink Emerges; Sun et al. 2024, Massive Activations",
+    finding=(f"Sink_1 {sinks.sink_rate():.2f} on 64-token natural text; massive dims {massive.massive_dims()[:2]} from layer {first}: "
+             f"zero → ppl {ppl['massive → 0']:.3g}, mean → {ppl['massive → mean']:.1f} (orig {ppl['original']:.1f})"),
+    status=verdict, model=f"{MODEL}" + (f" + {SECOND_MODEL}" if second else ""))

@@ -329,7 +329,8 @@ def natural_text(model, n: int = 100, *, length: int = 64, bos: str = "hf", seed
     sequences, T = 64) and Sun et al. evaluate the massive-activation edits (chunks of text).
 
     The text is the prose of the Python reference manual shipped with every CPython
-    (``pydoc_data.topics``: paragraphs of at least 400 characters, code examples left out) — the
+    (``pydoc_data.topics``: paragraphs of at least 400 characters, code examples left out, cut into
+    consecutive windows of ``length`` tokens) — the
     one sizeable body of natural English on an offline machine. ``bos``: ``"hf"`` tokenizes as the
     model's Hugging Face tokenizer does by default (Gu et al.'s protocol: Gemma and Llama-2 get BOS,
     GPT-2, Pythia and SmolLM2 do not), ``"always"`` prepends BOS (TransformerLens' default),
@@ -358,13 +359,15 @@ def natural_text(model, n: int = 100, *, length: int = 64, bos: str = "hf", seed
     bos_id = tok.bos_token_id
     add_bos = bos == "always" or (bos == "hf" and hf_adds_bos(model))
     rows, texts = [], []
-    for p in paras:
+    body = length - 1 if add_bos and bos_id is not None else length
+    for p in paras:  # consecutive windows of each paragraph
         ids = tok(p, add_special_tokens=False)["input_ids"]
-        if add_bos and bos_id is not None:
-            ids = [bos_id] + ids
-        if len(ids) >= length:
-            rows.append(torch.tensor(ids[:length]))
-            texts.append(tok.decode(ids[:length], skip_special_tokens=True))
+        for w in range(len(ids) // body):
+            chunk = ids[w * body:(w + 1) * body]
+            rows.append(torch.tensor(([bos_id] if body < length else []) + chunk))
+            texts.append(tok.decode(chunk, skip_special_tokens=True))
+            if len(rows) == n:
+                break
         if len(rows) == n:
             break
     if len(rows) < n:
