@@ -16,6 +16,7 @@ token with tiny probability when both answer and wrong answer are unlikely. Repo
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -208,14 +209,49 @@ def normalized(value: Tensor, clean: Tensor | float, corrupted: Tensor | float) 
     return (value - corrupted) / denom
 
 
-def evaluate(model, contrast: ContrastSet, metric: Optional[Metric] = None, *, side: str = "clean") -> Tensor:
-    """Metric values ``[batch]`` of a plain forward on the clean or corrupted tokens."""
-    from mechlib.hooks import forward
+_STARTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def evaluate(model, contrast: ContrastSet, metric: Optional[Metric] = None, *, side: str = "clean",
+             start_layer: Optional[int] = None) -> Tensor:
+    """Metric values ``[batch]`` of a forward on the clean or corrupted tokens (under whatever
+    interventions are active).
+
+    ``start_layer``: run only the blocks from ``start_layer`` on, from the inputs recorded by an
+    unedited forward of the same set (recorded once per contrast set, side and layer; resuming is
+    checked against the full forward). Much cheaper when comparing many edits of late layers — e.g.
+    steering different head sets — and refused when a hook is active at an earlier layer, where the
+    edit would be skipped.
+    """
+    from mechlib import hooks
 
     metric = metric or logit_diff(contrast)
+    name = getattr(metric, "__name__", "metric")
     tokens = contrast.clean_tokens if side == "clean" else contrast.corrupted_tokens
-    logits = forward(model, tokens, extras=contrast.forward_extras(side))
-    return check_metric_values(metric(logits), len(contrast), name=getattr(metric, "__name__", "metric")).cpu()
+    if start_layer is None:
+        logits = hooks.forward(model, tokens, extras=contrast.forward_extras(side))
+        return check_metric_values(metric(logits), len(contrast), name=name).cpu()
+    early = [n for n in hooks.active_hooks(model) if n.startswith("blocks.")
+             and int(n.split(".")[1]) < start_layer]
+    if early:
+        raise ValueError(f"hooks are active at {early[:3]}, before start_layer={start_layer}: resuming there would "
+                         "skip them; lower start_layer or evaluate without it")
+    key = (id(contrast), side, start_layer)
+    per_model = _STARTS.setdefault(model, {})
+    hit = per_model.get(key)
+    if hit is not None and hit[0] is contrast:
+        start = hit[1]
+    else:
+        with hooks.record_block_inputs(model, [start_layer]) as rec:
+            full = hooks.forward(model, tokens, extras=contrast.forward_extras(side))
+        reason = hooks.resume_check(model, rec[start_layer], start_layer, full)
+        if reason is not None:
+            raise NotImplementedError(f"evaluate(start_layer=...) cannot resume this model: {reason}")
+        start = rec[start_layer]
+        per_model[key] = (contrast, start)
+    read = contrast.last_pos if getattr(metric, "last_token_only", False) else None
+    logits = hooks.run_from(model, start, start_layer, read_pos=read)
+    return check_metric_values(metric(logits), len(contrast), name=name).cpu()
 
 
 def next_token_loss(model, prompts, *, extras=None, batch_size: Optional[int] = None) -> Tensor:

@@ -208,6 +208,33 @@ class Result:
         fig.tight_layout()
         return fig
 
+    def to_plotly(self, *, title: Optional[str] = None):
+        """An interactive plotly figure (``pip install mechlib[plotly]``): a heatmap for 2-D results
+        with hover labels naming each cell (e.g. layer and head, or layer and token), a line for
+        1-D. matplotlib (:meth:`plot`) stays the default for offline reports."""
+        try:
+            import plotly.graph_objects as go
+        except ImportError:
+            raise ImportError("to_plotly needs plotly: pip install 'mechlib[plotly]' (or pip install plotly)") from None
+        v = self.values.float()
+        title = title or self.metadata.get("title") or type(self).__name__
+        if v.ndim == 1:
+            ax = self.axis_names[0]
+            fig = go.Figure(go.Scatter(x=list(self.labels[ax]), y=v.tolist(), mode="lines+markers",
+                                       hovertemplate=f"{ax} %{{x}}<br>value %{{y:.4g}}<extra></extra>"))
+            fig.update_layout(xaxis_title=ax)
+        elif v.ndim == 2:
+            a0, a1 = self.axis_names
+            lim = float(v.abs().max()) or 1.0
+            fig = go.Figure(go.Heatmap(z=v.tolist(), x=list(self.labels[a1]), y=list(self.labels[a0]), zmin=-lim,
+                                       zmax=lim, colorscale="RdBu", reversescale=True,
+                                       hovertemplate=f"{a0} %{{y}}<br>{a1} %{{x}}<br>value %{{z:.4g}}<extra></extra>"))
+            fig.update_layout(xaxis_title=a1, yaxis_title=a0, yaxis_autorange="reversed")
+        else:
+            raise ValueError(f"to_plotly draws 1-D and 2-D results; this one has axes {self.axis_names}: select() a slice")
+        fig.update_layout(title=title)
+        return fig
+
     def select(self, axis: str, index: int) -> "Result":
         """A plain :class:`Result` with one axis fixed at ``index``."""
         if axis not in self.axis_names:

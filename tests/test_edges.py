@@ -168,6 +168,11 @@ def test_clean_corrupted_and_exact_equal_the_per_edge_definition(family, tiny_ll
         i = spec.edge_index(edge)
         assert float(cc.values[i]) == pytest.approx(grad_score, abs=1e-4 * scale + 1e-7), edge
         assert float(ex.values[i]) == pytest.approx(effect, abs=1e-4 * scale + 1e-7), edge
+    # exact patching of a sample of edges gives the same numbers, NaN elsewhere
+    some = list(LLAMA_EDGES if family == "llama" else GPT2_EDGES)[:3]
+    part = edge_attribution(m, cs, ld, method="exact", edges=some)
+    idx = [spec.edge_index(e) for e in some]
+    assert torch.allclose(part.values[idx], ex.values[idx], atol=1e-6) and int((~part.values.isnan()).sum()) == len(idx)
     # sign: positive = the edge helps; the scores add up per prompt to their mean
     assert torch.allclose(cc.per_prompt.mean(0), cc.values, atol=1e-7)
     assert cc.baselines["clean"] == pytest.approx(float(metrics.evaluate(m, cs, ld).mean()), abs=1e-5)

@@ -71,6 +71,9 @@ def test_vhr_equals_a_layer_by_layer_reference(m4):
         ref = m4(batch.tokens)
     torch.testing.assert_close(logits, ref)
     torch.testing.assert_close(chosen.logits, batch.at_last(logits).float())  # the first step is the same
+    with interventions.vhr(m4, PROMPTS, span=SPAN, layers=layers, batch_size=3) as split:
+        pass
+    assert torch.equal(split.per_prompt, chosen.per_prompt)
     assert hooks.active_hooks(m4) == []
     assert_weights_equal(m4, snap)
 

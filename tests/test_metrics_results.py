@@ -180,3 +180,27 @@ def test_random_head_sets_and_comparison(tiny_llama):
     assert cmp.values[0] == 6.0 and cmp.p == pytest.approx((1 + int((cmp.random >= 6).sum())) / 6)
     with pytest.raises(ValueError, match="same_layers=False"):
         mechlib.random_head_sets(tiny_llama, [(0, h) for h in range(3)], n=1)
+
+
+def test_evaluate_from_a_late_layer_equals_the_full_forward():
+    m = mechlib.tiny_model("llama", n_layers=4)
+    cs = mechlib.tasks.ioi(m, n=4, seed=0)
+    ld = metrics.logit_diff(cs)
+    torch.testing.assert_close(metrics.evaluate(m, cs, ld, start_layer=2), metrics.evaluate(m, cs, ld))
+    with mechlib.scale_heads(m, [(3, 1)], 0.0):
+        edited = metrics.evaluate(m, cs, ld)
+        torch.testing.assert_close(metrics.evaluate(m, cs, ld, start_layer=2), edited)
+    assert not torch.allclose(edited, metrics.evaluate(m, cs, ld))
+    with pytest.raises(ValueError, match="before start_layer"), mechlib.scale_heads(m, [(1, 1)], 0.0):
+        metrics.evaluate(m, cs, ld, start_layer=2)
+
+
+def test_to_plotly_has_hover_labels():
+    pytest.importorskip("plotly")
+    r = Result(values=torch.tensor([[1.0, -2.0], [0.5, 0.0]]), axis_names=("layer", "head"),
+               labels={"layer": ["L0", "L1"], "head": ["H0", "H1"]})
+    fig = r.to_plotly()
+    assert list(fig.data[0].x) == ["H0", "H1"] and list(fig.data[0].y) == ["L0", "L1"]
+    assert "layer %{y}" in fig.data[0].hovertemplate
+    line = Result(values=torch.tensor([1.0, 2.0]), axis_names=("layer",)).to_plotly()
+    assert list(line.data[0].y) == [1.0, 2.0]

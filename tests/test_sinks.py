@@ -217,6 +217,9 @@ def test_act_head_search_equals_calibrating_each_head_alone(model):
     assert all(g > 0 for g in gains) and gains == sorted(gains, reverse=True)
     assert set(s.selected) == {(l, h) for l in (10, 11) for h in range(model.cfg.n_heads) if s.values[l, h] > 0}
     assert hooks.active_hooks(model) == []
+    split = mechlib.act_head_search(model, calib, layers=[10, 11], progress=False, batch_size=3)
+    torch.testing.assert_close(split.values, s.values, equal_nan=True)
+    torch.testing.assert_close(split.margin_gain, s.margin_gain, equal_nan=True, atol=1e-4, rtol=1e-4)
 
 
 def test_calibrate_attention_ignores_padding_queries(tiny_llama):

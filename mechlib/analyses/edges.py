@@ -943,6 +943,7 @@ def edge_attribution(
     ig_steps: int = 5,
     batch_size: Optional[int] = None,
     per_prompt: Optional[bool] = None,
+    edges: Optional[Sequence[str]] = None,
     progress: Optional[bool] = None,
 ) -> EdgeScores:
     """Score every edge of the model's graph (EAP / EAP-IG, Hanna et al. 2024).
@@ -975,6 +976,8 @@ def edge_attribution(
         ig_steps: gradient points for the IG methods (the paper uses 5).
         batch_size: prompts per forward/backward (default all); results do not depend on it.
         per_prompt: keep the ``[prompt, edge]`` scores (default: when that is ≤ 25M numbers).
+        edges: with ``method="exact"``, patch only these edges (names as in ``labels["edge"]``); the
+            others get NaN — exact patching of a sample, to check the estimates on a large model.
 
     Returns:
         :class:`EdgeScores` over ``("edge",)`` with ``baselines`` clean/corrupted and
@@ -994,12 +997,15 @@ def edge_attribution(
         raise ValueError(f"method={method!r}: choose one of {', '.join(METHODS)} ('eap-ig' is the paper's)")
     if method != "exact":
         gradients_available(f"edge_attribution(method={method!r})")
+        if edges is not None:
+            raise ValueError("edges= restricts method='exact' (the gradient methods score every edge at once)")
     if not isinstance(ig_steps, int) or isinstance(ig_steps, bool) or ig_steps < 1:
         raise ValueError(f"ig_steps={ig_steps!r}: give a positive number of interpolation points (the paper uses 5)")
     _check_batch_size(batch_size)
     _check_inputs(model, contrast, metric, "edge_attribution")
     w = _wiring(model)
     spec = w.spec
+    only = None if edges is None else [spec.edge_index(e) for e in edges]
     B = len(contrast)
     keep = per_prompt if per_prompt is not None else B * spec.n_edges <= 25_000_000
     n_batches = -(-B // (batch_size or B))
@@ -1012,7 +1018,7 @@ def edge_attribution(
         _check_additive(model, w, contrast.clean_tokens[:1], _rows(contrast.forward_extras("clean"), [0]))
         for idx, sub, m in prompt_batches(contrast, metric, batch_size):
             if method == "exact":
-                pp, cv, kv = _exact_batch(model, w, sub, m)
+                pp, cv, kv = _exact_batch(model, w, sub, m, only)
                 bar.update(1)
             else:
                 pp, cv, kv = _gradient_batch(model, w, sub, m, method, ig_steps, bar)
@@ -1130,8 +1136,9 @@ def _gradient_batch(model, w: _Wiring, contrast: ContrastSet, metric, method: st
     return per_prompt, clean_vals, corr_vals
 
 
-def _exact_batch(model, w: _Wiring, contrast: ContrastSet, metric):
-    """``metric(clean) − metric(clean with one edge ablated to its corrupted value)`` per edge."""
+def _exact_batch(model, w: _Wiring, contrast: ContrastSet, metric, only: Optional[Sequence[int]] = None):
+    """``metric(clean) − metric(clean with one edge ablated to its corrupted value)`` per edge (the
+    edges ``only``, when given; NaN elsewhere)."""
     spec = w.spec
     ex_clean = contrast.forward_extras("clean")
     clean_logits, _, _ = _record(model, w, contrast.clean_tokens, ex_clean)
@@ -1140,15 +1147,16 @@ def _exact_batch(model, w: _Wiring, contrast: ContrastSet, metric):
     clean_vals = check_metric_values(metric(clean_logits), B, name=name).detach().cpu()
     corr_vals = check_metric_values(metric(corr_logits), B, name=name).detach().cpu()
     chunk = _chunk(model, B, contrast.n_pos, spec.n_forward * model.cfg.d_model * 2)
-    out = torch.empty(B, spec.n_edges)
+    out = torch.full((B, spec.n_edges), float("nan"))
     src, dst = spec.edge_src, spec.edge_dst
-    for e0 in range(0, spec.n_edges, chunk):
-        es = list(range(e0, min(e0 + chunk, spec.n_edges)))
+    todo = list(range(spec.n_edges)) if only is None else list(only)
+    for e0 in range(0, len(todo), chunk):
+        es = todo[e0:e0 + chunk]
         notin = torch.zeros(len(es), spec.n_forward, spec.n_backward, dtype=torch.bool)
         notin[torch.arange(len(es)), src[es], dst[es]] = True
         logits = _masked_logits(model, w, contrast.clean_tokens, ex_clean, A_corr, notin)
         vals = check_metric_values(metric(logits), len(es) * B, name=name).detach().cpu()
-        out[:, e0:e0 + len(es)] = clean_vals[:, None] - vals.reshape(len(es), B).T
+        out[:, es] = clean_vals[:, None] - vals.reshape(len(es), B).T
     return out, clean_vals, corr_vals
 
 

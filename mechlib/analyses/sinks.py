@@ -437,6 +437,7 @@ def act_head_search(
     variant: str = "paper",
     layers: Optional[Sequence[int]] = None,
     max_heads: Optional[int] = None,
+    batch_size: Optional[int] = None,
     progress: Optional[bool] = None,
 ) -> HeadSearch:
     """ACT's calibration search (Yu et al. 2024; ``scripts/calibration.sh`` in GATECH-EIC/ACT):
@@ -465,40 +466,44 @@ def act_head_search(
     layers = (list(range(min(2, L - 1), max(L - 1, 1))) or list(range(L))) if layers is None else [
         check_layer(model, l) for l in layers]
     _check_pattern_editable(model, layers)
+    from mechlib.analyses.patching import prompt_batches
+    from mechlib.metrics import on_prompts
+
     H, B = model.cfg.n_heads, len(calib)
-    acc_m, ld_m = metrics.accuracy(calib), metrics.logit_diff(calib)
-    last = calib.last_pos
+    acc_all, ld_all = metrics.accuracy(calib), metrics.logit_diff(calib)
+    acc_sum, ld_sum = torch.zeros(model.cfg.n_layers, H), torch.zeros(model.cfg.n_layers, H)
+    acc0_sum = ld0_sum = 0.0
+    show = progress if progress is not None else len(layers) > 4
+    for idx, sub, _ in prompt_batches(calib, acc_all, batch_size, trim=True):
+        acc_m, ld_m, b = on_prompts(acc_all, idx, B), on_prompts(ld_all, idx, B), len(sub)
+        with hooks.record_block_inputs(model, layers) as starts, torch.no_grad():
+            full = hooks.forward(model, sub.clean_tokens.to(model.cfg.device), extras=sub.forward_extras())
+        acc0_sum += float(acc_m(full).sum())
+        ld0_sum += float(ld_m(full).float().sum())
+        lengths = sub.lengths.repeat(H)
 
-    def score(logits: Tensor) -> tuple[Tensor, Tensor]:
-        """Per stacked copy of the batch: accuracy among the answers and mean logit difference."""
-        return acc_m(logits).view(-1, B).mean(-1).cpu(), ld_m(logits).float().view(-1, B).mean(-1).cpu()
+        def edit(A, hook, b=b, lengths=lengths):
+            A = A.clone()
+            for k in range(H):  # copy k calibrates head k
+                part = A[k * b:(k + 1) * b, k:k + 1]
+                sink = act_sinks(part, epsilon=epsilon, min_queries=min_queries, lengths=lengths[k * b:(k + 1) * b],
+                                 variant=variant)
+                A[k * b:(k + 1) * b, k:k + 1] = act_calibrate(part, sink, beta)
+            return A
 
-    tokens = calib.clean_tokens.to(model.cfg.device)
-    with hooks.record_block_inputs(model, layers) as starts, torch.no_grad():
-        full = hooks.forward(model, tokens, extras=calib.forward_extras())
-    acc0, ld0 = (float(v[0]) for v in score(full))
+        for l in tqdm(layers, desc="ACT head search", disable=not show):
+            if not hooks.resume_matches(model, starts[l], l, full):
+                raise RuntimeError(f"resuming this model at layer {l} does not reproduce its logits; "
+                                   "search with calibrate_attention head by head instead")
+            logits = hooks.run_from(model, starts[l], l, copies=H, read_pos=sub.last_pos,
+                                    hooks=[(f"blocks.{l}.attn.hook_pattern", edit)])
+            acc_sum[l] += acc_m(logits).view(H, b).sum(-1).cpu()
+            ld_sum[l] += ld_m(logits).float().view(H, b).sum(-1).cpu()
+    acc0, ld0 = acc0_sum / B, ld0_sum / B
     acc_gain = torch.full((model.cfg.n_layers, H), float("nan"))
     ld_gain = torch.full((model.cfg.n_layers, H), float("nan"))
-    lengths = calib.lengths.repeat(H)
-
-    def edit(A, hook):
-        A = A.clone()
-        for k in range(H):  # copy k calibrates head k
-            sub = A[k * B:(k + 1) * B, k:k + 1]
-            sink = act_sinks(sub, epsilon=epsilon, min_queries=min_queries, lengths=lengths[k * B:(k + 1) * B],
-                             variant=variant)
-            A[k * B:(k + 1) * B, k:k + 1] = act_calibrate(sub, sink, beta)
-        return A
-
-    show = progress if progress is not None else len(layers) > 4
-    for l in tqdm(layers, desc="ACT head search", disable=not show):
-        if not hooks.resume_matches(model, starts[l], l, full):
-            raise RuntimeError(f"resuming this model at layer {l} does not reproduce its logits; "
-                               "search with calibrate_attention head by head instead")
-        logits = hooks.run_from(model, starts[l], l, copies=H, read_pos=last,
-                                hooks=[(f"blocks.{l}.attn.hook_pattern", edit)])
-        acc, ld = score(logits)
-        acc_gain[l], ld_gain[l] = acc - acc0, ld - ld0
+    for l in layers:
+        acc_gain[l], ld_gain[l] = acc_sum[l] / B - acc0, ld_sum[l] / B - ld0
     keep = [(l, h) for l in layers for h in range(H) if acc_gain[l, h] > 0]
     keep.sort(key=lambda lh: (-float(acc_gain[lh]), -float(ld_gain[lh])))
     if max_heads is not None:
@@ -506,5 +511,5 @@ def act_head_search(
     return HeadSearch(values=acc_gain, axis_names=("layer", "head"), margin_gain=ld_gain,
                       baselines={"accuracy": acc0, "logit_diff": ld0},
                       metadata=dict(selected=keep, beta=beta, epsilon=epsilon, min_queries=min_queries, variant=variant,
-                                    layers=layers, n_prompts=B,
+                                    layers=layers, n_prompts=B, batch_size=batch_size,
                                     title="ACT search: calibration accuracy change per head"))

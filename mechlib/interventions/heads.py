@@ -99,6 +99,7 @@ def vhr(
     layers: Union[str, Sequence[int]] = "paper",
     outliers: bool = True,
     extras: Optional[dict] = None,
+    batch_size: Optional[int] = None,
 ) -> Iterator[VHRSelection]:
     """VHR (He et al. 2025, "Cracking the Code of Hallucination in LVLMs with Vision-aware Head
     Divergence", Algorithm 1): per prompt and per layer, reinforce the heads whose output depends
@@ -132,6 +133,7 @@ def vhr(
             ``pixel_values``), or a context span ``(start, end)`` / one per prompt (text analogue).
         layers: ``"paper"`` or explicit layers.
         extras: forward inputs of the prompts (``pixel_values``).
+        batch_size: prompts per selection forward (default all); the selection does not depend on it.
 
     Yields:
         :class:`VHRSelection`. Forwards inside the block must have the prompts' batch (rows in the
@@ -153,27 +155,35 @@ def vhr(
     L, H = model.cfg.n_layers, model.cfg.n_heads
     chosen = vhr_layers(model) if layers == "paper" else sorted({check_layer(model, l) for l in layers})
     B = len(batch)
-    width = max(batch.tokens.shape[1], wo.tokens.shape[1])
     pad_id = _pad_id(model)
-    tokens = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad_id) for t in (batch.tokens, wo.tokens)])
-    last = torch.cat([batch.lengths - 1, wo.lengths - 1])
-    extras_all = dict(batch.extras)  # pixel_values belong to the with-image rows (the others have no image tokens)
     selected = torch.zeros(B, L, H)
     vhd_all = torch.full((B, L, H), float("nan"))
+    first_step = []
+    size = B if batch_size is None else batch_size
+    for s0 in range(0, B, size):
+        rows_b = slice(s0, min(s0 + size, B))
+        w_tok, o_tok = batch.tokens[rows_b], wo.tokens[rows_b]
+        b = w_tok.shape[0]
+        width = max(w_tok.shape[1], o_tok.shape[1])
+        tokens = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad_id) for t in (w_tok, o_tok)])
+        last = torch.cat([batch.lengths[rows_b] - 1, wo.lengths[rows_b] - 1])
+        # pixel_values belong to the with-image rows (the others have no image tokens)
+        extras_b = {k: v[rows_b] for k, v in batch.extras.items()}
 
-    def select_and_scale(z, hook, layer):
-        rows = torch.arange(2 * B, device=z.device)
-        at_last = z[rows, last.to(z.device)].float()  # [2B, H, d]
-        zw, zo = at_last[:B], at_last[B:]
-        sel, v = _vhr_select((zw - zo).norm(dim=-1), zo.pow(2).sum(-1), outliers)
-        selected[:, layer], vhd_all[:, layer] = sel.float().cpu(), v.cpu()
-        factor = torch.where(sel, torch.tensor(alpha, device=z.device), torch.tensor(1.0, device=z.device))
-        return z * factor.repeat(2, 1).to(z.dtype)[:, None, :, None]
+        def select_and_scale(z, hook, layer, b=b, last=last, rows_b=rows_b):
+            rows = torch.arange(2 * b, device=z.device)
+            at_last = z[rows, last.to(z.device)].float()  # [2b, H, d]
+            zw, zo = at_last[:b], at_last[b:]
+            sel, v = _vhr_select((zw - zo).norm(dim=-1), zo.pow(2).sum(-1), outliers)
+            selected[rows_b, layer], vhd_all[rows_b, layer] = sel.float().cpu(), v.cpu()
+            factor = torch.where(sel, torch.tensor(alpha, device=z.device), torch.tensor(1.0, device=z.device))
+            return z * factor.repeat(2, 1).to(z.dtype)[:, None, :, None]
 
-    hk = [(f"blocks.{l}.attn.hook_z", lambda z, hook, l=l: select_and_scale(z, hook, l)) for l in chosen]
-    with torch.no_grad():
-        logits = hooks.forward(model, tokens, hooks=hk, extras=extras_all)
-    first_step = logits[torch.arange(B), (batch.lengths - 1).to(logits.device)].float().cpu()
+        hk = [(f"blocks.{l}.attn.hook_z", lambda z, hook, l=l: select_and_scale(z, hook, l)) for l in chosen]
+        with torch.no_grad():
+            logits = hooks.forward(model, tokens, hooks=hk, extras=extras_b)
+        first_step.append(logits[torch.arange(b), (batch.lengths[rows_b] - 1).to(logits.device)].float().cpu())
+    first_step = torch.cat(first_step)
     sel = VHRSelection(
         values=selected.mean(0), axis_names=("layer", "head"),
         labels={"layer": [f"L{l}" for l in range(L)], "head": [f"H{h}" for h in range(H)]},

@@ -161,7 +161,8 @@ class SteeringVectors(Result):
 
 
 @records
-def steering_vectors(model, prompts, *, span=None, extras: Optional[dict] = None) -> SteeringVectors:
+def steering_vectors(model, prompts, *, span=None, extras: Optional[dict] = None,
+                     batch_size: Optional[int] = None) -> SteeringVectors:
     """Per-input VSVs (VISTA, ``obtain_vsv`` with one positive/negative pair): for each prompt and
     layer, the difference of the layer's output (``hook_resid_post``) at the last token with the
     image (or context ``span``) and with it removed. With a single pair the authors' rank-1 PCA
@@ -173,9 +174,15 @@ def steering_vectors(model, prompts, *, span=None, extras: Optional[dict] = None
     removed = batch.span_positions(model, span, contrast)
     wo = batch.without(model, removed, drop_extras=span == "image")
     names = [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
-    _, pos = hooks.run_with_cache(model, batch.tokens, names, extras=batch.extras)
-    _, neg = hooks.run_with_cache(model, wo.tokens, names, extras=wo.extras)
-    v = torch.stack([batch.at_last(pos[n]).float() - wo.at_last(neg[n]).float() for n in names], 1).cpu()
+
+    def last_states(pb) -> Tensor:  # [b, layer, d] at each prompt's last token
+        out = []
+        for sub in pb.batches(batch_size):
+            _, acts = hooks.run_with_cache(model, sub.tokens, names, extras=sub.extras)
+            out.append(torch.stack([sub.at_last(acts[n]).float().cpu() for n in names], 1))
+        return torch.cat(out)
+
+    v = last_states(batch) - last_states(wo)
     norms = v.norm(dim=-1)
     return SteeringVectors(values=norms.mean(0), axis_names=("layer",), per_prompt=norms, vectors=v,
                            labels={"layer": [f"L{l}" for l in range(model.cfg.n_layers)]},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 
@@ -31,6 +31,7 @@ def ioi(
     corruption: Literal["s2_swap", "abc"] = "s2_swap",
     order: Literal["mixed", "ABBA", "BABA"] = "mixed",
     templates: Optional[Sequence[int]] = None,
+    prepend_bos: Union[bool, str] = True,
 ) -> ContrastSet:
     """Indirect Object Identification prompts (Wang et al. 2022).
 
@@ -46,8 +47,11 @@ def ioi(
 
     Names, places and objects are restricted to single tokens for this tokenizer, so prompts from
     one template all have the same length (``templates=[i]`` gives a position-aligned set).
-    Labels are ``"ABBA"``/``"BABA"`` per prompt.
+    Labels are ``"ABBA"``/``"BABA"`` per prompt. ``prepend_bos=False`` tokenizes without BOS, as
+    Merullo et al.'s GPT-2 scripts do; ``"hf"`` as the model's own tokenizer does by default.
     """
+    if prepend_bos == "hf":
+        prepend_bos = hf_adds_bos(model)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if corruption not in ("s2_swap", "abc"):
@@ -82,7 +86,7 @@ def ioi(
         wrong.append(" " + s)
         labels.append(form)
     return ContrastSet.from_prompts(model, clean, corrupted, answers, wrong, labels=labels,
-                                    task=f"ioi/{corruption}")
+                                    task=f"ioi/{corruption}", prepend_bos=prepend_bos)
 
 
 def colored_objects(model, n: int = 32, *, seed: int = 0, n_shots: int = 1, format: str = "paper") -> ContrastSet:
@@ -93,7 +97,9 @@ def colored_objects(model, n: int = 32, *, seed: int = 0, n_shots: int = 1, form
     What color is the textbook?\nA: Orange\nQ: On the desk, there is a blue pencil, ... What
     color is the pencil?\nA:" → " Blue" — 8 colours, 17 objects, 3 surfaces, 3 subject starts,
     a/an by the colour, Title-case answers, shots separated by one newline, the example sharing no
-    colour or object with the question, and **no BOS** (``prepend_bos=False``, as their scripts).
+    colour or object with the question, and BOS only where the model's own tokenizer adds it (their
+    GPT-2 scripts use ``prepend_bos=False``, GPT-2's default; Gemma's tokenizer adds BOS and the model
+    needs it).
     ``format="simple"`` is mechlib's earlier variant (lower-case answers, "there is" only, blank
     lines between shots, 12 colours, BOS first).
 
@@ -144,8 +150,11 @@ def colored_objects(model, n: int = 32, *, seed: int = 0, n_shots: int = 1, form
         wrong.append(" " + cols[d].title())
         options.append([" " + c.title() for c in cols])
         where.append(_word_positions(model, clean[-1], [f" {c} {o}" for c, o in zip(cols, objs)], start=len(text)))
+    bos = hf_adds_bos(model)
+    if bos:
+        where = [[p + 1 for p in row] for row in where]
     return ContrastSet.from_prompts(model, clean, corrupted, answers, wrong, task="colored_objects",
-                                    options=options, option_pos=where, prepend_bos=False)
+                                    options=options, option_pos=where, prepend_bos=bos)
 
 
 def _word_positions(model, text: str, phrases: Sequence[str], *, start: int = 0, prepend_bos: bool = False) -> list[int]:
