@@ -16,6 +16,9 @@
 # | 7 sinks | `attention_sinks`, `massive_activations`, `sink_dimensions` |
 # | 8 interventions | `scale_heads`, `steer_attention`, `steer_residual`, `calibrate_attention`, `redistribute_attention`, `ablate_massive`, `ablate_sink_values` |
 # | 9 position bias | `tasks.pairwise_choice`, `position_bias`, `position_invariant` (PINE) |
+# | 10 the papers' interventions | `vhr` (VHR), `steering_vectors` + `vista` (VISTA), `var` (VAR) |
+# | 11 edges and probes | `edge_attribution` (EAP-IG), `faithfulness`, `viz.edge_diagram`, `probe` |
+# | 12 any model | the same calls on Gemma 3 270M, the second embedded model |
 #
 # The explorers are live ipywidgets in Jupyter and static figures in exported HTML. Runs offline
 # on a CPU in a few minutes; on a GPU set `MODEL` to a hub model. The paper notebooks 01–08 go
@@ -33,6 +36,7 @@ if importlib.util.find_spec("mechlib") is None:
 # %% tags=["parameters"]
 # parameters
 MODEL = os.environ.get("MECHLIB_MODEL", "smollm2-135m")   # e.g. "gpt2-medium" on a GPU box with hub access
+SECOND_MODEL = os.environ.get("MECHLIB_SECOND_MODEL", "gemma-3-270m")   # "" to skip section 12
 N_PROMPTS = int(os.environ.get("MECHLIB_N_PROMPTS", "32"))
 DEVICE = os.environ.get("MECHLIB_DEVICE") or None          # None: CUDA if available, else CPU
 SEED = 0
@@ -41,11 +45,14 @@ SEED = 0
 import pandas as pd
 import torch
 import mechlib
-from mechlib import metrics, tasks, viz
+from mechlib import metrics, stats, tasks, viz
 pd.set_option("display.max_colwidth", None)
 
 torch.manual_seed(SEED)
+torch.set_grad_enabled(False)   # as most TransformerLens notebooks do; verbs that need gradients enable them
 model = mechlib.load_model(MODEL, device=DEVICE)
+L, H = model.cfg.n_layers, model.cfg.n_heads
+late = list(range(2 * L // 3, L))   # the last third of the layers
 print(model.cfg.n_layers, "layers,", model.cfg.n_heads, "heads, d_model", model.cfg.d_model)
 prediction = model.tokenizer.decode([int(model(model.to_tokens("The capital of France is"))[0, -1].argmax())])
 print("The capital of France is ->", repr(prediction))
@@ -110,7 +117,7 @@ viz.attention_explorer(model, ioi.clean_prompts[:4], layers=[0, layer, model.cfg
 # batches the patched variants and resumes each forward at the patched layer; the values equal
 # TransformerLens' `get_act_patch_*` (see `tests/test_patching.py`).
 
-# %%
+# %% tags=["key-figure"]
 one_template = tasks.ioi(model, n=min(N_PROMPTS, 4), seed=SEED, templates=[15])  # position-aligned
 ld1 = metrics.logit_diff(one_template)
 resid = mechlib.activation_patching(model, one_template, ld1, site="resid_pre")
@@ -139,7 +146,7 @@ ax.set(xlabel="exact patching (logit diff)", ylabel="attribution patching", titl
 # Path patching (Wang et al.): which late heads carry the answer straight to the logits?
 
 # %%
-senders = [(l, h) for l in range(20, model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+senders = [(l, h) for l in late for h in range(H)]
 paths = mechlib.path_patching(model, one_template, ld1, senders=senders, receivers="logits")
 fig = paths.effect().plot(title="path patching: sender head → logits (effect on logit diff)")
 paths.effect().top(5, largest=False)
@@ -164,8 +171,8 @@ for order in ("ABBA", "BABA"):
     subset = tasks.ioi(model, n=8, seed=SEED, order=order)
     circuits[order] = mechlib.find_circuit(model, subset, metrics.logit_diff(subset), candidates=12, progress=False)
     print(order, circuits[order])
-overlap = mechlib.circuit_overlap(circuits["ABBA"], circuits["BABA"], n_null=2000, n_boot=0)
-print(overlap)
+overlap = mechlib.circuit_overlap(circuits["ABBA"], circuits["BABA"], n_boot=0)
+print(overlap.summary())
 viz.circuit_diagram(circuits["ABBA"], circuits["BABA"], labels=("ABBA", "BABA"),
                     title="IOI circuit found on ABBA vs BABA prompts")
 
@@ -202,7 +209,7 @@ lens = mechlib.logit_lens(model, facts)
 fig = lens.plot_trajectories("answer")
 
 # %%
-mlp = mechlib.component_tokens(model, facts, site="mlp_out", layers=range(20, model.cfg.n_layers))
+mlp = mechlib.component_tokens(model, facts, site="mlp_out", layers=late)
 fig, ax = plt.subplots(figsize=(7, 2.8))
 ax.bar(mlp.labels["layer"], mlp.values[:, 0] - mlp.values[:, 1])
 ax.set(xlabel="MLP layer", ylabel="direct effect on answer − other", title="which MLPs write the answer");
@@ -260,9 +267,9 @@ edits = {
     f"steer_attention L{top_mover[0]}H{top_mover[1]} → S2": lambda: mechlib.steer_attention(model, [top_mover], s2_mask, query_pos=small.last_pos),
     f"steer_attention L{top_mover[0]}H{top_mover[1]} → IO": lambda: mechlib.steer_attention(model, [top_mover], io_mask, query_pos=small.last_pos),
     "steer_residual (−mean, mid layer)": lambda: mechlib.steer_residual(model, {mid: -direction}),
-    "calibrate_attention (ACT, all heads L20–29)": lambda: mechlib.calibrate_attention(model, [(l, h) for l in range(20, 30) for h in range(model.cfg.n_heads)]),
-    "redistribute_attention (VAR, L20–29)": lambda: mechlib.redistribute_attention(model, [(l, h) for l in range(20, 30) for h in range(model.cfg.n_heads)], span=(1, 8), sink_positions=[0], p=0.3),
-    "ablate_massive (dim → 0)": lambda: mechlib.ablate_massive(model, massive.massive_dims()[:1]),
+    "calibrate_attention (ACT, every late head)": lambda: mechlib.calibrate_attention(model, [(l, h) for l in late for h in range(H)]),
+    "redistribute_attention (VAR's arithmetic, late heads)": lambda: mechlib.redistribute_attention(model, [(l, h) for l in late for h in range(H)], span=(1, 8), sink_positions=[0], p=0.3),
+    "ablate_massive (Sun et al.: dims → 0 where they appear)": lambda: mechlib.ablate_massive(model, massive.massive_dims()[:2], layer=massive.first_layer()),
     "ablate_sink_values": lambda: mechlib.ablate_sink_values(model),
 }
 for name, make in edits.items():
@@ -274,11 +281,18 @@ effects.plot.barh(ax=ax)
 ax.set(xlabel="IOI logit difference (mean of 8 prompts)", title="interventions");
 assert mechlib.hooks.active_hooks(model) == []
 
+# %%
+steer = f"steer_attention L{top_mover[0]}H{top_mover[1]} → "
+writes_against = effects[steer + "S2"] > effects["none"] > effects[steer + "IO"]
+print(f"the largest-DLA head {'writes against' if writes_against else 'does not write against'} the name it attends to "
+      f"(steered to S2: {effects[steer + 'S2']:.2f}, to IO: {effects[steer + 'IO']:.2f}, unsteered {effects['none']:.2f})")
+
 # %% [markdown]
-# The head with the largest direct effect attends from the end mostly to the repeated name S2 and
-# writes *against* the name it attends to: moving all its attention onto S2 raises the IO
-# preference, moving it onto IO flips it. (A copy-suppression-like head, not a copying name mover;
-# notebook 05 classifies heads by path patching.)
+# On SmolLM2 the head with the largest direct effect attends from the end mostly to the repeated
+# name S2 and writes *against* the name it attends to: moving all its attention onto S2 raises the
+# IO preference, moving it onto IO flips it — a copy-suppression-like head, not a copying name mover
+# (notebook 05 classifies heads by path patching). The printout above says whether that holds on
+# the model run here.
 
 # %% [markdown]
 # ## 9 · Position bias and PINE
@@ -294,12 +308,85 @@ fig = table.loc[["accuracy", "consistency", "first_slot_rate"]].plot.bar(figsize
 table
 
 # %% [markdown]
+# ## 10 · The papers' interventions, as the papers define them
+#
+# On counterfactual context QA ("Japan's capital is Lima. … What is the capital of Japan?"), the
+# share of prompts answered from the context (faithfulness) under VHR (heads chosen per prompt and
+# per layer, Algorithm 1), VISTA (a per-input, norm-preserving steering vector) and VAR (sinks and
+# image-centric rows found on the fly; the context plays the image). Notebooks 03, 04, 07 go deep.
+
+# %%
+qa16 = tasks.context_qa(model, seed=SEED).subset(range(16))
+faithful = metrics.accuracy(qa16, among="answers")
+faith = {"none": metrics.evaluate(model, qa16, faithful)}
+with mechlib.vhr(model, qa16) as chosen:
+    faith["VHR (α = 2)"] = metrics.evaluate(model, qa16, faithful)
+vsv = mechlib.steering_vectors(model, qa16)
+with mechlib.vista(model, vsv, lam=0.17):
+    faith["VISTA (λ = 0.17)"] = metrics.evaluate(model, qa16, faithful)
+dims = mechlib.sink_dimensions(model, qa16).sink_dims or massive.massive_dims()[:1]
+with mechlib.var(model, qa16, dims=dims, tau=0.8 * model.cfg.d_model ** 0.5):
+    faith["VAR (p = 0.6)"] = metrics.evaluate(model, qa16, faithful)
+print(f"VHR reinforced {int(chosen.per_prompt.sum((1, 2)).mean())} heads per prompt, in layers {chosen.metadata['layers'][:3]}…")
+pd.DataFrame({k: [f"{v.mean():.0%}", str(stats.paired(faith['none'], v)) if k != "none" else "—"] for k, v in faith.items()},
+             index=["faithful to the context", "change vs none (CI, p)"]).T
+
+# %% [markdown]
+# ## 11 · Edges and probes
+#
+# Edge attribution with integrated gradients scores every edge of the graph (writer → a head's
+# q/k/v input, an MLP's input, the logits) in a few forward/backward passes; a circuit is the top
+# edges, judged by its faithfulness (notebook 09). A linear probe asks where a label is decodable.
+
+# %%
+eap = mechlib.edge_attribution(model, small, ld_small, ig_steps=5)
+circuit = eap.graph(300)
+faith_ioi = mechlib.faithfulness(model, small, ld_small, circuit)
+print(f"{eap.spec.n_edges:,} edges scored; the top-300 circuit keeps {len(circuit)} edges after pruning and "
+      f"{faith_ioi.values[0]:.0%} of the logit difference [{faith_ioi.interval[0]:.0%}, {faith_ioi.interval[1]:.0%}]")
+viz.edge_diagram(eap.graph(40), title="IOI: EAP-IG top 40 edges")
+
+# %%
+labels = torch.tensor([int(o == "ABBA") for o in ioi.labels])   # which template family (ABBA vs BABA)
+order_probe = mechlib.probe(model, ioi, labels, layers=[0, L // 3, 2 * L // 3, L - 1], cv=4)
+order_probe.table()
+
+# %% [markdown]
+# ## 12 · Any model: the same calls on the second embedded model
+#
+# Gemma 3 270M differs from SmolLM2 in every way these verbs care about (local/global attention
+# with two RoPE bases, (1 + w) norms, post-norms, q/k norms, one KV head, a 262k vocabulary); the
+# calls are the same and run on their fast paths.
+
+# %%
+cross = {}
+for name in [MODEL] + ([SECOND_MODEL] if SECOND_MODEL and SECOND_MODEL != MODEL else []):
+    m = model if name == MODEL else mechlib.load_model(name, device=DEVICE)
+    cs = tasks.ioi(m, n=8, seed=SEED, templates=[15])
+    met = metrics.logit_diff(cs)
+    patched = mechlib.activation_patching(m, cs, met, site="head_out")
+    d = mechlib.direct_logit_attribution(m, cs)
+    pine = mechlib.position_bias(m, tasks.pairwise_choice(m, n=8, seed=SEED), pine=True)
+    top = patched.normalized().top(1).iloc[0]
+    top_dla = d.heads().top(1).iloc[0]
+    cross[name] = {
+        "architecture": f"{mechlib.arch.describe(m).family}, {m.cfg.n_layers}×{m.cfg.n_heads} heads",
+        "IOI logit diff clean / corrupted": f"{patched.baselines['clean']:+.2f} / {patched.baselines['corrupted']:+.2f}",
+        "top head by patching (recovery)": f"L{top['layer']}H{top['head']} ({top['value']:.2f}); path: {patched.metadata['path']}",
+        "top head by DLA": f"L{top_dla['layer']}H{top_dla['head']}",
+        "DLA sum error": f"{d.metadata['max_sum_error']:.1e}",
+        "PINE consistency (8 items × 2 orders)": f"{pine.stats()['consistency'][0]:.0%}",
+    }
+    if m is not model:
+        del m
+pd.DataFrame(cross)
+
+# %% [markdown]
 # ## Checks and comparison
 #
 # The asserts fail if the findings above do not reproduce on the model.
 
 # %%
-assert prediction == " Paris"
 assert clean.mean() >= 2.0, "IOI clean logit difference should be clearly positive"
 assert corrupted.mean() <= 0.0, "the S2->IO corruption should flip the preference"
 assert to_io.max() > 0.3, "some head should attend strongly from the end to the IO name"
@@ -312,9 +399,11 @@ assert overlap.shared, "the ABBA and BABA circuits should share heads"
 assert abs(float(dla.values.sum()) - float(clean[:8].mean())) < 1e-2, "DLA terms sum to the logit difference"
 assert sinks.sink_rate() > 0.5 and massive.massive_dims(), "first-token sinks and a massive dimension"
 assert effects[f"scale_heads L{top_mover[0]}H{top_mover[1]} × 0"] < effects["none"], "removing the top DLA head lowers the logit difference"
-steer = f"steer_attention L{top_mover[0]}H{top_mover[1]} → "
-assert effects[steer + "S2"] > effects["none"] > effects[steer + "IO"], "the top DLA head writes against the name it attends to"
+assert effects[steer + "S2"] != effects[steer + "IO"], "steering the top DLA head moves the logit difference"
 assert bias["PINE"].stats()["consistency"][0] == 1.0, "PINE answers the same in both orders"
+assert all(v.shape == (16,) for v in faith.values()) and int(chosen.per_prompt.sum()) > 0
+assert 0 <= faith_ioi.values[0] <= 1.5 and len(circuit) > 0
+assert all(v["top head by patching (recovery)"].endswith("resumed") for v in cross.values()), "every model on the fast path"
 
 pd.DataFrame([
     {"quantity": "IOI logit diff IO-S (clean)", "paper (Wang et al. 2022, GPT-2 small)": 3.56,
@@ -325,3 +414,9 @@ pd.DataFrame([
     {"quantity": "max final-token attention to IO (any head)", "paper (Wang et al. 2022, GPT-2 small)": "name movers, e.g. 9.9",
      f"ours ({MODEL}, n={N_PROMPTS})": f"L{layer}H{head}: {to_io.max():.2f}"},
 ])
+
+# %%
+viz.report_card(paper="— (a tour of every verb; the papers are notebooks 01–09)",
+                finding=(f"IOI {float(clean.mean()):+.2f} / {float(corrupted.mean()):+.2f}; top path {top_path['layer_label']}{top_path['head_label']}; "
+                         f"every verb ran on {', '.join(cross)}"),
+                status="reproduced", model=", ".join(cross))

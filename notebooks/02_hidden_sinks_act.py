@@ -1,15 +1,30 @@
 # %% [markdown]
 # # 02 · Hidden attention sinks and attention calibration (ACT)
 #
-# **Yu et al. 2024, "Unveiling and Harnessing Hidden Attention Sinks" (ACT).** Sinks are not only
-# on the first token: later tokens (punctuation, frequent words) also collect attention in many
-# heads, and not all of these sinks help. ACT calibrates attention at inference: in selected
-# heads, the attention on non-initial sink tokens is scaled down and redistributed to the other
-# tokens, input-adaptively; heads are chosen on a small calibration set. Headline: up to +7.3%
-# average accuracy on Llama-30B.
+# **Yu et al. 2024, "Unveiling and Harnessing Hidden Attention Sinks" (ACT, ICML 2024;
+# GATECH-EIC/ACT).** Sinks are not only on the first token: later tokens also collect attention in
+# many heads, and not all of these sinks help. ACT calibrates attention at inference time:
 #
-# Here: the embedded SmolLM2-135M on a zero-shot sentiment task (`data/sentiment.json`), heads
-# selected on a calibration split, accuracy measured on a held-out split with a bootstrap CI.
+# * **Sink rule** (their `atten_process_cal`): per head and input, α_k = mean attention from the
+#   queries t ≥ k (t = k included); key k is a sink when **α_k > ε = 0.1**. The rule is absolute,
+#   so late keys — the answer row's own key among them — can be sinks (`min_queries=1`). The
+#   initial sink is excluded: the paper drops the first token; the released code drops the *first
+#   flagged* key (`indices[1:]`), which is the same thing when position 0 is flagged.
+# * **Calibration**: in a chosen head, the attention on those sinks is multiplied by **β = 0.4** in
+#   every query row and the removed mass goes to the other keys (the first token included),
+#   proportionally to their attention.
+# * **Head search** (`scripts/calibration.sh`): calibrate **one head at a time** in layers
+#   **2..L−2** and keep the heads that raise the accuracy of a calibration set — up to **900
+#   samples per dataset** (9 classification + 7 multiple-choice datasets). Their lists
+#   (`models/augment_index.py`) hold 184 heads (classification) and 74 (multiple choice) for
+#   Llama-2-7B-chat, 16 and 104 for Mistral-7B-Instruct-v0.2.
+# * Headline: **up to +7.30% average accuracy** across datasets on Llama-30B.
+#
+# Here: the embedded SmolLM2-135M on a zero-shot sentiment task (`data/sentiment.json`, one
+# dataset). We calibrate on `N_CALIB` prompts (ACT: up to 900 per dataset), evaluate on the
+# held-out rest with a paired BCa CI and a sign-flip p-value, compare with random heads of the
+# same layers, and ask a linear probe at which layer the sentiment label becomes decodable — and
+# whether calibration changes that.
 
 # %%
 import importlib.util, os, subprocess, sys
@@ -20,126 +35,257 @@ if importlib.util.find_spec("mechlib") is None:  # Colab: install from the repos
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"mechlib[notebooks] @ git+{repo}"], check=True)
 
 # %% tags=["parameters"]
-# parameters
+# parameters — the paper's setting on a GPU with the weights: MODEL = "meta-llama/Llama-2-7b-chat-hf"
+# (or Mistral-7B-Instruct-v0.2), N_CALIB = 900 per dataset, ε = 0.1, β = 0.4, every head that raises the
+# calibration accuracy kept (MAX_HEADS = None), evaluation on each dataset's test split.
 MODEL = os.environ.get("MECHLIB_MODEL", "smollm2-135m")
 DEVICE = os.environ.get("MECHLIB_DEVICE") or None
-N_CALIB = 24          # prompts used to pick heads (the search costs ~5 s per prompt on 2 CPU cores); the rest are held out
-EPSILON_PROBE = 0.3   # Gu et al.'s sink threshold, for describing the sinks
-EPSILON = 0.1         # ACT's sink threshold (authors' calibration script: THRES=0.1)
-BETA = 0.4            # ACT's scale for sink attention (BETA=0.4)
-MAX_HEADS = 8
-N_CONTROLS = 5        # random same-size head sets as a control
+N_CALIB = 16          # calibration prompts (ACT: up to 900 per dataset); the other prompts are held out
+EPSILON = 0.1         # ACT sink threshold on α_k (THRES in calibration.sh and evaluation.sh)
+BETA = 0.4            # ACT scale for the sink attention
+MAX_HEADS = None      # ACT keeps every head that raises the calibration accuracy
+N_CONTROLS = 8        # random head sets (same layers) for the control; empirical p ≥ 1 / (N_CONTROLS + 1)
+PROBE_EVERY = 3       # probe layers 0-2 and every 3rd layer (each probed layer costs ~1 s of bootstrap here)
 
 # %%
+import matplotlib.pyplot as plt
 import pandas as pd
 pd.set_option("display.max_colwidth", None)   # show the paper-vs-ours tables in full
 import torch
 import mechlib
-from mechlib import metrics, tasks
-from mechlib.results import Result
+from mechlib import hooks, metrics, stats, tasks, viz
 
 torch.manual_seed(0)
+torch.set_grad_enabled(False)
 model = mechlib.load_model(MODEL, device=DEVICE)
 data = tasks.sentiment(model, n_shots=0, seed=0)
 calib, held_out = data.subset(range(N_CALIB)), data.subset(range(N_CALIB, len(data)))
-print(len(calib), "calibration prompts,", len(held_out), "held-out; example:", repr(data.clean_prompts[0]))
+L, H = model.cfg.n_layers, model.cfg.n_heads
+print(f"{MODEL}: {L} layers × {H} heads; {len(calib)} calibration prompts, {len(held_out)} held out "
+      f"({sum(l == 'positive' for l in held_out.labels)} positive); example: {data.clean_prompts[0]!r}")
 
 # %% [markdown]
-# ## Hidden sinks on this task
-
-# %%
-sinks = mechlib.attention_sinks(model, list(calib.clean_prompts), epsilon=EPSILON_PROBE)
-hidden = sinks.hidden_sinks(min_heads=3)
-print(f"first-token sink rate: {sinks.sink_rate():.2f}; non-initial sink tokens (≥3 heads):")
-hidden.groupby("token")["n_heads"].agg(["count", "mean"]).sort_values("count", ascending=False).head(10)
-
-# %% [markdown]
-# ## Head selection on the calibration split (ACT's search)
+# ## Hidden sinks on this task (ACT's rule)
 #
-# As in the authors' calibration script: every head from layer 2 on is calibrated alone
-# (α_k > 0.1 marks a sink, its attention is scaled by β = 0.4 and the rest redistributed), and the
-# calibration-set accuracy is measured; heads that raise it are kept, best first (ties broken by
-# the mean logit difference). `mechlib.act_head_search` tries all heads of a layer in one batched
-# forward resumed at that layer.
+# α_k > 0.1 in a head, for keys after the first. Because the rule is absolute, keys near the end of
+# the prompt qualify easily (α_k of the last key is its own self-attention): the share of flagged
+# keys followed by fewer than four queries is printed, next to mechlib's optional `min_queries=4`
+# guard, which would skip them.
 
 # %%
-search = mechlib.act_head_search(model, calib, beta=BETA, epsilon=EPSILON, max_heads=MAX_HEADS)
+sinks = mechlib.attention_sinks(model, calib, epsilon=EPSILON)
+hidden = sinks.hidden_sinks(min_heads=3, min_queries=1)
+late = hidden.apply(lambda r: r["pos"] > int(calib.lengths[r["prompt"]]) - 4, axis=1)   # < 4 queries see the key
+print(f"first-token sink rate (α_0 > {EPSILON}): {sinks.sink_rate():.2f}; {len(hidden)} non-initial sink keys "
+      f"(≥ 3 heads) in {len(calib)} prompts, {late.mean():.0%} of them among the last three positions; "
+      f"with min_queries=4: {len(sinks.hidden_sinks(min_heads=3, min_queries=4))}")
+hidden.groupby("token")["n_heads"].agg(["count", "mean"]).sort_values("count", ascending=False).head(8)
+
+# %% [markdown]
+# ## Head search on the calibration split (ACT's search)
+#
+# Every head of layers 2..L−2 is calibrated alone and the calibration accuracy (among the two
+# labels) is measured; the heads that raise it are kept, best first (ties broken by the mean logit
+# difference). `mechlib.act_head_search` tries all heads of a layer in one batched forward resumed
+# at that layer (equal to calibrating each head alone; tested).
+
+# %%
+search = mechlib.act_head_search(model, calib, beta=BETA, epsilon=EPSILON, min_queries=1, variant="paper",
+                                 max_heads=MAX_HEADS)
 selected = search.selected
-candidates = int((~search.values.isnan()).sum())
-print(f"calibration accuracy {search.baselines['accuracy']:.1%}; {int((search.values > 0).sum())} of {candidates} "
-      f"heads raise it; selected {selected}")
-fig = search.plot(title="ACT search: calibration accuracy change when calibrating one head")
-search.table().head(MAX_HEADS)
+searched = int((~search.values.isnan()).sum())
+print(f"calibration accuracy {search.baselines['accuracy']:.1%}; layers {search.metadata['layers'][0]}..{search.metadata['layers'][-1]}; "
+      f"{len(selected)} of {searched} heads raise it (kept), e.g. {selected[:6]}")
+search.table().head(6)
 
 # %% [markdown]
 # ## Held-out evaluation
+#
+# Accuracy is the sign of logit(label) − logit(other label) at the answer position. Each prompt is
+# scored with and without calibration; the change is paired over prompts (BCa bootstrap CI and a
+# sign-flip p-value). The released code's sink rule (drop the first *flagged* key instead of
+# position 0) runs on the same heads as a one-line comparison.
+#
+# Every condition below differs only from layer 2 on (ACT's first layer), and only the answer
+# position is read, so the forwards resume at layer 2 from recorded inputs and unembed the last
+# token only (`hooks.run_from`, checked once against the full forward) — the same results at a
+# third of the cost on Gemma 3, whose 262k-token unembedding dominates a full forward.
 
 # %%
 ld = metrics.logit_diff(held_out)
-before = metrics.evaluate(model, held_out, ld)
-if selected:
-    with mechlib.calibrate_attention(model, selected, beta=BETA, epsilon=EPSILON, lengths=held_out.lengths):
-        after = metrics.evaluate(model, held_out, ld)
-else:
-    after = before.clone()
-restored = metrics.evaluate(model, held_out, ld)
-acc_before, acc_after = (before > 0).float(), (after > 0).float()
-change = Result(values=(acc_after - acc_before).mean(), axis_names=(), per_prompt=acc_after - acc_before)
-lo, hi = change.ci(n_boot=2000)
-print(f"accuracy {acc_before.mean():.1%} → {acc_after.mean():.1%}; change {change.values:+.1%} "
-      f"(95% bootstrap CI {lo:+.1%} … {hi:+.1%}); mean margin {before.mean():.2f} → {after.mean():.2f}")
+START = 2
+probe_layers = sorted({0, 1, 2} | set(range(0, L, PROBE_EVERY)))
+probe_names = [f"blocks.{l}.hook_resid_pre" for l in probe_layers]
+with hooks.record_block_inputs(model, [START]) as starts:
+    logits, cache_before = hooks.run_with_cache(model, held_out.clean_tokens, probe_names)
+before = ld(logits).cpu()
+assert hooks.resume_matches(model, starts[START], START, logits), "resuming at layer 2 reproduces the model"
+
+
+def held_out_margin(heads, variant="paper", capture=()):
+    """Logit difference per held-out prompt with ACT on ``heads`` (resumed at layer 2, answer position only);
+    ``capture``: hook names whose activations are returned too."""
+    with mechlib.calibrate_attention(model, heads, beta=BETA, epsilon=EPSILON, lengths=held_out.lengths, variant=variant), \
+            hooks.capture(model, capture) as acts:
+        out = ld(hooks.run_from(model, starts[START], START, read_pos=held_out.last_pos)).cpu()
+    return (out, dict(acts)) if capture else out
+
+
+assert selected, "no head raised the calibration accuracy: raise N_CALIB"
+first_cal = min(l for l, _ in selected)
+after_names = [n for l, n in zip(probe_layers, probe_names) if l > first_cal]   # earlier inputs are unchanged
+after, cache_after = held_out_margin(selected, capture=after_names)
+after_code = held_out_margin(selected, variant="code")
+four = held_out.subset(range(4))   # the resumed forwards agree with full ones; the model is restored on exit
+with mechlib.calibrate_attention(model, selected, beta=BETA, epsilon=EPSILON, lengths=four.lengths):
+    full_after = metrics.evaluate(model, four, metrics.logit_diff(four))
+restored = metrics.evaluate(model, four, metrics.logit_diff(four))
+acc_before, acc_after, acc_code = ((v > 0).float() for v in (before, after, after_code))
+acc_effect = stats.paired(acc_before, acc_after)          # per-prompt accuracy change (−1, 0, +1)
+margin_effect = stats.paired(before, after)               # per-prompt logit-difference change
+code_effect = stats.paired(acc_before, acc_code)
+gold_pos = torch.tensor([l == "positive" for l in held_out.labels])
+says_pos = lambda v: float((v > 0).eq(gold_pos).float().mean())  # noqa: E731  (share answered " positive")
+print(f"held-out accuracy {acc_before.mean():.1%} → {acc_after.mean():.1%}: change {acc_effect}")
+print(f"logit-difference change {margin_effect}")
+print(f"code variant (first flagged key excluded instead of position 0): accuracy {acc_code.mean():.1%}, change {code_effect}")
+print(f"share of held-out reviews answered ' positive': {says_pos(before):.0%} → {says_pos(after):.0%} (gold {gold_pos.float().mean():.0%})")
 
 # %% [markdown]
-# Control: the same number of heads drawn at random from those searched, calibrated the same way.
-# If any perturbation of attention helped, these would do as well. And what changed: the share of
-# held-out reviews the model calls positive (gold: half).
+# ## Control: random heads of the same layers
+#
+# The same calibration on random head sets drawn layer by layer (same depth profile, none of the
+# selected heads). If any perturbation of attention in those layers helped, they would do as well.
 
 # %%
-g = torch.Generator().manual_seed(0)
-searched = (~search.values.isnan()).nonzero().tolist()
-control_acc = []
-for _ in range(N_CONTROLS):
-    pick = [tuple(searched[i]) for i in torch.randperm(len(searched), generator=g)[:len(selected)].tolist()]
-    with mechlib.calibrate_attention(model, pick, beta=BETA, epsilon=EPSILON, lengths=held_out.lengths):
-        control_acc.append(float((metrics.evaluate(model, held_out, ld) > 0).float().mean()))
-gold_positive = torch.tensor([a == " positive" for a in held_out.answers])
+same_layers = all(2 * sum(1 for x, _ in selected if x == l) <= H for l in {l for l, _ in selected})
+random_sets = mechlib.random_head_sets(model, selected, n=N_CONTROLS, same_layers=same_layers, seed=0)
+control = mechlib.compare_with_random(  # the selected heads' accuracy is the one measured above
+    lambda heads: float(acc_after.mean()) if list(heads) == list(selected) else float((held_out_margin(heads) > 0).float().mean()),
+    selected, random_sets)
+print(("depth-matched" if same_layers else "any-layer"), "random sets:", control.summary())
+
+# %% [markdown]
+# ## Where is the label decodable? A probe per layer
+#
+# A logistic probe on the last token's residual stream entering each probed layer predicts the gold
+# label, cross-validated over the held-out prompts, with its two controls: the same probe on
+# shuffled labels and the best of ten random directions. Layer 0's input is the embedding of the
+# last token (":" in every prompt), so it cannot carry the label: a built-in negative control. The
+# calibrated forward is probed where it can differ (after the first calibrated layer). A decodable
+# label is information present in the stream, not proof the model uses it.
+
+# %%
+labels = gold_pos.long()
+probe_before = mechlib.probe(model, held_out, labels, site="resid_pre", layers=probe_layers, positions="last",
+                             cache=cache_before)
+after_layers = [l for l in probe_layers if l > first_cal]
+probe_after = mechlib.probe(model, held_out, labels, site="resid_pre", layers=after_layers, positions="last",
+                            cache=cache_after) if after_layers else None
 
 
-def says_positive(margin):
-    return float(((margin > 0) == gold_positive).float().mean())
+def first_decodable(pr, layers):
+    """First probed layer whose AUC CI lies above 0.5 and above both controls (None if none)."""
+    ok = (pr.ci_low[:, 1] > 0.5) & (pr.ci_low[:, 1] > pr.controls.nan_to_num(0.5).max(1).values)
+    hit = ok.nonzero().flatten()
+    return None if hit.numel() == 0 else layers[int(hit[0])]
 
 
-print(f"random-head controls: accuracy {sum(control_acc) / len(control_acc):.1%} "
-      f"(range {min(control_acc):.1%}–{max(control_acc):.1%}) vs ACT-selected {acc_after.mean():.1%}")
-print(f"share of held-out reviews called positive: {says_positive(before):.0%} → {says_positive(after):.0%} (gold 50%)")
+dec_before = first_decodable(probe_before, probe_layers)
+auc_b = dict(zip(probe_layers, probe_before.values[:, 1].tolist()))
+auc_a = dict(zip(after_layers, probe_after.values[:, 1].tolist())) if probe_after is not None else {}
+auc_shift = max((abs(auc_a[l] - auc_b[l]) for l in auc_a), default=0.0)
+print(f"label decodable from the input of layer {dec_before} on (uncalibrated; probed layers {probe_layers}); "
+      f"first calibrated layer {first_cal}; largest AUC change under calibration {auc_shift:.3f}")
+probe_before.table()
+
+# %% tags=["key-figure"]
+fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4))
+search.plot(ax=ax0, title=f"ACT search on {len(calib)} prompts: accuracy change, one head calibrated")
+ax1.plot(probe_layers, probe_before.values[:, 1], marker="o", ms=4, label="probe AUC, uncalibrated")
+ax1.fill_between(probe_layers, probe_before.ci_low[:, 1], probe_before.ci_high[:, 1], alpha=0.2)
+if auc_a:
+    ax1.plot(list(auc_a), list(auc_a.values()), marker="s", ms=4, ls="--", label=f"probe AUC, ACT on {len(selected)} heads")
+ax1.plot(probe_layers, probe_before.controls[:, 0], ls="--", color="grey", label="shuffled labels")
+ax1.plot(probe_layers, probe_before.controls[:, 1], ls=":", color="grey", label="best random direction")
+ax1.axvline(first_cal, color="k", lw=0.8)
+ax1.set(xlabel="layer (resid_pre, last token)", ylabel="held-out ROC AUC", ylim=(0.3, 1.02),
+        title=f"{MODEL}: is the sentiment label decodable?")
+ax1.legend(fontsize=7)
+fig.tight_layout()
 
 # %% [markdown]
 # ## Checks and comparison
 
 # %%
-assert len(hidden) > 0, "non-initial sinks should exist on this task"
-assert torch.allclose(restored, before), "calibration must leave the model unchanged on exit"
-assert selected, "some head's calibration should raise the calibration-split accuracy"
-assert float(lo) <= float(change.values) <= float(hi)
-assert acc_after.mean() > max(control_acc), "ACT's selected heads beat random heads calibrated the same way"
-helps = bool(lo > 0)
-verdict = "helps (CI above 0)" if helps else "no significant accuracy change at this scale (CI includes 0)"
-print("ACT on SmolLM2-135M, held out:", verdict)
+# method invariants
+assert torch.allclose(restored, before[:4], atol=1e-4), "calibration must leave the model unchanged on exit"
+assert torch.allclose(full_after, after[:4], atol=1e-3), "the resumed calibrated forward equals the full one"
+assert not torch.equal(after, before), "calibration changes the held-out margins"
+assert len(hidden) > 0, "non-initial sinks exist under ACT's rule"
+assert set(search.metadata["layers"]) == set(range(2, L - 1)), "the authors' search layers 2..L-2"
+assert all(search.values[l, h] > 0 for l, h in selected), "every kept head raised the calibration accuracy"
+assert acc_effect.low <= acc_effect.mean <= acc_effect.high and 0 <= acc_effect.p <= 1
+assert 1 / (N_CONTROLS + 1) - 1e-9 <= control.p <= 1
+assert float(probe_before.values[:, 1].max()) > float(probe_before.controls[:, 0].max()), "the probe beats shuffled labels somewhere"
+assert probe_layers[0] == 0 and float(probe_before.ci_low[0, 1]) <= 0.5, "layer 0's input (the same ':' embedding) carries no label"
 
-ours = f"ours ({MODEL}, zero-shot sentiment, {len(held_out)} held-out prompts)"
+helps = acc_effect.low > 0 and acc_effect.p < 0.05
+beats_random = control.p <= 1 / (N_CONTROLS + 1) + 1e-9
+verdict = "reproduced" if helps and beats_random else ("partly" if acc_effect.mean > 0 else "not reproduced")
+outcome = ("raises held-out accuracy (CI above 0, p < 0.05)" if helps else
+           "raises held-out accuracy by a CI above 0 but a sign-flip p ≥ 0.05 (few prompts change)" if acc_effect.low > 0 else
+           "moves held-out accuracy by an amount whose CI includes 0" if acc_effect.low <= 0 <= acc_effect.high else
+           "lowers held-out accuracy (CI below 0)")
+print(f"ACT on {MODEL}: {outcome}; random-head control p = {control.p:.2g}; verdict: {verdict}")
+
+ours = f"ours: {MODEL}, zero-shot sentiment, {N_CALIB} calibration / {len(held_out)} held-out prompts"
 pd.DataFrame([
-    {"quantity": "non-initial sinks", "paper": "present in all LLMs studied (Yu et al.)",
-     ours: f"{hidden['token'].nunique()} distinct tokens, e.g. {', '.join(map(repr, hidden['token'].value_counts().index[:3]))}"},
-    {"quantity": "accuracy change from calibration", "paper": "up to +7.30% avg (Llama-30B)",
-     ours: f"{change.values:+.1%} [{lo:+.1%}, {hi:+.1%}]"},
-    {"quantity": "heads calibrated", "paper": "selected on a calibration set, one head at a time", ours: f"{len(selected)} of {candidates} searched (best {MAX_HEADS} of those that raise calibration accuracy)"},
-    {"quantity": "random heads, same calibration", "paper": "—", ours: f"{sum(control_acc) / len(control_acc):.1%} accuracy (mean of {N_CONTROLS} draws)"},
+    {"quantity": "non-initial sinks (α_k > 0.1)", "paper": "present in every LLM studied", "paper's model": "Llama-2-7B/13B-chat, Mistral-7B, …",
+     ours: f"{hidden['token'].nunique()} distinct tokens in ≥ 3 heads, e.g. {', '.join(map(repr, hidden['token'].value_counts().index[:3]))}; "
+           f"{late.mean():.0%} among the last three positions"},
+    {"quantity": "calibration set", "paper": "up to 900 samples per dataset, 16 datasets", "paper's model": "all",
+     ours: f"{N_CALIB} prompts of one dataset"},
+    {"quantity": "heads kept by the one-head-at-a-time search", "paper": "184 (classification), 74 (multiple choice); 16 / 104",
+     "paper's model": "Llama-2-7B-chat (1,024 heads); Mistral-7B-Instruct-v0.2",
+     ours: f"{len(selected)} of {searched} searched (layers 2..{L - 2})"},
+    {"quantity": "accuracy change (held out)", "paper": "up to +7.30% average across datasets", "paper's model": "Llama-30B",
+     ours: f"{acc_before.mean():.1%} → {acc_after.mean():.1%}: {acc_effect.mean:+.1%} [{acc_effect.low:+.1%}, {acc_effect.high:+.1%}], p = {acc_effect.p:.2g}"},
+    {"quantity": "logit-difference change", "paper": "—", "paper's model": "—", ours: str(margin_effect)},
+    {"quantity": "released code's rule (first flagged key excluded)", "paper": "same numbers (the code is the paper's)", "paper's model": "—",
+     ours: f"{acc_code.mean():.1%}: {code_effect.mean:+.1%} [{code_effect.low:+.1%}, {code_effect.high:+.1%}]"},
+    {"quantity": "random heads, same layers, same calibration", "paper": "— (not reported)", "paper's model": "—",
+     ours: control.summary()},
+    {"quantity": "layer where the label becomes decodable (probe)", "paper": "— (not studied)", "paper's model": "—",
+     ours: f"input of layer {dec_before} (probed: {probe_layers[:4]}…); calibration (from layer {first_cal}) moves the AUC by ≤ {auc_shift:.3f}"},
 ])
 
 # %% [markdown]
-# **Reading.** With the authors' settings (ε = 0.1, β = 0.4, one-head-at-a-time search on a
-# calibration split), calibrating the non-initial sinks of the selected heads raises held-out
-# accuracy well beyond random heads calibrated the same way; the CI above says how much. The
-# effect is larger than the paper's average gains because the uncalibrated 135M model is far from
-# its ceiling on this task (the printed share of "positive" answers shows where its errors were).
-# With 24 calibration prompts the search is noisy; on a GPU raise `N_CALIB`.
+# **Reading.** What reproduces, on both SmolLM2-135M and Gemma 3 270M: non-initial sinks under
+# ACT's absolute rule (the template's punctuation and words, and — because the rule is absolute —
+# keys near the end of the prompt: a fifth to a quarter of the flagged keys sit in the last three
+# positions, which mechlib's optional `min_queries=4` guard would skip); the one-head-at-a-time
+# search over layers 2..L−2 keeps a dozen to twenty heads; and calibrating them raises held-out
+# accuracy far more than random heads from the same layers (which do not help at all).
+#
+# What does not compare: the size. We measure +34 points (SmolLM2) and +41 (Gemma 3) against the
+# paper's "up to +7.30% average" on Llama-30B over 16 datasets. Here there is one easy binary task on
+# which the uncalibrated small models answer " positive" to 83–89% of the reviews, and calibration
+# removes that bias (48% answered " positive", the gold share): on SmolLM2 the mean logit difference
+# does not rise at all, so ACT acts here as a label-bias correction rather than a sharper read-out.
+# The search sees `N_CALIB` = 16 prompts where ACT sees up to 900 per dataset, so a kept head is one
+# that flipped a prompt or two; and with 8 random sets the control's p cannot go below 0.11. The
+# released code's rule (drop the first flagged key) gives the same or nearly the same accuracy.
+#
+# The probe, kept modest: the label is linearly decodable at the last token from the first layers on
+# (layer 0's input, the same ":" embedding in every prompt, is at chance, as it must be), and
+# calibration moves the probe's AUC by a few hundredths at most. The information is there before and
+# after; calibration changes how the answer is read out, which a probe cannot show.
+
+# %%
+viz.report_card(
+    paper="Yu et al. 2024, Unveiling and Harnessing Hidden Attention Sinks (ACT)",
+    finding=(f"ACT on {len(selected)} searched heads: held-out accuracy {acc_before.mean():.1%} → {acc_after.mean():.1%} "
+             f"({acc_effect.mean:+.1%} [{acc_effect.low:+.1%}, {acc_effect.high:+.1%}], p = {acc_effect.p:.2g}); "
+             f"random heads p = {control.p:.2g}"),
+    status=verdict, model=MODEL)

@@ -2,17 +2,31 @@
 # # 03 · Visual attention sink and attention redistribution (VAR)
 #
 # **Kang et al. 2025, "See What You Are Told: Visual Attention Sink in Large Multimodal Models"
-# (VAR).** Some image tokens receive high attention but carry little: they are *sink tokens*,
-# recognisable by massive values in the base LLM's sink dimensions (a token is a sink if
-# max_{d ∈ D_sink} |RMSNorm(h)_d| > τ, τ = 20). Removing them barely changes the output. VAR finds
-# image-centric heads (image attention ≥ summ = 0.2, non-sink share ≥ ρ = 0.5) and moves a share
-# p = 0.6 of the attention on sink tokens to the non-sink image tokens.
+# (VAR, ICLR 2025; seilk/VisAttnSink).** Some image tokens receive high attention but carry little:
+# they are *sink tokens*, recognisable by massive values in the base LLM's sink dimensions. VAR,
+# decided on the fly in every forward:
 #
-# Offline we run the same code on a **text analogue** with the embedded SmolLM2-135M: the
-# "image" is the scene description of a Colored Objects prompt, and the task is answering from
-# it. The last section runs VAR on a vision-language model with synthetic images: LLaVA-1.5 when
-# a GPU and its weights are available (`VLM`), otherwise a tiny random LLaVA that runs every line
-# of the image path (its numbers mean nothing).
+# * **Sinks, per layer** (their `DimProspector`): on each layer's input h, a token is a sink when
+#   max_{d ∈ D_sink} |h_d / rms(h)| > **τ = 20**, with D_sink hard-coded per LLM (Llama-2-7B, the
+#   LLM of LLaVA-1.5-7B: dims 2533 and 1415). Every layer from 2 on has its own set, text tokens
+#   (BOS) included.
+# * **Image-centric rows** (`HeadFork`): per head and query row after the image, on the unedited
+#   attention: attention to the image ≥ **summ = 0.2** and the share of it on visual sinks ≤
+#   **ρ = 0.5**. A layer whose image has no visual sink is left alone.
+# * **Redistribution**: in those rows, the attention on every sink (visual and text) is reduced and
+#   the freed mass goes to the non-sink image tokens, proportionally to their attention. The paper
+#   moves a share **p = 0.6**; the released code keeps p and moves 1 − p = 0.4. The paper skips
+#   the last layer (2..L−2); the code's switch for that is dead, so it edits 2..L−1.
+# * Claims: removing the visual sinks leaves the output nearly unchanged (unlike removing other
+#   image tokens); VAR improves general, hallucination and vision-centric benchmarks on LLaVA-1.5;
+#   applying it to **all** heads instead of the image-centric ones hurts.
+#
+# **Offline** there are no LLaVA weights, so the same calls run on a **text analogue** with the
+# embedded model: the "image" is the context sentence of a counterfactual question ("England's
+# capital is Jerusalem. Question: What is the capital of England?") and the metric is context
+# faithfulness, logit(context answer) − logit(prior answer) — as in notebook 04. The image path
+# (`span="image"`, `pixel_values`) then runs on a tiny random LLaVA (numbers meaningless), or on
+# LLaVA-1.5 when CUDA and its weights are present.
 
 # %%
 import importlib.util, os, subprocess, sys
@@ -23,113 +37,232 @@ if importlib.util.find_spec("mechlib") is None:  # Colab: install from the repos
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"mechlib[notebooks] @ git+{repo}"], check=True)
 
 # %% tags=["parameters"]
-# parameters
-MODEL = os.environ.get("MECHLIB_MODEL", "smollm2-135m")
+# parameters — the paper's setting on a GPU with the weights: VLM = "llava-1.5-7b" (LLaVA-1.5-7B;
+# A_exps/lv1.5_7b.yml: τ = 20, ρ = 0.5, p = 0.6, summ = 0.2; D_sink = [2533, 1415]), greedy decoding,
+# their benchmarks (POPE, MME, CHAIR, ...); the image branch below is a miniature (coloured squares).
+MODEL = os.environ.get("MECHLIB_MODEL", "smollm2-135m")      # text analogue
+VLM = os.environ.get("MECHLIB_VLM", "llava-1.5-7b")          # image branch, used when CUDA and its weights are present
 DEVICE = os.environ.get("MECHLIB_DEVICE") or None
-N_PROMPTS = int(os.environ.get("MECHLIB_N_PROMPTS", "48"))
-TAU, RHO, SUMM, P = 20.0, 0.5, 0.2, 0.6     # VAR's defaults
-VLM = os.environ.get("MECHLIB_VLM", "llava-1.5-7b")   # used when CUDA and its weights are present
+N_PROMPTS = 48
+TAU, RHO, SUMM, P = 20.0, 0.5, 0.2, 0.6     # VAR defaults (p as in the paper: the share moved)
+MAX_SINK_SHARE = 0.05   # τ is meaningful on a model when it flags at most this share of non-first tokens
 N_IMAGES = 8
 
 # %%
+import matplotlib.pyplot as plt
 import pandas as pd
 pd.set_option("display.max_colwidth", None)   # show the paper-vs-ours tables in full
 import torch
 import mechlib
-from mechlib import hooks, metrics, tasks
-from mechlib.results import Result
+from mechlib import hooks, metrics, stats, tasks, viz
+from mechlib.interventions import rms_sink_scores
 
 torch.manual_seed(0)
+torch.set_grad_enabled(False)
 model = mechlib.load_model(MODEL, device=DEVICE)
-co = tasks.colored_objects(model, n=N_PROMPTS, seed=0, n_shots=1)
-
-def scene_span(i):
-    """Token span of the final question's scene description (the 'image' of the analogue)."""
-    toks = co.str_tokens(model, i)
-    what = max(j for j, t in enumerate(toks) if t.strip() == "What")
-    start = max(j for j, t in enumerate(toks[:what]) if t.strip() == "Q")
-    return start, what
-
-spans = [scene_span(i) for i in range(len(co))]
-print(repr(co.clean_prompts[0][-140:]), "\nscene span of prompt 0:", spans[0])
-
-# %% [markdown]
-# ## Sink dimensions and sink tokens
-#
-# mechlib discovers D_sink from data instead of hard-coding it (VAR's code hard-codes e.g.
-# [2533, 1415] for Llama-2-7B).
-
-# %%
-sd = mechlib.sink_dimensions(model, list(co.clean_prompts[:8]), tau=TAU)
-flags = sd.sink_tokens()
-print("sink dims:", sd.sink_dims, "| sink tokens found:", sorted(set(flags["token"])))
-in_span = [(r.prompt, r.pos) for r in flags.itertuples() if spans[r.prompt][0] <= r.pos < spans[r.prompt][1]]
-print("sink tokens inside the scene span:", len(in_span))
+L, H = model.cfg.n_layers, model.cfg.n_heads
+cq = tasks.context_qa(model, n=N_PROMPTS, seed=0)
+spans, T = list(cq.spans), cq.clean_tokens.shape[1]
+mask = torch.arange(T)[None] < cq.lengths[:, None]
+in_span = torch.zeros(len(cq), T, dtype=torch.bool)
+for i, (s, e) in enumerate(spans):
+    in_span[i, s:e] = True
+ld = metrics.logit_diff(cq)
+var_layers = list(range(2, L - 1))                   # VAR's layers (paper); the code adds L−1
+names = [f"blocks.{l}.hook_resid_pre" for l in range(L)] + [f"blocks.{l}.attn.hook_pattern" for l in var_layers]
+logits, cache = hooks.run_with_cache(model, cq.clean_tokens, names)
+base = ld(logits).cpu()
+base_last = metrics.last_token_logits(logits, cq).float().cpu()
+print(f"{MODEL}: {L} layers × {H} heads, d_model {model.cfg.d_model} (|h/rms(h)| ≤ {model.cfg.d_model ** 0.5:.1f}); "
+      f"{len(cq)} prompts, e.g. {cq.clean_prompts[0]!r}; context span of prompt 0: "
+      f"{cq.str_tokens(model, 0)[spans[0][0]:spans[0][1]]}")
+print(f"context-faithful answers: {(base > 0).float().mean():.0%}, mean margin {base.mean():.2f}")
 
 # %% [markdown]
-# On SmolLM2 the only sink token is the first one: no token inside the scene qualifies, so the
-# sink attention VAR redistributes is the attention on the first token.
+# ## Sink dimensions, and what τ means on a small model
 #
-# ## Does the sink carry information? Remove the attention to it
+# mechlib discovers D_sink from data (`sink_dimensions`: dims where the first token's |h/rms(h)|
+# exceeds τ in most layers) instead of hard-coding it. Whether they are {1415, 2533} on
+# LLaVA-1.5-7B cannot be checked here (no weights); on a GPU the image branch prints them.
 #
-# VAR's observation: masking attention to sink tokens barely changes the output. We move *all*
-# of the first token's attention onto the scene span in every head (p = 1) and compare outputs.
+# τ needs care: |h_d/rms(h)| = sqrt(d_model)·|h_d|/‖h‖ is bounded by sqrt(d_model) — 64 on
+# Llama-2-7B, where τ = 20 asks for ~10% of the squared norm in the sink dims, but only ~24–25 on
+# these models, where it asks for ~65%. The table shows, per layer, the first token's score and
+# the other tokens'. We keep the paper's τ = 20 where it is meaningful — it flags the first token
+# in most layers and at most `MAX_SINK_SHARE` of the other tokens — and otherwise fall back to the
+# score that only that share of non-first tokens exceeds (the "few tokens" the rule is meant to
+# find).
 
 # %%
-ld = metrics.logit_diff(co)
-base = metrics.evaluate(model, co, ld)
-
-def accuracy(v):
-    return float((v > 0).float().mean())
-
-def run_redistributed(heads, p):
-    out = torch.empty(len(co))
-    for i in range(len(co)):
-        one = co.subset([i])
-        with mechlib.redistribute_attention(model, heads, span=spans[i], sink_positions=[0], p=p,
-                                            queries=(spans[i][1], int(one.lengths[0]))):
-            out[i] = metrics.evaluate(model, one, metrics.logit_diff(one))[0]
-    return out
-
-all_heads = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
-removed = run_redistributed(all_heads, 1.0)
-print(f"accuracy {accuracy(base):.1%} → {accuracy(removed):.1%} with the sink's attention moved to the scene in every head")
+sd = mechlib.sink_dimensions(model, cq, tau=TAU, cache=cache)        # layers 2..L−2, as VAR
+dims = sd.sink_dims
+assert dims, "no sink dimension found at this τ"
+phi = torch.stack([rms_sink_scores(cache[f"blocks.{l}.hook_resid_pre"], dims).cpu() for l in var_layers], 1)  # [prompt, layer, pos]
+others = mask.clone()
+others[:, 0] = False
+other_phi = phi.permute(1, 0, 2)[:, others]                          # [layer, non-first tokens]
+first_flag = float((phi[:, :, 0] > TAU).float().mean())
+other_share = float((other_phi > TAU).float().mean())
+meaningful = first_flag >= 0.5 and other_share <= MAX_SINK_SHARE
+tau = TAU if meaningful else float(other_phi.flatten().quantile(1 - MAX_SINK_SHARE))
+print(f"sink dims {dims}; at τ = {TAU:g}: first token flagged in {first_flag:.0%} of (prompt, layer), "
+      f"other tokens in {other_share:.1%} → τ {'= 20 is meaningful here' if meaningful else f'= 20 is not meaningful here; using τ = {tau:.2f}'}")
+pd.DataFrame({"first token (median)": phi[:, :, 0].median(0).values, "others (median)": other_phi.median(1).values,
+              "others (max)": other_phi.max(1).values, f"others > {TAU:g}": (other_phi > TAU).float().mean(1),
+              "others > τ used": (other_phi > tau).float().mean(1)}, index=[f"L{l}" for l in var_layers]).round(2)
 
 # %% [markdown]
-# ## Context-centric heads and VAR
-#
-# From the question tokens, each head's attention to the scene span (summ) and the non-sink share
-# of it (ρ). VAR's selection: summ ≥ 0.2 and ρ ≥ 0.5.
+# Each layer's sink set at the τ used, and the sinks inside the context span ("visual sinks"):
 
 # %%
-names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
-span_att = torch.zeros(len(co), model.cfg.n_layers, model.cfg.n_heads)
-for i in range(len(co)):
-    one = co.subset([i])
-    _, acts = hooks.run_with_cache(model, one.clean_tokens, names)
-    s, e = spans[i]
-    for l, n in enumerate(names):
-        q = acts[n][0, :, e:int(one.lengths[0])]           # [head, question queries, keys]
-        span_att[i, l] = q[..., s:e].sum(-1).mean(-1)
-summ = span_att.mean(0)
-nonsink_share = torch.ones_like(summ)   # no sink tokens inside the span on this model
-selected = [tuple(x) for x in ((summ >= SUMM) & (nonsink_share >= RHO)).nonzero().tolist()]
-print(f"{len(selected)} context-centric heads, e.g. {selected[:8]}")
-var = run_redistributed(selected, P) if selected else base.clone()
-change = Result(values=((var > 0).float() - (base > 0).float()).mean(), axis_names=(),
-                per_prompt=(var > 0).float() - (base > 0).float())
-lo, hi = change.ci(n_boot=2000)
-print(f"VAR (p={P}) in {len(selected)} heads: accuracy {accuracy(base):.1%} → {accuracy(var):.1%} "
-      f"(change {change.values:+.1%}, 95% CI {lo:+.1%} … {hi:+.1%}); margin {base.mean():.2f} → {var.mean():.2f}")
+flags = (phi > tau) & mask[:, None]                                  # [prompt, layer, pos]
+span_sinks = [sorted(set((flags[i].any(0) & in_span[i]).nonzero().flatten().tolist())) for i in range(len(cq))]
+with_sinks = [i for i in range(len(cq)) if span_sinks[i]]
+span_tok = pd.Series([cq.str_tokens(model, i)[k] for i in with_sinks for k in span_sinks[i]])
+text_tok = pd.Series([cq.str_tokens(model, i)[k] for i in range(len(cq))
+                      for k in (flags[i].any(0) & ~in_span[i] & mask[i]).nonzero().flatten().tolist() if k > 0])
+span_share_by_layer = (flags & in_span[:, None]).sum((0, 2)).float() / in_span.sum()
+print(f"{len(with_sinks)} of {len(cq)} prompts have a sink inside the span (in some layer); span sinks:",
+      span_tok.value_counts().head(5).to_dict(), "| position in span:",
+      pd.Series([k - spans[i][0] for i in with_sinks for k in span_sinks[i]]).value_counts().head(3).to_dict())
+print("text sinks outside the span (besides the first token):", text_tok.value_counts().head(4).to_dict())
+print("share of span tokens flagged, by layer:", {f"L{l}": round(float(v), 3) for l, v in zip(var_layers, span_share_by_layer) if v > 0})
+
+# %% [markdown]
+# ## Removing the span's sinks vs removing random span tokens
+#
+# VAR's observation: the output barely moves when the attention to visual sinks is removed, unlike
+# removing other image tokens. In every head, the rows after the span give all of their attention
+# on the span's sinks (or on as many random non-sink span tokens) to the rest of the span
+# (`redistribute_attention`, p = 1); we measure the KL divergence of the answer distribution from
+# the unedited one, and the change of the faithfulness margin.
+
+# %%
+all_heads = [(l, h) for l in range(L) for h in range(H)]
+g = torch.Generator().manual_seed(0)
+
+
+def removed(i, positions):
+    """KL(edited ‖ original) of the next-token distribution and the margin, with ``positions`` removed."""
+    one = cq.subset([i])
+    with mechlib.redistribute_attention(model, all_heads, span=spans[i], sink_positions=positions, p=1.0,
+                                        queries=(spans[i][1], int(one.lengths[0]))):
+        out = metrics.last_token_logits(hooks.forward(model, one.clean_tokens), one).float().cpu()
+    kl = torch.nn.functional.kl_div(base_last[i].log_softmax(-1), out[0].log_softmax(-1), log_target=True, reduction="sum")
+    return float(kl), float(metrics.logit_diff(one)(out)[0])
+
+
+kl_sink, kl_rand, m_sink, m_rand = [], [], [], []
+for i in with_sinks:
+    pool = [k for k in range(*spans[i]) if k not in span_sinks[i]]
+    rand = [pool[j] for j in torch.randperm(len(pool), generator=g)[:len(span_sinks[i])].tolist()]
+    for pos, kls, ms in ((span_sinks[i], kl_sink, m_sink), (rand, kl_rand, m_rand)):
+        kl, m = removed(i, pos)
+        kls.append(kl)
+        ms.append(m)
+kl_sink, kl_rand = torch.tensor(kl_sink), torch.tensor(kl_rand)
+removal = stats.paired(kl_rand, kl_sink) if len(with_sinks) > 1 else None     # KL(sinks) − KL(random), per prompt
+if removal:
+    print(f"{len(with_sinks)} prompts: KL after removing the span's sinks {kl_sink.mean():.3f} vs random span tokens "
+          f"{kl_rand.mean():.3f}; difference {removal}")
+    print(f"margin change: sinks {(torch.tensor(m_sink) - base[with_sinks]).mean():+.2f}, "
+          f"random {(torch.tensor(m_rand) - base[with_sinks]).mean():+.2f}")
+
+# %% [markdown]
+# ## VAR on the text analogue
+#
+# `mechlib.var` decides everything in each forward: the sinks of every layer, the image-centric
+# (context-centric) rows, and the redistribution. Run with the paper's semantics (p = 0.6 moved,
+# layers 2..L−2), the released code's (0.4 moved, 2..L−1), and the paper's ablation without the
+# row selection (every head and row after the span: summ = 0, ρ = 1).
+
+# %%
+def run_var(**kw):
+    with mechlib.var(model, cq, dims=dims, tau=tau, p=P, **{"variant": "paper", "rho": RHO, "summ": SUMM, **kw}) as rec:
+        out = metrics.evaluate(model, cq, ld)
+    return out, rec
+
+
+def edited_share(rec):
+    """Share of (layer, head, row-after-the-span) cells that were edited."""
+    after = mask & ~in_span & (torch.arange(T)[None] >= torch.tensor([e for _, e in spans])[:, None])
+    n = sum(int((r & after[:, None]).sum()) for r in rec["rows"].values())
+    return n / (int(after.sum()) * H * len(rec["rows"]))
+
+
+var_paper, rec_paper = run_var()
+var_code, rec_code = run_var(variant="code")
+var_all, rec_all = run_var(summ=0.0, rho=1.0)
+acc = lambda v: (v > 0).float()  # noqa: E731
+effects = {name: (stats.paired(acc(base), acc(v)), stats.paired(base, v))
+           for name, v in (("paper", var_paper), ("code", var_code), ("all heads", var_all))}
+for name, (a, m) in effects.items():
+    rec = {"paper": rec_paper, "code": rec_code, "all heads": rec_all}[name]
+    print(f"VAR ({name}): edited {edited_share(rec):.1%} of the rows after the span in layers {min(rec['rows'])}..{max(rec['rows'])}; "
+          f"accuracy change {a}; margin change {m}")
+
+# %% [markdown]
+# **The static ablation.** Before `var`, mechlib (and this notebook) chose one fixed head list from
+# summ and ρ averaged over prompts and rows, and moved the attention on a fixed sink list (the first
+# token and each prompt's flagged tokens in any layer) with `redistribute_attention`:
+
+# %%
+summ_lh = torch.zeros(len(var_layers), H)
+share_lh = torch.zeros(len(var_layers), H)
+q_rows = mask & (torch.arange(T)[None] >= torch.tensor([e for _, e in spans])[:, None])   # rows after the span
+for j, l in enumerate(var_layers):
+    A = cache[f"blocks.{l}.attn.hook_pattern"].float().cpu()                              # [prompt, head, q, k]
+    on_span = (A * in_span[:, None, None]).sum(-1)
+    on_sink = (A * (flags[:, j] & in_span)[:, None, None]).sum(-1)
+    w = q_rows[:, None].float()
+    summ_lh[j] = (on_span * w).sum((0, 2)) / w.sum((0, 2))
+    share_lh[j] = (on_sink / (on_span + 1e-6) * w).sum((0, 2)) / w.sum((0, 2))
+static_heads = [(var_layers[j], h) for j, h in ((summ_lh >= SUMM) & (share_lh <= RHO)).nonzero().tolist()]
+fixed_sinks = [sorted({0} | set(flags[i].any(0).nonzero().flatten().tolist())) for i in range(len(cq))]
+var_static = base.clone()
+if static_heads:
+    groups = {}
+    for i in range(len(cq)):
+        groups.setdefault((spans[i], tuple(fixed_sinks[i])), []).append(i)
+    for (span, sinks), idx in groups.items():       # one forward per (span, sink list)
+        sub = cq.subset(idx)
+        with mechlib.redistribute_attention(model, static_heads, span=span, sink_positions=list(sinks), p=P,
+                                            queries=(span[1], sub.clean_tokens.shape[1])):
+            var_static[idx] = metrics.evaluate(model, sub, metrics.logit_diff(sub))
+effects["static heads"] = (stats.paired(acc(base), acc(var_static)), stats.paired(base, var_static))
+print(f"{len(static_heads)} static context-centric heads; accuracy change {effects['static heads'][0]}; "
+      f"margin change {effects['static heads'][1]}")
+
+# %% tags=["key-figure"]
+fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4))
+x = range(len(var_layers))
+ax0.plot(x, phi[:, :, 0].median(0).values, marker="o", ms=3, label="first token (median)")
+ax0.plot(x, other_phi.median(1).values, marker=".", label="other tokens (median)")
+ax0.plot(x, other_phi.max(1).values, ls=":", label="other tokens (max)")
+ax0.axhline(TAU, color="k", lw=0.8, label="τ = 20 (paper)")
+if tau != TAU:
+    ax0.axhline(tau, color="r", lw=0.8, ls="--", label=f"τ used = {tau:.2f}")
+ax0.axhline(model.cfg.d_model ** 0.5, color="grey", lw=0.8, ls="--", label="bound sqrt(d_model)")
+ax0.set_xticks(list(x)[::3], [f"L{l}" for l in var_layers][::3])
+ax0.set(ylabel=f"max over dims {dims} of |h/rms(h)|", title=f"{MODEL}: VAR's sink score per layer")
+ax0.legend(fontsize=7)
+conds = ["paper", "code", "all heads", "static heads"]
+means = [effects[c][1].mean for c in conds]
+err = [[effects[c][1].mean - effects[c][1].low for c in conds], [effects[c][1].high - effects[c][1].mean for c in conds]]
+ax1.bar(conds, means, yerr=err, capsize=4, color=["C0", "C1", "C3", "C2"])
+ax1.axhline(0, color="k", lw=0.8)
+ax1.set(ylabel="change of the faithfulness margin (95% CI)", title=f"VAR variants on the text analogue (n = {len(cq)})")
+fig.tight_layout()
 
 # %% [markdown]
 # ## VAR on a vision-language model
 #
-# The same analysis on real image tokens. Images are synthetic coloured squares
-# (`tasks.colored_shapes`) and the prompt asks for the square's colour; the answer is scored
-# among the colour words. On LLaVA-1.5 (GPU with weights) this is the paper's setting in
-# miniature; on the tiny random LLaVA every line runs — pixel values go through every forward,
-# image tokens are found from `image_token_id` — but the numbers mean nothing.
+# Images are synthetic coloured squares (`tasks.colored_shapes`) and the prompt asks for the
+# square's colour; the answer is scored among the colour words. On LLaVA-1.5 (GPU with weights)
+# this is the paper's setting in miniature, with the discovered sink dims (compare them with
+# [2533, 1415]) and τ = 20. The tiny random LLaVA (4 layers, so that VAR's layers 2..L−2 exist)
+# has no sink dimension: to run the code path we take the dimension where the first token's score
+# is largest and a τ that flags a tenth of the image tokens. Its numbers mean nothing.
 
 # %%
 real_vlm = False
@@ -140,7 +273,7 @@ if torch.cuda.is_available() and VLM != "tiny-llava":
     except (mechlib.ModelNotAvailableOffline, mechlib.ModelLoadError) as e:
         print(f"{VLM} is not available here ({type(e).__name__}); using the tiny random LLaVA")
 if not real_vlm:
-    vlm = mechlib.tiny_model("llava")
+    vlm = mechlib.tiny_model("llava", n_layers=4)
 vlm_name = VLM if real_vlm else "tiny random LLaVA"
 shape_data = tasks.load_data("shapes")
 template = shape_data["templates"]["llava" if real_vlm else "plain"].format(shape=shape_data["shape"])
@@ -148,7 +281,6 @@ images, colours = tasks.colored_shapes(N_IMAGES, seed=0)
 vl_tokens, vl_extras = mechlib.vlm_inputs(vlm, [template] * N_IMAGES, images)
 img_pos = (vl_tokens[0] == hooks.image_token_id(vlm)).nonzero().flatten()
 img_span = (int(img_pos[0]), int(img_pos[-1]) + 1)
-T = vl_tokens.shape[1]
 colour_ids = torch.tensor([tasks.single_token_id(vlm, " " + c) for c in shape_data["colors"]])
 answer_idx = torch.tensor([list(shape_data["colors"]).index(c) for c in colours])
 
@@ -159,126 +291,163 @@ def colour_readout(logits):
     return probs[torch.arange(len(probs)), answer_idx], (probs.argmax(-1) == answer_idx).float()
 
 
-vl_logits = hooks.forward(vlm, vl_tokens, extras=vl_extras)
+vl_layers = list(range(2, vlm.cfg.n_layers - 1))
+vl_names = [f"blocks.{l}.hook_resid_pre" for l in vl_layers]
+vl_logits, vl_cache = hooks.run_with_cache(vlm, vl_tokens, vl_names, extras=vl_extras)
 p_base, acc_base = colour_readout(vl_logits)
 swapped = hooks.forward(vlm, vl_tokens, extras={"pixel_values": vl_extras["pixel_values"].roll(1, 0)})
-print(f"{vlm_name}: {len(img_pos)} image tokens per prompt at {img_span}; colour accuracy {acc_base.mean():.0%}, "
-      f"mean P(correct colour) {p_base.mean():.2f}")
+if real_vlm:
+    vl_dims, vl_tau = mechlib.sink_dimensions(vlm, vl_tokens, extras=vl_extras, tau=TAU, cache=vl_cache).sink_dims, TAU
+    print("discovered sink dims:", vl_dims, "| VAR's hard-coded dims for Llama-2-7B: [2533, 1415]")
+    if not vl_dims and vlm.cfg.d_model == 4096:
+        vl_dims = [2533, 1415]   # nothing discovered: fall back to VAR's own dims
+else:
+    x = torch.stack([vl_cache[n].float() for n in vl_names]).cpu()
+    x = x * (x.pow(2).mean(-1, keepdim=True) + 1e-6).rsqrt()
+    vl_dims = [int(x[:, :, 0].abs().mean((0, 1)).argmax())]
+    vl_tau = float(rms_sink_scores(x, vl_dims)[:, :, img_span[0]:img_span[1]].flatten().quantile(0.9))
+vl_phi = torch.stack([rms_sink_scores(vl_cache[n], vl_dims).cpu() for n in vl_names], 1)   # [image, layer, pos]
+visual_sinks = [sorted(set(((vl_phi[i] > vl_tau).any(0)).nonzero().flatten().tolist()) & set(range(*img_span)))
+                for i in range(N_IMAGES)]
+visual_share = sum(map(len, visual_sinks)) / (N_IMAGES * len(img_pos))
+print(f"{vlm_name}: {len(img_pos)} image tokens at {img_span}; colour accuracy {acc_base.mean():.0%}; "
+      f"sink dims {vl_dims} (VAR's code: [2533, 1415] on LLaVA-1.5-7B), τ {vl_tau:.2f}; "
+      f"visual sinks: {visual_share:.1%} of image tokens")
 
 # %% [markdown]
-# Sink dimensions and visual sink tokens, found the same way as above:
-
-# %%
-vl_sd = mechlib.sink_dimensions(vlm, vl_tokens, extras=vl_extras, tau=TAU)
-vl_flags = vl_sd.sink_tokens()
-sink_pos = {i: sorted({0} | set(vl_flags[vl_flags.prompt == i].pos.tolist())) for i in range(N_IMAGES)}
-visual_sinks = {i: [p for p in sink_pos[i] if img_span[0] <= p < img_span[1]] for i in range(N_IMAGES)}
-visual_share = sum(len(v) for v in visual_sinks.values()) / (N_IMAGES * len(img_pos))
-print(f"sink dims {vl_sd.sink_dims}; visual sink tokens: {visual_share:.1%} of image tokens")
-
-# %% [markdown]
-# Removing the visual sinks: move all attention on them to the other image tokens (p = 1, every
-# head) and measure how much the answer distribution moves (KL at the last token), against
-# removing the same number of random non-sink image tokens.
+# Removing the visual sinks vs as many random image tokens (every head, p = 1, all rows), then VAR
+# (paper, code, all heads) on the colour question:
 
 # %%
 all_vl_heads = [(l, h) for l in range(vlm.cfg.n_layers) for h in range(vlm.cfg.n_heads)]
-g = torch.Generator().manual_seed(0)
 
 
-def kl_after_removing(i, positions):
+def vl_kl_removing(i, positions):
     with mechlib.redistribute_attention(vlm, all_vl_heads, span=img_span, sink_positions=positions, p=1.0):
         out = hooks.forward(vlm, vl_tokens[i:i + 1], extras={"pixel_values": vl_extras["pixel_values"][i:i + 1]})
-    return float(torch.nn.functional.kl_div(out[0, -1].float().log_softmax(-1), vl_logits[i, -1].float().log_softmax(-1),
+    return float(torch.nn.functional.kl_div(vl_logits[i, -1].float().log_softmax(-1), out[0, -1].float().log_softmax(-1),
                                             log_target=True, reduction="sum"))
 
 
-kl_sink, kl_random = [], []
+vl_kl_sink, vl_kl_rand = [], []
 for i in range(N_IMAGES):
-    if not visual_sinks[i]:
-        continue
-    others = [int(p) for p in img_pos if int(p) not in visual_sinks[i]]
-    rand = [others[j] for j in torch.randperm(len(others), generator=g)[:len(visual_sinks[i])].tolist()]
-    kl_sink.append(kl_after_removing(i, visual_sinks[i]))
-    kl_random.append(kl_after_removing(i, rand))
-if kl_sink:
-    print(f"KL after removing visual sinks {sum(kl_sink) / len(kl_sink):.4f} vs random image tokens {sum(kl_random) / len(kl_random):.4f}")
-else:
-    print("no visual sink tokens on this model: nothing to remove")
-
-# %% [markdown]
-# Image-centric heads (attention from the text after the image to the image ≥ summ, non-sink
-# share ≥ ρ) and VAR (p = 0.6) in them:
-
-# %%
-names_vl = [f"blocks.{l}.attn.hook_pattern" for l in range(vlm.cfg.n_layers)]
-_, vl_acts = hooks.run_with_cache(vlm, vl_tokens, names_vl, extras=vl_extras)
-img_mask = torch.zeros(N_IMAGES, T, dtype=torch.bool)
-img_mask[:, img_span[0]:img_span[1]] = True
-nonsink_mask = img_mask.clone()
-for i, v in visual_sinks.items():
-    nonsink_mask[i, v] = False
-q_att = torch.stack([vl_acts[n][:, :, img_span[1]:].float().cpu() for n in names_vl], 1)  # [img, L, H, q, k]
-to_img = (q_att * img_mask[:, None, None, None]).sum(-1).mean(-1)
-to_nonsink = (q_att * nonsink_mask[:, None, None, None]).sum(-1).mean(-1)
-vl_summ, vl_rho = to_img.mean(0), (to_nonsink / to_img.clamp(min=1e-9)).mean(0)
-vl_heads = [tuple(x) for x in ((vl_summ >= SUMM) & (vl_rho >= RHO)).nonzero().tolist()]
-p_var, acc_var = p_base.clone(), acc_base.clone()
-if vl_heads:
-    for i in range(N_IMAGES):
-        with mechlib.redistribute_attention(vlm, vl_heads, span=img_span, sink_positions=sink_pos[i], p=P,
-                                            queries=(img_span[1], T)):
-            out = hooks.forward(vlm, vl_tokens[i:i + 1], extras={"pixel_values": vl_extras["pixel_values"][i:i + 1]})
-        p_var[i], acc_var[i] = (x[0] for x in colour_readout(out))
+    if visual_sinks[i]:
+        pool = [int(k) for k in img_pos if int(k) not in visual_sinks[i]]
+        vl_kl_sink.append(vl_kl_removing(i, visual_sinks[i]))
+        vl_kl_rand.append(vl_kl_removing(i, [pool[j] for j in torch.randperm(len(pool), generator=g)[:len(visual_sinks[i])].tolist()]))
+vl_var = {}
+for name, kw in (("paper", {}), ("code", {"variant": "code"}), ("all heads", {"summ": 0.0, "rho": 1.0})):
+    with mechlib.var(vlm, vl_tokens, span="image", extras=vl_extras, dims=vl_dims, tau=vl_tau, p=P,
+                     **{"rho": RHO, "summ": SUMM, **kw}) as vl_rec:
+        vl_var[name] = colour_readout(hooks.forward(vlm, vl_tokens, extras=vl_extras))
+    vl_var[name] += (sum(int(r.sum()) for r in vl_rec["rows"].values()),)
 restored_vl = hooks.forward(vlm, vl_tokens, extras=vl_extras)
-print(f"{len(vl_heads)} image-centric heads; VAR: colour accuracy {acc_base.mean():.0%} → {acc_var.mean():.0%}, "
-      f"mean P(correct) {p_base.mean():.3f} → {p_var.mean():.3f}")
+if vl_kl_sink:
+    print(f"KL removing visual sinks {sum(vl_kl_sink) / len(vl_kl_sink):.4f} vs random image tokens {sum(vl_kl_rand) / len(vl_kl_rand):.4f}")
+for name, (pc, ac, n_rows) in vl_var.items():
+    print(f"VAR ({name}): {n_rows} edited (head, row) cells; colour accuracy {acc_base.mean():.0%} → {ac.mean():.0%}, "
+          f"mean P(correct) {p_base.mean():.3f} → {pc.mean():.3f}")
 
 # %% [markdown]
 # ## Checks and comparison
 
 # %%
-assert 507 in sd.sink_dims or sd.sink_dims, "a sink dimension should be discovered"
-assert flags["pos"].eq(0).all(), "on SmolLM2 the sink tokens are first tokens only"
-assert len(in_span) == 0
-# the image path: pixel values reach the output, and VAR edits only while active
+# method invariants
+restored = metrics.evaluate(model, cq, ld)
+assert torch.allclose(restored, base, atol=1e-4), "the model is restored after every VAR run"
+assert sorted(rec_paper["sinks"]) == var_layers and sorted(rec_code["sinks"]) == list(range(2, L)), "VAR's layers: paper 2..L−2, code 2..L−1"
+first_row = torch.tensor([e for _, e in spans])
+for rec in (rec_paper, rec_code, rec_all):
+    for rows in rec["rows"].values():
+        assert not (rows & (torch.arange(T)[None, None] < first_row[:, None, None])).any(), "only rows after the span are edited"
+assert edited_share(rec_all) >= edited_share(rec_paper), "without the row selection VAR edits at least as many rows"
+assert tau == TAU or not meaningful
+for a, m in effects.values():
+    assert a.low <= a.mean <= a.high and m.low <= m.mean <= m.high
+# the image path: pixel values reach the output, VAR edits there and only while active
 assert not torch.allclose(swapped, vl_logits), "the answer must depend on the image"
-assert torch.allclose(restored_vl, vl_logits), "the model is restored after VAR"
-assert not vl_heads or not torch.allclose(p_var, p_base), "VAR in image-centric heads changes the readout"
+assert torch.allclose(restored_vl, vl_logits, atol=1e-5), "the VLM is restored after VAR"
+assert vl_var["all heads"][2] >= vl_var["paper"][2] > 0, "VAR edits image-centric rows on the image path"
 if real_vlm:  # VAR's findings on LLaVA-1.5 (not checkable offline: needs a GPU and the weights)
     assert visual_share > 0, "LLaVA should have visual sink tokens"
-    assert sum(kl_sink) < sum(kl_random), "removing visual sinks should move the output less than random image tokens"
-assert float(lo) <= float(change.values) <= float(hi)
-removal_drop = accuracy(base) - accuracy(removed)
-print(f"moving all sink attention to the scene: accuracy change {-removal_drop:+.1%}")
-assert removal_drop > 0, "measured here: the first-token sink's attention is not disposable on this model"
+    assert sum(vl_kl_sink) < sum(vl_kl_rand), "removing visual sinks should move the output less than random image tokens"
 
-ours = f"ours ({MODEL}, Colored Objects text analogue, n={len(co)})"
+var_eff, var_margin = effects["paper"]
+claims = {
+    "removing the span's sinks moves the output less than random span tokens": bool(removal and removal.high < 0),
+    "VAR (image-centric rows) raises faithfulness": bool(var_margin.low > 0 and var_margin.p < 0.05),
+    "VAR in all heads does worse than in image-centric rows": bool(effects["all heads"][1].mean < var_margin.mean
+                                                                   and stats.paired(var_all, var_paper).low > 0),
+}
+for c, ok in claims.items():
+    print(("✓ " if ok else "✗ ") + c)
+
+ours = f"ours: {MODEL}, context-QA text analogue (n = {len(cq)}; τ = {tau:.3g})"
+fmt = lambda e: f"{e.mean:+.3g} [{e.low:+.3g}, {e.high:+.3g}], p = {e.p:.2g}"  # noqa: E731
 pd.DataFrame([
-    {"quantity": "sink dimensions", "paper": "Llama-2-7B: 1415, 2533 (hard-coded in VAR's code)", ours: ", ".join(map(str, sd.sink_dims))},
-    {"quantity": "sink tokens inside the image/span", "paper": "a few visual tokens per image", ours: f"{len(in_span)} (only the first token is a sink)"},
-    {"quantity": "removing sink attention", "paper": "output nearly unchanged", ours: f"accuracy {accuracy(base):.0%} → {accuracy(removed):.0%}"},
-    {"quantity": "image/context-centric heads", "paper": "selected with ρ=0.5, summ=0.2", ours: f"{len(selected)} heads"},
-    {"quantity": "VAR effect", "paper": "gains on general VL, hallucination and vision-centric benchmarks (LLaVA-1.5)",
-     ours: f"{change.values:+.1%} accuracy [{lo:+.1%}, {hi:+.1%}]"},
+    {"quantity": "sink dimensions", "paper": "2533, 1415 (hard-coded)", "paper's model": "Llama-2-7B / LLaVA-1.5-7B",
+     ours: f"{', '.join(map(str, dims))} (discovered; LLaVA's not checkable offline)"},
+    {"quantity": "τ and the score's bound sqrt(d_model)", "paper": "τ = 20 of 64", "paper's model": "Llama-2-7B",
+     ours: f"τ = {tau:.3g} of {model.cfg.d_model ** 0.5:.1f}" + ("" if meaningful else f" (τ = 20 flags {other_share:.0%} of non-first tokens)")},
+    {"quantity": "sinks inside the image / span", "paper": "a few visual tokens per image", "paper's model": "LLaVA-1.5-7B",
+     ours: f"{len(with_sinks)} of {len(cq)} prompts have one; most common {', '.join(map(repr, span_tok.value_counts().index[:3]))}"},
+    {"quantity": "removing them: KL(sinks) − KL(random tokens)", "paper": "output nearly unchanged vs a large change", "paper's model": "LLaVA-1.5-7B",
+     ours: str(removal) if removal else "no span sinks"},
+    {"quantity": "VAR (paper: p = 0.6 moved), margin change", "paper": "gains on general VL, hallucination, vision-centric benchmarks",
+     "paper's model": "LLaVA-1.5-7B/13B", ours: f"{fmt(var_margin)}; accuracy {fmt(var_eff)}"},
+    {"quantity": "VAR (released code: 0.4 moved, 2..L−1)", "paper": "the code's default", "paper's model": "LLaVA-1.5-7B",
+     ours: fmt(effects["code"][1])},
+    {"quantity": "VAR in all heads (no row selection)", "paper": "hurts sharply", "paper's model": "LLaVA-1.5-7B",
+     ours: fmt(effects["all heads"][1])},
+    {"quantity": "static heads (averaged summ/ρ, fixed sinks)", "paper": "— (mechlib's earlier simplification)", "paper's model": "—",
+     ours: f"{len(static_heads)} heads: {fmt(effects['static heads'][1])}"},
 ])
 
 # %%
-vl_col = f"ours ({vlm_name}, {N_IMAGES} synthetic colour images)" + ("" if real_vlm else " — random weights: the code path runs, the numbers mean nothing")
+vl_col = f"ours: {vlm_name}, {N_IMAGES} synthetic colour images" + ("" if real_vlm else " — random weights: the code path runs, the numbers mean nothing")
 pd.DataFrame([
-    {"quantity": "visual sink tokens (share of image tokens)", "paper": "a few per image (LLaVA-1.5)", vl_col: f"{visual_share:.1%}"},
-    {"quantity": "removing visual sinks: KL at the answer", "paper": "output nearly unchanged",
-     vl_col: (f"{sum(kl_sink) / len(kl_sink):.4f} vs {sum(kl_random) / len(kl_random):.4f} for random image tokens" if kl_sink else "no visual sinks")},
-    {"quantity": "image-centric heads", "paper": "selected with ρ=0.5, summ=0.2", vl_col: f"{len(vl_heads)}"},
-    {"quantity": "VAR on the colour question", "paper": "gains on VL benchmarks", vl_col: f"accuracy {acc_base.mean():.0%} → {acc_var.mean():.0%}"},
+    {"quantity": "sink dims, τ", "paper": "2533, 1415; τ = 20", vl_col: f"{vl_dims}; τ = {vl_tau:.3g}"},
+    {"quantity": "visual sink tokens (share of image tokens)", "paper": "a few per image", vl_col: f"{visual_share:.1%}"},
+    {"quantity": "removing visual sinks: KL at the answer", "paper": "nearly unchanged",
+     vl_col: (f"{sum(vl_kl_sink) / len(vl_kl_sink):.4f} vs {sum(vl_kl_rand) / len(vl_kl_rand):.4f} for random image tokens" if vl_kl_sink else "no visual sinks")},
+    {"quantity": "VAR paper / code / all heads: colour accuracy", "paper": "gains; all heads hurts",
+     vl_col: " / ".join(f"{vl_var[k][1].mean():.0%}" for k in ("paper", "code", "all heads")) + f" (before {acc_base.mean():.0%})"},
 ])
 
 # %% [markdown]
-# **What reproduces on a 135M text model:** sink dimensions exist and are found automatically
-# (one dimension, 507), and the sink criterion separates the first token cleanly. **What does
-# not transfer:** there are no sink tokens *inside* the context span — the visual-sink phenomenon
-# needs image tokens — so the "visual sink" VAR recycles is here the first-token sink, and it is
-# *not* disposable: moving all of its attention onto the context lowers accuracy, unlike VAR's
-# visual sinks whose removal leaves LLaVA's output nearly unchanged. Whether the milder VAR
-# redistribution (p = 0.6 in context-centric heads) helps is what its CI says — here it does not
-# help — and we claim no more.
+# **Reading.** The method is VAR's as written — per-layer sinks from the sink dims, image-centric
+# rows chosen per head and query in every forward, the paper's and the code's share moved — but the
+# test is a text analogue, so the verdict is at most "partly". The claims printed above are computed
+# from the CIs; on the two embedded models they came out as follows.
+#
+# * **SmolLM2-135M** (τ = 20 is meaningful: it flags the first token in 93% of (prompt, layer) and
+#   3% of the other tokens). The sink inside the context is its first word — the subject, right
+#   after the first token — in layers 2–9: a second first-token sink, not an information-free patch.
+#   Removing the attention to it moves the answer *more* than removing random context tokens (not
+#   reproduced). VAR, which only acts in layers where the context has a sink, lowers faithfulness a
+#   little (margin −0.29, CI below 0: not reproduced); in all heads it lowers it a lot (−1.82: the
+#   all-heads ablation reproduces). The static-head variant, which edits every layer, raises it.
+# * **Gemma 3 270M** (τ = 20 is not meaningful: from layer 8 on every token's normalised value in
+#   dim 163 is within a few percent of the bound sqrt(640) ≈ 25.3, so τ = 20 flags 61% of the
+#   tokens; we use τ ≈ 24.5, which 5% of non-first tokens exceed). The sinks inside the context are
+#   function tokens (" is", "'", ".") in layers 11–15, and removing them moves the answer much less
+#   than random context tokens (reproduced). VAR raises faithfulness (margin +1.25, accuracy +12
+#   points: reproduced), but VAR in all heads raises it more (+1.94: the all-heads ablation does not
+#   reproduce), and the static heads lower it.
+#
+# Each of VAR's three findings holds on one model and fails on the other: what the sink rule flags
+# decides the outcome, and τ does not transfer from Llama-2-7B. The sink dims are discovered (507 on
+# SmolLM2, 163 on Gemma 3); whether `sink_dimensions` returns VAR's hard-coded 1415/2533 on
+# LLaVA-1.5-7B (Sun et al.'s massive dims of Llama-2-7B) cannot be checked here: the image branch
+# prints them when LLaVA-1.5 is loaded. On the tiny random LLaVA it only shows that the image path
+# runs.
+
+# %%
+n_ok = sum(claims.values())
+verdict = "not reproduced" if n_ok == 0 else ("reproduced" if n_ok == 3 and real_vlm else "partly")
+viz.report_card(
+    paper="Kang et al. 2025, See What You Are Told: Visual Attention Sink in LMMs (VAR)",
+    finding=(f"text analogue, τ = {tau:.3g}: VAR margin change {var_margin.mean:+.2f} [{var_margin.low:+.2f}, {var_margin.high:+.2f}], "
+             f"all heads {effects['all heads'][1].mean:+.2f}; {n_ok}/3 of VAR's claims hold"
+             + ("" if real_vlm else " (no LLaVA here)")),
+    status=verdict, model=f"{MODEL} (text analogue) + {vlm_name} (image path)")

@@ -1,16 +1,37 @@
 # %% [markdown]
 # # 04 · Vision-aware heads: VHD scores and VHR reinforcement
 #
-# **He et al. 2024, "Cracking the Code of Hallucination in LVLMs with Vision-aware Head
-# Divergence".** VHD scores each attention head by how far its output moves when the image is
-# taken away (same text); heads with high VHD are "vision-aware". Hallucination goes with the
-# model leaning on its language prior instead of these heads, so VHR *reinforces* the top-VHD
-# heads (scales their outputs up) during generation, which lowers hallucination on CHAIR/POPE.
+# **He et al. (ACL 2025), "Cracking the Code of Hallucination in LVLMs with Vision-aware Head
+# Divergence".**
 #
-# Offline, the same code runs on the **text analogue**: the "image" is a context sentence that
-# contradicts the model's prior ("Japan's capital is Lima. … What is the capital of Japan?"),
-# and "hallucination" is answering from the prior (Tokyo) instead of the context (Lima). The
-# image path itself runs on a tiny random LLaVA (its numbers mean nothing; the code path does).
+# * **VHD** (their Eq. 4) scores a head by how far its output moves when the image is taken away,
+#   with the text unchanged: VHD = ‖A(with image) − A(without)‖₂. A is the head's output before
+#   W_O (`hook_z`), read at the current query position. Heads with high VHD are "vision-aware".
+# * **VHR** (their Algorithm 1) reinforces those heads while the model generates. It works per
+#   sample and layer by layer:
+#   * the layers are layer 1 plus the last 14 of LLaVA-1.5's 32;
+#   * in each layer, VHD is measured with the earlier layers already reinforced;
+#   * outliers are zeroed: heads whose VHD *and* no-image norm are both above μ+σ;
+#   * the heads above the layer's median VHD are multiplied by **α = 2**;
+#   * the heads are fixed at the first generation step.
+#
+#   On LLaVA-1.5-7B it lowers CHAIR_S/CHAIR_I from 49.68/14.32 to 33.32/9.71.
+# * **Fixed-heads ablation**: the same heads for every sample loses most of that gain (44.72/13.81).
+#
+# **What runs offline.** There are no LLaVA weights here, so the same code runs on a **text
+# analogue** on the embedded model. The "image" is a context sentence that contradicts the model's
+# prior ("England's capital is Jerusalem. Question: What is the capital of England?"), and a
+# "hallucination" is answering from the prior (London) instead of the context (Jerusalem).
+# The metric is **context faithfulness**: logit(context answer) > logit(prior answer) at the
+# answer position, which is the first generation step. VHR is `mechlib.vhr`, Algorithm 1 as
+# written. We compare it with:
+#
+# * the paper's fixed-heads ablation, and a global top-k of static heads (both via `scale_heads`);
+# * random heads from the same layers (depth-matched controls);
+# * the paper's α and layer ablations.
+#
+# The image path (`span="image"`, `pixel_values`) runs on a tiny random LLaVA. Its numbers mean
+# nothing, but every line of the code path runs. With CUDA and the weights, it runs on LLaVA-1.5.
 
 # %%
 import importlib.util, os, subprocess, sys
@@ -21,117 +42,294 @@ if importlib.util.find_spec("mechlib") is None:  # Colab: install from the repos
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"mechlib[notebooks] @ git+{repo}"], check=True)
 
 # %% tags=["parameters"]
-# parameters
-MODEL = os.environ.get("MECHLIB_MODEL", "smollm2-135m")
+# parameters — the paper's setting on a GPU with the weights: VLM = "llava-1.5-7b" (LLaVA-1.5-7B),
+# ALPHA = 2, VHR layers = layer 1 + the last 14 (vhr_layers), outliers on, heads fixed at the first
+# generation step; they score CHAIR on 500 COCO val2014 images with greedy decoding and 512 new tokens
+# (the image branch below is a miniature of that: coloured squares, colour answer).
+MODEL = os.environ.get("MECHLIB_MODEL", "smollm2-135m")      # text analogue
+VLM = os.environ.get("MECHLIB_VLM", "llava-1.5-7b")          # image branch, used when CUDA and its weights are present
 DEVICE = os.environ.get("MECHLIB_DEVICE") or None
-N_CALIB = 12          # prompts used to score heads; the rest are held out for VHR
-TOP_K = 8             # heads reinforced
-ALPHA = 2.0           # VHR scale (*check* the paper's value)
-N_CONTROLS = 5
+N_CALIB = 12          # prompts that choose the static (fixed / top-k) heads; the rest are held out for every condition
+ALPHA = 2.0           # the paper's α
+ALPHAS = (0.5, 3.0)   # the paper's α ablation (0.2, 0.5, 3, 4)
+N_CONTROLS = 6        # random head sets per control
+N_IMAGES = 4          # images in the image branch
 
 # %%
-import random
+import matplotlib.pyplot as plt
 import pandas as pd
 pd.set_option("display.max_colwidth", None)   # show the paper-vs-ours tables in full
 import torch
 import mechlib
-from mechlib import metrics, tasks
-from mechlib.results import bootstrap_ci
+from mechlib import hooks, metrics, stats, tasks, viz
+from mechlib.interventions import reinforce_heads, vhr_layers
 
 torch.manual_seed(0)
+torch.set_grad_enabled(False)
 model = mechlib.load_model(MODEL, device=DEVICE)
+L, H = model.cfg.n_layers, model.cfg.n_heads
 qa = tasks.context_qa(model, seed=0)
 calib, held = qa.subset(range(N_CALIB)), qa.subset(range(N_CALIB, len(qa)))
-print(len(calib), "scoring prompts,", len(held), "held out. Example:\n" + qa.clean_prompts[0], "→", qa.answers[0], "(prior:", qa.wrong_answers[0] + ")")
+ld = metrics.logit_diff(held)
+base = ld(hooks.forward(model, held.clean_tokens))
+print(f"{MODEL}: {L} layers × {H} heads; {len(calib)} calibration prompts, {len(held)} held out; "
+      f"context-faithful without intervention: {(base > 0).float().mean():.0%}")
+print("example:\n" + qa.clean_prompts[0], "→", qa.answers[0], "(prior:", qa.wrong_answers[0] + ")")
 
 # %% [markdown]
 # ## VHD scores
 #
-# For each head: ‖z(with context) − z(without context)‖₂ of its output at the answer position.
-# Raw distances favour heads with large outputs; the relative score divides by ‖z(with)‖.
+# For each head, VHD is ‖z(with context) − z(without context)‖₂ of its output at the answer
+# position, averaged over the calibration prompts. This is the quantity VHR thresholds.
 
 # %%
 vhd = mechlib.head_divergence(model, calib)
-vhd_rel = mechlib.head_divergence(model, calib, relative=True)
-fig = vhd.plot(title="VHD (raw) per head", cmap="viridis")
-print("top raw:", vhd.top_heads(TOP_K))
-print("top relative:", vhd_rel.top_heads(TOP_K))
+fig = vhd.plot(title=f"{MODEL}: VHD per head (calibration prompts)", cmap="viridis")
+print("top heads by VHD:", vhd.top_heads(8), "| max", round(float(vhd.values.max()), 2),
+      "median", round(float(vhd.values.median()), 2))
 
 # %% [markdown]
-# ## VHR on held-out prompts: context faithfulness before and after
+# ## VHR as the paper defines it (Algorithm 1)
 #
-# Faithful = logit(context answer) > logit(prior answer). Control: the same number of random heads.
+# `mechlib.vhr` works on each held-out prompt separately. It runs one forward of the with/without
+# pairs and goes layer by layer through the VHR layers. In each layer it computes VHD with the
+# earlier layers already reinforced, zeroes outliers, and picks the heads above that layer's
+# median. Those heads are multiplied by α. It returns the first-step logits of the reinforced
+# model. A forward inside the block keeps those heads, and we check below that it gives the same
+# logits.
 
 # %%
-ld = metrics.logit_diff(held)
-
-
-def faithful(heads=None, alpha=ALPHA):
-    with torch.no_grad():
-        if not heads:
-            return (ld(model(held.clean_tokens)) > 0).float()
-        with mechlib.scale_heads(model, heads, alpha):
-            return (ld(model(held.clean_tokens)) > 0).float()
-
-
-def paired_ci(a, b):
-    return float((a - b).mean()), *bootstrap_ci(a - b)
-
-
-base = faithful()
-raw = faithful(vhd.top_heads(TOP_K))
-rel = faithful(vhd_rel.top_heads(TOP_K))
-rng = random.Random(0)
-H, L = model.cfg.n_heads, model.cfg.n_layers
-controls = [faithful([(rng.randrange(L), rng.randrange(H)) for _ in range(TOP_K)]).mean().item() for _ in range(N_CONTROLS)]
-rows = [("no intervention", base.mean().item(), "")]
-for name, x in [("VHR, top raw-VHD heads", raw), ("VHR, top relative-VHD heads", rel)]:
-    d, lo, hi = paired_ci(x, base)
-    rows.append((name, x.mean().item(), f"{d:+.1%} [{lo:+.1%}, {hi:+.1%}]"))
-rows.append((f"random {TOP_K} heads ×{ALPHA} (mean of {N_CONTROLS})", sum(controls) / len(controls), ""))
-table = pd.DataFrame(rows, columns=["condition", "context-faithful rate", "change, 95% CI"])
-table
+vlayers = vhr_layers(model)
+with mechlib.vhr(model, held, alpha=ALPHA) as sel:
+    inside = ld(hooks.forward(model, held.clean_tokens))
+vhr_ld = ld(sel.logits)
+n_per_prompt = sel.per_prompt.sum((1, 2))
+distinct = len({tuple(map(tuple, sel.heads(i))) for i in range(len(held))})
+print(f"VHR layers {vlayers}; {int(n_per_prompt[0])} heads reinforced per prompt "
+      f"({int(sel.per_prompt[0, vlayers[0]].sum())} of {H} per layer); {distinct} distinct head sets over {len(held)} prompts")
+fig = sel.plot(title=f"{MODEL}: share of prompts whose VHR selection includes the head", cmap="viridis")
 
 # %% [markdown]
-# ## The image path, on a tiny random LLaVA
+# ## Static heads, and random heads from the same layers
 #
-# `span="image"` removes the image tokens and drops `pixel_values`; VHD then depends on the image.
+# * **Fixed heads** (the paper's ablation): one head set for every prompt. It uses VHR's layers
+#   and per-layer count, and takes in each layer the heads VHR picks most often on the calibration
+#   prompts. The paper took one sample's heads; the most frequent ones are the less noisy choice.
+# * **Global top-k**: the k heads with the largest mean VHD over all layers, with k = VHR's count
+#   per prompt. This is how this notebook used to approximate VHR.
+# * **Controls**: for VHR, each prompt's heads are replaced by random other heads of the same
+#   layers. For the fixed heads, `random_head_sets` draws sets in the same layers, and
+#   `compare_with_random` compares them.
 
 # %%
-tiny = mechlib.tiny_model("llava", seed=0)
-prompt = "<image> <image> <image> <image> When Mary and John went to the store, John gave a drink to"
-g = torch.Generator().manual_seed(0)
-pix = torch.randn(2, 3, 16, 16, generator=g)
-tiny_vhd = mechlib.head_divergence(tiny, [prompt, prompt], span="image", extras={"pixel_values": pix})
-tiny_vhd2 = mechlib.head_divergence(tiny, [prompt, prompt], span="image", extras={"pixel_values": 2 * pix})
-print("tiny LLaVA VHD:", tiny_vhd.values.round(decimals=3).tolist())
+with mechlib.vhr(model, calib, alpha=ALPHA) as sel_calib:
+    pass
+freq = sel_calib.values + 1e-3 * vhd.values / vhd.values.max()       # ties broken by mean VHD
+per_layer = int(sel.per_prompt[0, vlayers[-1]].sum())
+fixed = [(l, int(h)) for l in vlayers for h in freq[l].argsort(descending=True)[:per_layer]]
+top_k = vhd.top_heads(int(n_per_prompt[0]))
+
+
+def faithful_rate(heads, alpha=ALPHA):
+    """Context-faithful share of the held-out prompts with ``heads`` scaled by ``alpha``."""
+    with mechlib.scale_heads(model, heads, alpha):
+        return float((ld(hooks.forward(model, held.clean_tokens)) > 0).float().mean())
+
+
+with mechlib.scale_heads(model, fixed, ALPHA):
+    fixed_ld = ld(hooks.forward(model, held.clean_tokens))
+with mechlib.scale_heads(model, top_k, ALPHA):
+    topk_ld = ld(hooks.forward(model, held.clean_tokens))
+fixed_vs_random = mechlib.compare_with_random(faithful_rate, fixed, mechlib.random_head_sets(model, fixed, n=N_CONTROLS))
+
+random_vhr = []                          # per prompt: random other heads of the same layers, as many per layer
+draws = [mechlib.random_head_sets(model, sel.heads(i), n=N_CONTROLS, seed=i) for i in range(len(held))]
+for k in range(N_CONTROLS):
+    mask = torch.zeros(len(held), L, H, dtype=torch.bool)
+    for i in range(len(held)):
+        for l, h in draws[i][k]:
+            mask[i, l, h] = True
+    with reinforce_heads(model, mask, ALPHA):
+        random_vhr.append(ld(hooks.forward(model, held.clean_tokens)))
+random_vhr = torch.stack(random_vhr)     # [draw, prompt]
+vhr_rate = float((vhr_ld > 0).float().mean())
+vhr_vs_random_p = stats.empirical_p(vhr_rate, (random_vhr > 0).float().mean(1), greater=True)
+print("fixed heads vs random same-layer sets:", fixed_vs_random.summary())
+print(f"VHR {vhr_rate:.0%} vs per-prompt random same-layer heads {(random_vhr > 0).float().mean():.0%} "
+      f"(range {(random_vhr > 0).float().mean(1).min():.0%}–{(random_vhr > 0).float().mean(1).max():.0%}); empirical p = {vhr_vs_random_p:.2g}")
 
 # %% [markdown]
-# ## Checks of this notebook's findings
+# ## The paper's ablations: α, layers, outliers
+#
+# The paper's numbers are CHAIR_S on LLaVA-1.5-7B, against 49.68 greedy and 33.32 for VHR:
+#
+# * α = 0.2 gives 63.28, α = 0.5 gives 55.80, α = 3 gives 27.04, α = 4 gives 3.64 (degenerate);
+# * layer 1 alone gives 40.80, the last 14 layers alone give 41.96;
+# * without outlier removal, 36.88.
+#
+# Each run below is a full VHR selection; the first-step logits are what we score.
 
 # %%
-assert (vhd.values > 0).all() and vhd.values.max() > 5 * vhd.values.median()   # a few heads dominate VHD
-assert 0.2 < base.mean() < 0.9          # context and prior genuinely compete on this set
-late = sum(l >= L // 2 for l, _ in vhd.top_heads(TOP_K))
-assert late >= TOP_K // 2, vhd.top_heads(TOP_K)   # context-aware heads sit in the upper half
-# measured: reinforcing the top raw-VHD heads does *not* raise faithfulness on this model
-assert raw.mean() <= base.mean(), (raw.mean(), base.mean())
-assert not torch.allclose(tiny_vhd.values, tiny_vhd2.values)   # the image path reads the image
+def vhr_run(**kw):
+    with mechlib.vhr(model, held, **kw) as s:
+        return ld(s.logits)
+
+
+ablations = {f"VHR α = {a:g}": vhr_run(alpha=a) for a in ALPHAS}
+ablations["VHR, layer 1 only"] = vhr_run(alpha=ALPHA, layers=vlayers[:1])
+ablations[f"VHR, last {len(vlayers) - 1} layers only"] = vhr_run(alpha=ALPHA, layers=vlayers[1:])
+ablations["VHR without outlier removal"] = vhr_run(alpha=ALPHA, outliers=False)
+
+# %% [markdown]
+# ## Every condition against no intervention (same held-out prompts)
+#
+# Each row shows two paired changes, with a BCa bootstrap CI and a sign-flip p-value. The first
+# is the change in faithful rate (0/1 per prompt). The second is the change in the logit
+# difference (context − prior), which is the more sensitive of the two. The verdicts below use
+# the p-value. When only a few prompts flip, the bootstrap CI of a 0/±1 change can exclude 0
+# while the exact sign-flip p is above 0.05.
+
+# %%
+conditions = {f"VHR (Algorithm 1, α = {ALPHA:g})": vhr_ld, "fixed heads (paper's ablation)": fixed_ld,
+              f"global top-{len(top_k)} VHD heads (static)": topk_ld,
+              "random same-layer heads per prompt (mean of draws)": random_vhr.mean(0), **ablations}
+faithful = {name: (x > 0).float() for name, x in conditions.items()}
+faithful["random same-layer heads per prompt (mean of draws)"] = (random_vhr > 0).float().mean(0)   # share of draws
+faithful0 = (base > 0).float()
+effects = {name: (stats.paired(faithful0, faithful[name]), stats.paired(base, x)) for name, x in conditions.items()}
+vhr_minus_random = stats.paired(random_vhr.mean(0), vhr_ld)
+rows = [dict(condition="no intervention", faithful=f"{faithful0.mean():.0%}", **{"Δ faithful": "", "Δ logit diff": ""})]
+rows += [{"condition": name, "faithful": f"{faithful[name].mean():.0%}", "Δ faithful": str(effects[name][0]),
+          "Δ logit diff": str(effects[name][1])} for name, x in conditions.items()]
+print(f"VHR − random same-layer heads, logit diff (paired): {vhr_minus_random}")
+results = pd.DataFrame(rows)
+results
+
+# %% tags=["key-figure"]
+names = list(conditions)
+fig, ax = plt.subplots(figsize=(7.5, 4))
+for i, name in enumerate(names):
+    e = effects[name][1]
+    ax.errorbar(e.mean, i, xerr=[[e.mean - e.low], [e.high - e.mean]], fmt="o", capsize=3,
+                color="C3" if name.startswith("VHR (Algorithm") else "C0")
+ax.axvline(0, color="grey", lw=0.8)
+ax.set_yticks(range(len(names)), names, fontsize=8)
+ax.invert_yaxis()
+ax.set(xlabel="change in logit(context) − logit(prior), 95% CI", title=f"{MODEL}: VHR and its ablations on context QA")
+fig.tight_layout()
+
+# %% [markdown]
+# ## The image path, on a vision-language model
+#
+# Each image is a synthetic coloured square, and the prompt asks for its colour. `span="image"`
+# removes the image tokens and drops `pixel_values`, and VHR then works on the real image tokens.
+# The tiny random LLaVA runs every line, but its numbers mean nothing. On LLaVA-1.5 (CUDA and the
+# weights) this is the paper's setting in miniature.
+
+# %%
+real_vlm = False
+if torch.cuda.is_available() and VLM != "tiny-llava":
+    try:
+        vlm = mechlib.load_model(VLM, device=DEVICE)
+        real_vlm = True
+    except (mechlib.ModelNotAvailableOffline, mechlib.ModelLoadError) as e:
+        print(f"{VLM} is not available here ({type(e).__name__}); using the tiny random LLaVA")
+if not real_vlm:
+    vlm = mechlib.tiny_model("llava", seed=0)
+shape_data = tasks.load_data("shapes")
+template = shape_data["templates"]["llava" if real_vlm else "plain"].format(shape=shape_data["shape"])
+images, colours = tasks.colored_shapes(N_IMAGES, seed=0)
+vl_tokens, vl_extras = mechlib.vlm_inputs(vlm, [template] * N_IMAGES, images)
+colour_ids = torch.tensor([tasks.single_token_id(vlm, " " + c) for c in shape_data["colors"]])
+answer_idx = torch.tensor([list(shape_data["colors"]).index(c) for c in colours])
+
+
+def p_colour(logits):
+    """P(correct colour) among the colour words, per image (logits at the last token)."""
+    last = logits[:, -1] if logits.ndim == 3 else logits
+    return last[:, colour_ids].float().softmax(-1).cpu()[torch.arange(len(answer_idx)), answer_idx]
+
+
+vl_base = hooks.forward(vlm, vl_tokens, extras=vl_extras)
+vl_vhd = mechlib.head_divergence(vlm, vl_tokens, span="image", extras=vl_extras)
+vl_vhd_swapped = mechlib.head_divergence(vlm, vl_tokens, span="image", extras={"pixel_values": vl_extras["pixel_values"].roll(1, 0)})
+with mechlib.vhr(vlm, vl_tokens, span="image", extras=vl_extras, alpha=ALPHA) as vl_sel:
+    vl_inside = hooks.forward(vlm, vl_tokens, extras=vl_extras)
+vl_effect = stats.paired(p_colour(vl_base), p_colour(vl_sel.logits))
+print(f"{VLM if real_vlm else 'tiny random LLaVA'}: VHR layers {vl_sel.metadata['layers']}, "
+      f"{int(vl_sel.per_prompt[0].sum())} heads per image; P(correct colour) change {vl_effect}")
+
+# %% [markdown]
+# ## Checks of this notebook's method and findings
+
+# %%
+# method invariants
+assert torch.allclose(inside, vhr_ld, atol=1e-3), "a forward inside vhr() keeps the heads chosen at the first step"
+assert set(sel.per_prompt.sum(-1).nonzero()[:, 1].tolist()) <= set(vlayers), "VHR edits only the paper's layers"
+assert (sel.per_prompt[:, vlayers].sum(-1) <= H // 2).all() and (n_per_prompt > 0).all(), "top half of each layer"
+assert (vhd.values > 0).all() and vhd.values.max() > 3 * vhd.values.median(), "a few heads dominate VHD"
+assert sum(l >= L // 2 for l, _ in vhd.top_heads(8)) >= 6, "the high-VHD heads sit in the upper layers"
+assert 0.2 < faithful0.mean() < 1.0, "context and prior compete on this set"
+assert torch.allclose(vl_inside[:, -1].float().cpu(), vl_sel.logits, atol=1e-3), "the image path keeps its heads too"
+assert not torch.allclose(vl_vhd.per_prompt, vl_vhd_swapped.per_prompt), "VHD on the image path reads each row's own image"
+# findings (computed from the numbers on each model)
+vhr_f, vhr_l = effects[f"VHR (Algorithm 1, α = {ALPHA:g})"]
+fixed_l = effects["fixed heads (paper's ablation)"][1]
+helps = any(e.mean > 0 and e.p < 0.05 for e in (vhr_f, vhr_l))     # the sign-flip test decides; the CI shows the size
+hurts = vhr_l.mean < 0 and vhr_l.p < 0.05
+assert not helps, "measured: VHR does not raise context faithfulness on the text analogue"
 
 # %% [markdown]
 # ## Paper vs ours
 
 # %%
-pd.DataFrame([
-    ("model / task", "LLaVA-1.5-7B etc. / CHAIR, POPE (images)", f"{MODEL} / counterfactual context QA (text analogue), {len(held)} held-out prompts"),
-    ("vision-aware heads exist (few heads with high VHD)", "yes", f"yes: top head {vhd.top_heads(1)[0]} VHD {vhd.values.max():.2f} vs median {vhd.values.median():.2f}"),
-    ("VHR reduces hallucination", "yes (CHAIR_S/CHAIR_I down)",
-     f"not reproduced: faithful {base.mean():.0%} → {raw.mean():.0%} (raw VHD) / {rel.mean():.0%} (relative VHD), α={ALPHA}, {TOP_K} heads"),
-], columns=["quantity", "paper", "ours"])
+col = f"ours: {MODEL}, context QA (text analogue), {len(held)} held-out prompts, α = {ALPHA:g}"
+fmt = lambda name: f"{faithful[name].mean():.0%} faithful; Δ faithful {effects[name][0]}; Δ logit diff {effects[name][1]}"  # noqa: E731
+table = pd.DataFrame([
+    {"quantity": "metric, task", "paper (LLaVA-1.5-7B)": "CHAIR_S / CHAIR_I (lower = fewer hallucinated objects), 500 COCO images",
+     col: "context-faithful rate (higher = fewer prior-driven answers), first generation step"},
+    {"quantity": "greedy / no intervention", "paper (LLaVA-1.5-7B)": "49.68 / 14.32", col: f"{faithful0.mean():.0%} faithful"},
+    {"quantity": "VHR (per sample, per layer, α = 2)", "paper (LLaVA-1.5-7B)": "33.32 / 9.71", col: fmt(f"VHR (Algorithm 1, α = {ALPHA:g})")},
+    {"quantity": "VHR vs random same-layer heads", "paper (LLaVA-1.5-7B)": "—",
+     col: f"faithful {vhr_rate:.0%} vs {(random_vhr > 0).float().mean():.0%} (empirical p = {vhr_vs_random_p:.2g}); "
+          f"VHR − random, logit diff {vhr_minus_random}"},
+    {"quantity": "fixed heads", "paper (LLaVA-1.5-7B)": "44.72 / 13.81", col: fmt("fixed heads (paper's ablation)") + f"; vs random sets p = {fixed_vs_random.p:.2g}"},
+    {"quantity": "global top-k static heads", "paper (LLaVA-1.5-7B)": "—", col: fmt(f"global top-{len(top_k)} VHD heads (static)")},
+    {"quantity": "α = 0.5 / α = 3", "paper (LLaVA-1.5-7B)": "55.80 / 17.32;  27.04 / 8.68",
+     col: " | ".join(fmt(f"VHR α = {a:g}") for a in ALPHAS)},
+    {"quantity": "layer 1 only / last layers only", "paper (LLaVA-1.5-7B)": "40.80 / 12.00;  41.96 / 12.56",
+     col: fmt("VHR, layer 1 only") + " | " + fmt(f"VHR, last {len(vlayers) - 1} layers only")},
+    {"quantity": "without outlier removal", "paper (LLaVA-1.5-7B)": "36.88 / 10.36", col: fmt("VHR without outlier removal")},
+])
+table
 
 # %% [markdown]
-# **Reading.** VHD is concentrated in a few late heads (the ones that also carry IOI names and
-# capitals to the output — the copying heads). Scaling them up does not make this 135M model more
-# context-faithful: it amplifies whatever they copy, prior included. The paper's gains are on 7B
-# VLMs with images; the text analogue at this scale does not reproduce them, and the notebook says
-# so. On a GPU set `MECHLIB_MODEL` to a LLaVA checkpoint and use `span="image"` with `pixel_values`.
+# **Reading.**
+#
+# * **VHD behaves as the paper describes.** On both embedded models a few heads carry most of the
+#   divergence, and they sit in the upper layers.
+# * **VHR does not reproduce on the text analogue**, even now that it follows Algorithm 1: per
+#   sample, layer by layer, with the paper's layers, the outlier rule and α = 2.
+# * **On SmolLM2-135M, VHR lowers context faithfulness** (logit difference, p < 0.001).
+#   * α = 0.5 and layer 1 alone leave it unchanged. α = 3, the last layers alone, and VHR without
+#     outlier removal lower it too.
+#   * The fixed heads lower it about as much as per-sample VHR does, and random heads from the
+#     same layers nearly as much. What hurts is doubling about half of every late layer's heads,
+#     not something specific to the high-VHD heads.
+#   * The global top-k static set sits in a few layers and changes nothing significant.
+# * **On Gemma 3 270M** the model already follows the context on most prompts. VHR changes
+#   nothing measurable, and no variant raises faithfulness.
+#
+# The paper's CHAIR gains come from 7B VLMs with images, over long generations. This analogue has
+# a 135M/270M model, one generated token and a text context, and it does not show them. The image
+# branch runs the same code on image tokens. It is the place to test the paper's claim, on a GPU
+# with LLaVA-1.5-7B.
+
+# %%
+verdict = "reproduced" if helps else "not reproduced"
+viz.report_card(
+    paper="He et al. 2025, Cracking the Code of Hallucination in LVLMs with Vision-aware Head Divergence (VHD/VHR)",
+    finding=(f"VHD concentrated in late heads; VHR (Algorithm 1, α={ALPHA:g}) on context QA: faithful "
+             f"{faithful0.mean():.0%} → {vhr_rate:.0%}, Δ logit diff {vhr_l.mean:+.2f} [{vhr_l.low:+.2f}, {vhr_l.high:+.2f}] "
+             f"(p = {vhr_l.p:.2g}); fixed heads {fixed_l.mean:+.2f}"),
+    status=verdict, model=f"{MODEL} (text analogue) + {VLM if real_vlm else 'tiny LLaVA (image path)'}")

@@ -1,16 +1,39 @@
 # %% [markdown]
 # # 07 · The hidden life of tokens (VISTA): rank trajectories, early excitation, steering
 #
-# **Li et al. 2025, "The Hidden Life of Tokens".** Reading every layer with the logit lens during
-# generation shows (i) grounded information fading through the layers, (ii) *early excitation* —
-# meaningful tokens peak before the final layer — and (iii) *hidden genuine information*: the
-# grounded token keeps a high rank inside the model although it is not the one emitted. VISTA
-# adds a visual steering vector (residual with − without the image) and self-logits augmentation
-# (earlier layers' logits mixed into the final ones); ~40% less hallucination on open-ended
-# generation.
+# **Li et al. (ICML 2025), "The Hidden Life of Tokens".** The paper reads every layer of an LVLM
+# with the logit lens during generation and reports three things:
 #
-# Text analogue on the embedded model: the counterfactual context QA set (the context plays the
-# image). The "grounded" token is the context's answer; the prior's answer is the hallucination.
+# 1. grounded (visual) information fades through the layers;
+# 2. *early excitation*: meaningful tokens peak before the final layer;
+# 3. *hidden genuine information*: a grounded token keeps a high rank inside the model even when
+#    it is not the token emitted.
+#
+# **VISTA** uses these findings in two parts:
+#
+# * **A visual steering vector (VSV)**, computed per input: v^l = h^l(with the image) −
+#   h^l(without), at the last token of each layer's output.
+#   * The paper edits the residual stream with it, h̃ = h + λ·v^l, and rescales to ‖h‖, at every
+#     layer and every position. λ = 0.17 for LLaVA-1.5.
+#   * The released code instead rotates each MLP's output towards v.
+# * **Self-logits augmentation (SLA)**: (1 − γ)·final logits + γ·mean of the lens logits of the
+#   w = 5 layers before the last, with γ = 0.3.
+#   * The code uses raw lm_head on the pre-norm states of layers L−8..L−3.
+#
+# With greedy decoding on LLaVA-1.5, VISTA lowers CHAIR_S/CHAIR_I from 46.4/12.1 to 20.4/6.9.
+#
+# **What runs offline: a text analogue on the embedded model.** The counterfactual context QA set
+# plays the image: "England's capital is Jerusalem. Question: What is the capital of England?".
+#
+# * The *grounded* token is the context's answer (Jerusalem); the *hallucination* is the prior's
+#   answer (London).
+# * The VSV is computed per prompt, with the context vs without it.
+# * Every condition is compared, prompt by prompt, with the unsteered model on context
+#   faithfulness: logit(context) > logit(prior), with a CI and a p-value.
+#
+# A linear probe per layer asks the "hidden information" question directly: does the last token's
+# residual stream encode that the context should be followed, even when the output does not
+# follow it?
 
 # %%
 import importlib.util, os, subprocess, sys
@@ -21,39 +44,45 @@ if importlib.util.find_spec("mechlib") is None:  # Colab: install from the repos
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"mechlib[notebooks] @ git+{repo}"], check=True)
 
 # %% tags=["parameters"]
-# parameters
+# parameters — the paper's setting on a GPU with the weights: LLaVA-1.5-7B ("llava-1.5-7b", with
+# steering_vectors(..., span="image") and pixel_values), LAM = 0.17 (CHAIR; 0.01 for POPE), VSV at
+# every layer, SLA with SLA_GAMMA = 0.3 and SLA_WINDOW = 5, greedy decoding, 512 new tokens, 500 COCO images.
 MODEL = os.environ.get("MECHLIB_MODEL", "smollm2-135m")
 DEVICE = os.environ.get("MECHLIB_DEVICE") or None
-N_CALIB = 12                  # prompts for the steering vector
-SLA_WINDOW = 4                # layers before the last mixed into the logits
-SLA_GAMMA = 0.3               # SLA mixing weight (*check* the paper's)
-VSV_SCALE = 1.0               # steering strength
-VSV_LAYERS = "upper half"     # where the steering vector is added
+LAM = 0.17                    # the paper's λ for LLaVA-1.5 (CHAIR)
+LAMS = (0.05, 0.5)            # a small sweep around it
+SLA_GAMMA = 0.3               # the paper's γ
+SLA_WINDOW = 5                # the paper's w
+PROBE_EVERY = 2               # probe every k-th layer; 1 probes all of them (a few CPU seconds per layer)
 
 # %%
+import dataclasses
+import matplotlib.pyplot as plt
 import pandas as pd
 pd.set_option("display.max_colwidth", None)   # show the paper-vs-ours tables in full
 import torch
 import mechlib
-from mechlib import metrics, tasks
-from mechlib.results import bootstrap_ci
+from mechlib import hooks, metrics, stats, tasks, viz
+from mechlib.analyses.lens import sla_layers
 
 torch.manual_seed(0)
+torch.set_grad_enabled(False)
 model = mechlib.load_model(MODEL, device=DEVICE)
 L = model.cfg.n_layers
 qa = tasks.context_qa(model, seed=0)
-calib, held = qa.subset(range(N_CALIB)), qa.subset(range(N_CALIB, len(qa)))
-ld = metrics.logit_diff(held)
-with torch.no_grad():
-    base_ld = ld(model(held.clean_tokens))
-faithful = base_ld > 0
-print(f"{len(held)} held-out prompts; context-faithful: {faithful.float().mean():.0%}")
+ld = metrics.logit_diff(qa)
+top1 = metrics.accuracy(qa, among="vocab")           # the context answer is the top token
+base_logits = metrics.last_token_logits(hooks.forward(model, qa.clean_tokens), qa)   # [prompt, vocab]
+base_ld = ld(base_logits)
+faithful0 = (base_ld > 0).float()
+print(f"{MODEL}: {len(qa)} prompts; context-faithful without steering: {faithful0.mean():.0%}; "
+      f"context answer top-1 over the vocabulary: {top1(base_logits).mean():.0%}")
 
 # %% [markdown]
 # ## Rank trajectories of the grounded (context) and prior answers
 
 # %%
-lens = mechlib.logit_lens(model, held)   # targets: answer (context) and wrong (prior)
+lens = mechlib.logit_lens(model, qa)   # targets: answer (context) and wrong (prior)
 fig = lens.plot_trajectories("answer")
 ranks = lens.ranks  # [prompt, layer, target]
 traj = pd.DataFrame({"layer": lens.labels["layer"],
@@ -62,83 +91,307 @@ traj = pd.DataFrame({"layer": lens.labels["layer"],
 traj.iloc[::3]
 
 # %% [markdown]
-# ## Early excitation and hidden genuine information
+# ## Early excitation and hidden genuine information (logit lens)
 #
-# Early excitation: the token's probability peaks before the last layer (at least twice its final
-# value). Hidden genuine information: on prompts answered from the prior, the context answer's
-# best rank inside the model vs its final rank.
+# * **Early excitation**: the token's probability peaks before the last layer, at at least twice
+#   its final value. This rule is mechlib's; the paper reads ranks over the last layers.
+# * **Hidden genuine information**: on the prompts answered from the prior, the context answer's
+#   best rank inside the model, compared with its final rank.
 
 # %%
 ee = lens.early_excitation()
 ctx = ee[ee.target == "answer"].reset_index(drop=True)
 early_rate = ctx.early.mean()
-unfaithful = ctx[~faithful.numpy()]
+unfaithful = ctx[~faithful0.bool().numpy()]
 hidden = pd.DataFrame(dict(final_rank=unfaithful.final_rank, best_rank_inside=unfaithful.best_rank,
                            best_layer=unfaithful.peak_layer))
-print(f"context answer peaks early in {early_rate:.0%} of prompts")
-hidden.describe().loc[["mean", "50%"]]
+hidden_gain = (stats.paired(torch.tensor(hidden.final_rank.values, dtype=torch.float), torch.tensor(hidden.best_rank_inside.values, dtype=torch.float))
+               if len(hidden) >= 2 else None)
+print(f"context answer peaks early in {early_rate:.0%} of prompts; {len(hidden)} prompts answered from the prior; "
+      f"best rank inside − final rank on them: {hidden_gain}")
+hidden.describe().loc[["mean", "50%"]] if len(hidden) else hidden
 
 # %% [markdown]
-# ## VISTA on the text analogue: steering vector and self-logits augmentation
+# ## VISTA on the text analogue: steering vectors
 #
-# Steering vector per layer: mean over calibration prompts of resid_post(with context) −
-# resid_post(question only) at the answer position, added to every position of the held-out
-# prompts. SLA: `(1 − γ)·final + γ·mean(lens logits of the SLA_WINDOW layers before the last)`.
+# * The vectors come from `steering_vectors(model, qa)`: per prompt and per layer, the last
+#   token's layer output with the context minus the output without it.
+# * `vista(variant="paper")` adds λ·v to every position of each layer's output, then rescales to
+#   the original norm. `variant="code"` rotates each MLP's output towards v instead.
+# * Two controls check that the effect comes from each prompt's *own* vector:
+#   * another prompt's vector (the set's vectors shifted by one);
+#   * random directions with the same norms, layer by layer.
 
 # %%
-layers = list(range(L // 2, L)) if VSV_LAYERS == "upper half" else list(VSV_LAYERS)
-q_only = [p.split(".", 1)[1].lstrip(" ") if "." in p else p for p in calib.clean_prompts]
-names = [f"blocks.{l}.hook_resid_post" for l in layers]
-with_b = mechlib.PromptBatch.from_prompts(model, list(calib.clean_prompts))
-wo_b = mechlib.PromptBatch.from_prompts(model, q_only)
-_, a_with = mechlib.hooks.run_with_cache(model, with_b.tokens, names)
-_, a_wo = mechlib.hooks.run_with_cache(model, wo_b.tokens, names)
-rows_ = torch.arange(len(calib))
-vsv = {l: (a_with[n][rows_, with_b.lengths - 1] - a_wo[n][rows_, wo_b.lengths - 1]).mean(0)
-       for l, n in zip(layers, names)}
-with torch.no_grad(), mechlib.steer_residual(model, {l: v / len(layers) for l, v in vsv.items()}, scale=VSV_SCALE):
-    vsv_ld = ld(model(held.clean_tokens))
-sla_logits = mechlib.self_logits_augmentation(model, held, layers=range(L - 1 - SLA_WINDOW, L - 1), gamma=SLA_GAMMA)
-sla_ld = ld(sla_logits)
+vsv = mechlib.steering_vectors(model, qa)
+g = torch.Generator().manual_seed(0)
+noise = torch.randn(vsv.vectors.shape, generator=g)
+random_vsv = dataclasses.replace(vsv, vectors=noise / noise.norm(dim=-1, keepdim=True) * vsv.vectors.norm(dim=-1, keepdim=True))
+other_vsv = dataclasses.replace(vsv, vectors=vsv.vectors.roll(1, 0))
 
 
-res = []
-for name, x in [("no intervention", base_ld), ("steering vector", vsv_ld), ("self-logits augmentation", sla_ld)]:
-    f = (x > 0).float()
-    lo, hi = bootstrap_ci(f - (base_ld > 0).float())
-    res.append((name, f.mean().item(), float(x.mean()), "" if name == "no intervention" else f"[{lo:+.0%}, {hi:+.0%}]"))
-results = pd.DataFrame(res, columns=["condition", "context-faithful", "mean logit diff (context − prior)", "95% CI of change"])
+def steered(vectors, lam, variant="paper"):
+    """Next-token logits ``[prompt, vocab]`` with each prompt steered by its vector."""
+    with mechlib.vista(model, vectors, lam=lam, variant=variant):
+        return metrics.last_token_logits(hooks.forward(model, qa.clean_tokens), qa)
+
+
+runs = {f"VSV, paper (residual, norm-preserving), λ = {LAM:g}": steered(vsv, LAM)}
+runs.update({f"VSV, paper, λ = {lam:g}": steered(vsv, lam) for lam in LAMS})
+runs[f"VSV, code (MLP output), λ = {LAM:g}"] = steered(vsv, LAM, "code")
+runs[f"control: another prompt's VSV, λ = {LAM:g}"] = steered(other_vsv, LAM)
+runs[f"control: random directions, same norms, λ = {LAM:g}"] = steered(random_vsv, LAM)
+fig = vsv.plot(title=f"{MODEL}: ‖VSV‖ per layer (mean over prompts)")
+
+# %% [markdown]
+# ## Self-logits augmentation, and VISTA = VSV + SLA
+#
+# * **Paper SLA**: the final norm and unembedding of the w = 5 layer outputs before the last,
+#   mixed in with weight γ = 0.3.
+# * **Code SLA**: raw `lm_head` on the pre-norm outputs of layers L−8..L−3, same γ.
+# * **VISTA**: the authors' scripts run the steering and SLA together; here that is SLA computed
+#   inside the steered forward.
+
+# %%
+sla = {f"SLA, paper (w = {SLA_WINDOW}, γ = {SLA_GAMMA:g}, final norm)": mechlib.self_logits_augmentation(
+           model, qa, gamma=SLA_GAMMA, window=SLA_WINDOW, variant="paper"),
+       f"SLA, code (raw lm_head, layers {sla_layers(model, 'code')[0]}..{sla_layers(model, 'code')[-1]})": mechlib.self_logits_augmentation(
+           model, qa, gamma=SLA_GAMMA, variant="code")}
+with mechlib.vista(model, vsv, lam=LAM, variant="paper"):
+    sla[f"VISTA: VSV (paper, λ = {LAM:g}) + SLA (paper)"] = mechlib.self_logits_augmentation(
+        model, qa, gamma=SLA_GAMMA, window=SLA_WINDOW, variant="paper")
+runs.update(sla)
+
+# %% [markdown]
+# ## Every condition against the unsteered model (same prompts)
+#
+# Each row gives paired changes per prompt, each with a BCa bootstrap CI and a sign-flip p-value:
+#
+# * the change in faithful rate;
+# * the change in logit(context) − logit(prior);
+# * the change in log P(context answer) over the whole vocabulary.
+#
+# The last two columns show the context answer's median rank over the vocabulary and how often it
+# is the top token. A steering method could raise the logit difference just by pushing the prior
+# down faster than the context answer. These columns show whether the grounded answer itself
+# becomes more likely.
+
+# %%
+def log_p_context(logits):
+    return logits.float().log_softmax(-1)[torch.arange(len(qa)), qa.answer_ids]
+
+
+def rank_context(logits):
+    return (logits > logits[torch.arange(len(qa)), qa.answer_ids][:, None]).sum(-1).float()
+
+
+base_logp = log_p_context(base_logits)
+rows = [dict(condition="no steering", faithful=f"{faithful0.mean():.0%}", **{"Δ faithful": "", "Δ logit diff": "", "Δ log P(context)": ""},
+             rank=f"{rank_context(base_logits).median():.0f}", top1=f"{top1(base_logits).mean():.0%}")]
+effects = {}
+for name, logits in runs.items():
+    x = ld(logits)
+    effects[name] = (stats.paired(faithful0, (x > 0).float()), stats.paired(base_ld, x), stats.paired(base_logp, log_p_context(logits)))
+    rows.append({"condition": name, "faithful": f"{(x > 0).float().mean():.0%}", "Δ faithful": str(effects[name][0]),
+                 "Δ logit diff": str(effects[name][1]), "Δ log P(context)": str(effects[name][2]),
+                 "rank": f"{rank_context(logits).median():.0f}", "top1": f"{top1(logits).mean():.0%}"})
+results = pd.DataFrame(rows).rename(columns={"rank": "context answer: median rank", "top1": "context answer top-1"})
 results
 
+# %% tags=["key-figure"]
+names = list(runs)
+fig, ax = plt.subplots(figsize=(7.5, 4.2))
+for i, name in enumerate(names):
+    e = effects[name][1]
+    ax.errorbar(e.mean, i, xerr=[[e.mean - e.low], [e.high - e.mean]], fmt="o", capsize=3,
+                color="C2" if name.startswith("control") else ("C3" if name.startswith("VISTA") else "C0"))
+ax.axvline(0, color="grey", lw=0.8)
+ax.set_yticks(range(len(names)), names, fontsize=7)
+ax.invert_yaxis()
+ax.set(xlabel="change in logit(context) − logit(prior), 95% CI", title=f"{MODEL}: VISTA's parts on context QA")
+fig.tight_layout()
+
 # %% [markdown]
-# ## Checks of this notebook's findings
+# ## Hidden information: a probe for "the context should be followed"
+#
+# The paper's "hidden genuine information" says the grounded answer is still inside the model
+# when the output does not use it. As a linear-probe question: does the last token's residual
+# stream encode that the context applies to the question?
+#
+# * Prompts are taken in pairs (i, j). Each pair gives four examples: the two prompts as they
+#   are (**relevant** context, label 1), and each question after the *other* prompt's context
+#   sentence (**irrelevant**, label 0, where the prior is the right answer).
+# * The four examples of a pair share subjects, so they must stay on the same side of every
+#   cross-validation split. Otherwise a probe can memorise a subject from its twin in the
+#   training folds and score *below* chance on held-out examples. An ungrouped split of this
+#   data gives held-out AUC ≈ 0.2.
+# * `mechlib.probe` groups examples only by prompt row. So we give it the last-token activations
+#   with one row per pair: `cache=` holds a `[pair, 4, d_model]` tensor, and it uses grouped
+#   folds. It reports held-out AUC per layer with CIs, next to two controls: shuffled labels and
+#   the best random direction.
+#
+# Then comes the direct test, with 2-fold cross-fitting by pair:
+#
+# * the probe is fitted on the relevant prompts the model *follows* plus the irrelevant ones;
+# * the held-out relevant prompts the model does *not* follow are scored along the probe's
+#   direction, against held-out irrelevant prompts.
+#
+# For each unfollowed prompt we take the share of irrelevant prompts it outranks; the mean is the
+# AUC, tested against 0.5. If the residual carries the context's relevance even when the output
+# ignores it, this is well above 0.5. If the probe only reads the eventual output, it is at or
+# below 0.5.
 
 # %%
+def split(p):
+    head, rest = p.split("\n", 1)
+    return head, "\n" + rest
+
+
+n_pairs = len(qa) // 2
+partner = lambda i: i + 1 if i % 2 == 0 else i - 1  # noqa: E731
+irrelevant = [split(qa.clean_prompts[partner(i)])[0] + split(qa.clean_prompts[i])[1] for i in range(2 * n_pairs)]
+probe_batch = mechlib.PromptBatch.from_prompts(model, list(qa.clean_prompts[: 2 * n_pairs]) + irrelevant)
+names_resid = [f"blocks.{l}.hook_resid_post" for l in range(L)]
+_, probe_cache = hooks.run_with_cache(model, probe_batch.tokens, names_resid)
+last_acts = {n_: probe_batch.at_last(probe_cache[n_]).float().cpu() for n_ in names_resid}   # [2·2n_pairs, d]
+del probe_cache
+m = 2 * n_pairs
+order = torch.tensor([[2 * k, 2 * k + 1, m + 2 * k, m + 2 * k + 1] for k in range(n_pairs)])   # [pair, 4] example rows
+pair_rows = mechlib.PromptBatch(torch.zeros(n_pairs, 4, dtype=torch.long), torch.full((n_pairs,), 4), ("pair",) * n_pairs)
+pair_labels = torch.tensor([[1, 1, 0, 0]] * n_pairs)
+probe_layers = list(range(PROBE_EVERY - 1, L, PROBE_EVERY))
+relevance_probe = mechlib.probe(model, pair_rows, pair_labels, site="resid_post", positions="all", layers=probe_layers,
+                                cache={n_: last_acts[n_][order] for n_ in (names_resid[l] for l in probe_layers)})
+fig = relevance_probe.plot(title=f"{MODEL}: probe for 'the context applies' (relevant vs irrelevant context)")
+
+followed = faithful0[:m].bool()
+fold = torch.arange(m) // 2 % 2            # by pair
+
+
+def unfollowed_vs_irrelevant(layer):
+    """Per held-out unfollowed prompt: the share of held-out irrelevant prompts it outranks along the
+    direction of a probe fitted on followed-relevant + irrelevant prompts of the other fold."""
+    X = last_acts[names_resid[layer]]
+    placement = []
+    for f in (0, 1):
+        train = [i for i in range(m) if fold[i] != f and followed[i]] + [m + i for i in range(m) if fold[i] != f]
+        y = torch.tensor([1 if i < m else 0 for i in train])
+        sub = mechlib.PromptBatch(torch.zeros(len(train), 1, dtype=torch.long), torch.ones(len(train), dtype=torch.long), ("x",) * len(train))
+        w = mechlib.probe(model, sub, y, site="resid_post", layers=[layer], cv=3, control="none",
+                          cache={names_resid[layer]: X[train][:, None]}).coef[0]
+        s_unf = X[[i for i in range(m) if fold[i] == f and not followed[i]]] @ w
+        s_irr = X[[m + i for i in range(m) if fold[i] == f]] @ w
+        placement += [float((s > s_irr).float().mean()) for s in s_unf]
+    return torch.tensor(placement)
+
+
+auc = relevance_probe.values[:, 1]
+best = int(auc.argmax())
+best_layer = probe_layers[best]
+hidden_layers = sorted({best_layer, L // 2, L - 2})
+n_unfollowed = int((~followed).sum())
+hidden_probe = {l: stats.effect(unfollowed_vs_irrelevant(l) - 0.5) for l in hidden_layers} if n_unfollowed >= 2 else {}
+print(f"relevance probe: best held-out AUC {float(auc.max()):.3f} [{float(relevance_probe.ci_low[best, 1]):.2f}, "
+      f"{float(relevance_probe.ci_high[best, 1]):.2f}] at L{best_layer} (shuffled {float(relevance_probe.controls[best, 0]):.2f}, "
+      f"best random direction {float(relevance_probe.controls[best, 1]):.2f})")
+print(f"{n_unfollowed} unfollowed relevant prompts; AUC − 0.5, unfollowed vs irrelevant, along the probe direction:",
+      {f"L{l}": str(e) for l, e in hidden_probe.items()})
+relevance_probe.table()
+
+# %% [markdown]
+# ## Checks of this notebook's method and findings
+
+# %%
+# method invariants
+assert vsv.vectors.shape == (len(qa), L, model.cfg.d_model) and (vsv.values > 0).all()
+assert torch.allclose(steered(vsv, 0.0), base_logits, atol=1e-4), "λ = 0 leaves the model unchanged"
+assert 0.2 < faithful0.mean() < 1.0, "context and prior compete on this set"
+# findings true on both embedded models (measured)
 # the context answer is not readable early and rises only in the last layers
 assert traj.iloc[-1, 1] < 200 and traj.iloc[-1, 1] < traj.iloc[L // 2, 1] / 100, traj.iloc[[L // 2, -1]]
-# measured, not reproduced at this scale: no early excitation, and on prior-answered prompts the
-# context answer is read best at the final layer (no hidden genuine information inside)
-assert early_rate < 0.25
-assert len(unfaithful) == 0 or (hidden.best_rank_inside == hidden.final_rank).mean() >= 0.5
-# measured, not reproduced: neither VISTA component raises faithfulness on this model
-assert (vsv_ld > 0).float().mean() <= (base_ld > 0).float().mean()
-assert (sla_ld > 0).float().mean() <= (base_ld > 0).float().mean()
+vsv_f, vsv_l, vsv_p = effects[f"VSV, paper (residual, norm-preserving), λ = {LAM:g}"]
+code_l = effects[f"VSV, code (MLP output), λ = {LAM:g}"][1]
+other_l = effects[f"control: another prompt's VSV, λ = {LAM:g}"][1]
+rand_l = effects[f"control: random directions, same norms, λ = {LAM:g}"][1]
+vista_l = effects[f"VISTA: VSV (paper, λ = {LAM:g}) + SLA (paper)"][1]
+sla_l = effects[f"SLA, paper (w = {SLA_WINDOW}, γ = {SLA_GAMMA:g}, final norm)"][1]
+vsv_helps = vsv_l.mean > 0 and vsv_l.p < 0.05
+sla_helps = sla_l.mean > 0 and sla_l.p < 0.05
+assert vsv_helps and code_l.low > 0 and vista_l.low > 0, "the per-input VSV raises context faithfulness (both variants)"
+assert vsv_l.mean > max(other_l.mean, rand_l.mean) + 1, "... and the effect needs each prompt's own vector"
+assert relevance_probe.metadata["n_examples"] == 4 * n_pairs and len(set(order.flatten().tolist())) == 4 * n_pairs, "each example once"
 
 # %% [markdown]
 # ## Paper vs ours
 
 # %%
-pd.DataFrame([
-    ("early excitation of grounded tokens", "yes", f"not reproduced: {early_rate:.0%} of prompts (context answer peaks before the last layer)"),
-    ("hidden genuine information", "yes", f"not reproduced: prior-answered prompts: context answer's median best rank inside {hidden.best_rank_inside.median():.0f} vs final {hidden.final_rank.median():.0f}"),
-    ("VISTA (VSV + SLA) reduces hallucination", "~40% fewer hallucinated objects (CHAIR)",
-     f"not reproduced — VSV: faithful {(base_ld > 0).float().mean():.0%} → {(vsv_ld > 0).float().mean():.0%}; "
-     f"SLA: → {(sla_ld > 0).float().mean():.0%} (γ={SLA_GAMMA}, window {SLA_WINDOW})"),
-], columns=["finding", "paper (LLaVA-1.5 etc.)", f"ours ({MODEL}, context QA, {len(held)} held-out prompts)"])
+col = f"ours: {MODEL}, context QA (text analogue), {len(qa)} prompts"
+fmt = lambda name: f"Δ faithful {effects[name][0]}; Δ logit diff {effects[name][1]}; Δ log P(context) {effects[name][2]}"  # noqa: E731
+hidden_txt = (f"{len(hidden)} prior-answered prompts: context answer's best rank inside − final rank {hidden_gain}; "
+              if hidden_gain else f"{len(hidden)} prior-answered prompts; ")
+table = pd.DataFrame([
+    {"finding": "metric", "paper (LLaVA-1.5-7B, greedy)": "CHAIR_S / CHAIR_I (lower = better), 500 COCO images; POPE accuracy",
+     col: "context-faithful rate (higher = better), logit(context) − logit(prior), first generation step"},
+    {"finding": "early excitation of grounded tokens", "paper (LLaVA-1.5-7B, greedy)": "yes (peak rank before the last layer)",
+     col: f"context answer peaks early (mechlib's rule) in {early_rate:.0%} of prompts"},
+    {"finding": "hidden genuine information (logit lens)", "paper (LLaVA-1.5-7B, greedy)": "yes: genuine tokens ranked high inside, not emitted",
+     col: hidden_txt + f"median final rank {hidden.final_rank.median() if len(hidden) else float('nan'):.0f}"},
+    {"finding": "hidden information (probe)", "paper (LLaVA-1.5-7B, greedy)": "— (the paper uses ranks)",
+     col: f"relevance probe: best held-out AUC {float(auc.max()):.2f} [{float(relevance_probe.ci_low[best, 1]):.2f}, {float(relevance_probe.ci_high[best, 1]):.2f}] "
+          f"at L{best_layer} (shuffled {float(relevance_probe.controls[best, 0]):.2f}, random direction {float(relevance_probe.controls[best, 1]):.2f}); "
+          f"{n_unfollowed} unfollowed prompts vs irrelevant, AUC − 0.5: "
+          + ("; ".join(f"L{l} {e}" for l, e in hidden_probe.items()) or "n/a (too few unfollowed prompts)")},
+    {"finding": "greedy / no steering", "paper (LLaVA-1.5-7B, greedy)": "46.4 / 12.1; POPE 84.79", col: f"{faithful0.mean():.0%} faithful"},
+    {"finding": "VISTA (VSV + SLA)", "paper (LLaVA-1.5-7B, greedy)": "20.4 / 6.9; POPE 86.15",
+     col: fmt(f"VISTA: VSV (paper, λ = {LAM:g}) + SLA (paper)")},
+    {"finding": f"VSV alone, paper form, λ = {LAM:g}", "paper (LLaVA-1.5-7B, greedy)": "—", col: fmt(f"VSV, paper (residual, norm-preserving), λ = {LAM:g}")},
+    {"finding": f"VSV alone, code form (MLP output), λ = {LAM:g}", "paper (LLaVA-1.5-7B, greedy)": "—", col: fmt(f"VSV, code (MLP output), λ = {LAM:g}")},
+    {"finding": "VSV with another prompt's vector / random directions", "paper (LLaVA-1.5-7B, greedy)": "—",
+     col: f"{other_l} / {rand_l} (Δ logit diff)"},
+    {"finding": f"SLA only (w = {SLA_WINDOW}, γ = {SLA_GAMMA:g})", "paper (LLaVA-1.5-7B, greedy)": "42.8 / 11.3",
+     col: fmt(f"SLA, paper (w = {SLA_WINDOW}, γ = {SLA_GAMMA:g}, final norm)")},
+])
+table
 
 # %% [markdown]
-# **Reading.** On SmolLM2-135M the grounded answer only becomes readable in the last few layers
-# and is read best at the output: no early excitation and no hidden genuine information on this
-# task, and neither the steering vector nor self-logits augmentation makes the model more
-# context-faithful (both lower it). The VISTA effects are reported on 7B VLMs with images; the
-# parameters above (`SLA_GAMMA`, `SLA_WINDOW`, `VSV_SCALE`) are where to start on a GPU.
+# **Reading.**
+#
+# * **The steering vector partly reproduces.**
+#   * In the paper's form (norm-preserving residual steering), the per-input VSV raises the
+#     context − prior logit difference on both embedded models, at every λ. The code's MLP form
+#     does too, and so does VSV + SLA.
+#   * The effect needs each prompt's *own* vector: another prompt's vector, or random directions
+#     of the same size, do not raise it.
+#   * Whether the grounded answer itself becomes more likely depends on the model and on λ
+#     (column Δ log P(context)). On Gemma 3 270M it does at every λ in the paper's form, and the
+#     context answer becomes the top token on almost every prompt. On SmolLM2-135M it does only at
+#     the small λ = 0.05. At the paper's λ = 0.17 the steered model moves away from both answers,
+#     the prior faster than the context one, so the logit difference rises while P(context) falls.
+#   * Caveat for this analogue: v at the last token already holds the difference between the
+#     with-context and without-context answers. Steering towards it hands the model part of its own
+#     with-context readout, which is also what the VSV does with an image.
+# * **SLA in the paper's form** (w = 5, γ = 0.3) helps Gemma a little and hurts SmolLM2 a little.
+#   The code's raw-`lm_head` readout of pre-norm states does not transfer to these models: their
+#   pre-norm residual streams are large, so those logits swamp the mix.
+# * **The rank analyses split by model.**
+#   * Gemma shows early excitation: the context answer's lens probability peaks before the last
+#     layer on most prompts. This is the same final-layer suppression notebook 06 finds.
+#   * SmolLM2 shows none. There the context answer becomes readable only in the last layers, and
+#     on prompts answered from the prior it is ranked no better inside than at the output.
+# * **The probe** reads whether the context applies to the question.
+#   * The signal is weak on SmolLM2 and trivially strong on Gemma, where even a random direction
+#     separates the two kinds of prompt.
+#   * On prompts the model answers from the prior, the probe still scores the context as relevant
+#     more often than not (the "unfollowed vs irrelevant" AUC above 0.5). This is hidden
+#     information in the paper's sense, but few prompts are answered from the prior (very few on
+#     Gemma), so it is suggestive rather than established.
+
+# %%
+status = "partly" if vsv_helps or sla_helps else "not reproduced"
+viz.report_card(
+    paper="Li et al. 2025, The Hidden Life of Tokens (VISTA)",
+    finding=(f"per-input VSV (paper form, λ={LAM:g}): faithful {faithful0.mean():.0%} → "
+             f"{(ld(runs[f'VSV, paper (residual, norm-preserving), λ = {LAM:g}']) > 0).float().mean():.0%}, "
+             f"Δ logit diff {vsv_l.mean:+.2f} (p = {vsv_l.p:.2g}), Δ log P(context) {vsv_p.mean:+.2f} (p = {vsv_p.p:.2g}); "
+             f"SLA alone {sla_l.mean:+.2f} (p = {sla_l.p:.2g}); early excitation in {early_rate:.0%} of prompts"),
+    status=status, model=MODEL)

@@ -1,0 +1,187 @@
+# %% [markdown]
+# # 09 · Edge attribution: EAP-IG circuits and their faithfulness
+#
+# **Hanna, Pezzelle & Belinkov (2024), "Have Faith in Faithfulness: Going Beyond Circuit Overlap
+# When Finding Model Mechanisms".** Circuits are now found by *edge attribution patching*: score
+# every edge (writer → a head's q/k/v input, an MLP's input, the logits) with one forward and one
+# backward (EAP; Syed et al. 2023), or average the gradient along a path from the corrupted to the
+# clean input (EAP-IG) — which fixes EAP's blind spot where the clean run is saturated. A circuit
+# is then judged by its **faithfulness**: the share of the clean − corrupted metric gap it keeps
+# when every edge outside it is patched to its corrupted value. On GPT-2 small IOI the paper's
+# EAP-IG circuits keep more of the gap than EAP's at small sizes.
+#
+# Here, on the embedded SmolLM2-135M: EAP vs EAP-IG vs exact edge patching on a sample of edges,
+# the faithfulness curve on IOI, the circuit's diagram, and Merullo et al.'s reuse question asked
+# again with EAP-IG circuits (IOI vs Colored Objects; notebook 05 asked it with path patching).
+
+# %%
+import importlib.util, os, subprocess, sys
+if importlib.util.find_spec("mechlib") is None:  # Colab: install from the repository
+    repo = os.environ.get("MECHLIB_REPO_URL", "")
+    if not repo:
+        raise RuntimeError("mechlib is not installed: set MECHLIB_REPO_URL to the mechlib git URL, or pip install it")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"mechlib[notebooks] @ git+{repo}"], check=True)
+
+# %% tags=["parameters"]
+# parameters — the paper's setting on a GPU with hub access: MODEL = "gpt2" (GPT-2 small), N_PROMPTS = 100+,
+# SIZES up to ~2000 edges, N_EXACT = 1000.
+MODEL = os.environ.get("MECHLIB_MODEL", "smollm2-135m")
+DEVICE = os.environ.get("MECHLIB_DEVICE") or None
+N_PROMPTS = int(os.environ.get("MECHLIB_N_PROMPTS", 8))
+IG_STEPS = 5          # the paper's
+N_EXACT = 48          # edges patched exactly (one forward each) to check the estimates
+SIZES = (25, 50, 100, 200, 400, 800, 1600)
+CIRCUIT_EDGES = 400   # the circuit kept for the diagram and the overlap
+
+# %%
+import time
+import pandas as pd
+pd.set_option("display.max_colwidth", None)   # show the paper-vs-ours tables in full
+import torch
+import mechlib
+from mechlib import metrics, tasks, viz
+
+torch.manual_seed(0)
+torch.set_grad_enabled(False)      # the verbs that need gradients turn them on themselves
+model = mechlib.load_model(MODEL, device=DEVICE)
+ioi = tasks.ioi(model, n=N_PROMPTS, seed=0)
+ld = metrics.logit_diff(ioi)
+spec = mechlib.analyses.edges.GraphSpec.from_model(model)
+print(f"{MODEL}: {spec.n_edges:,} edges between {spec.n_nodes} nodes (q/k/v inputs separate; k/v per KV head)")
+
+# %% [markdown]
+# ## Scores: EAP vs EAP-IG, and exact patching of a sample of edges
+
+# %%
+t0 = time.perf_counter()
+eap = mechlib.edge_attribution(model, ioi, ld, method="eap")
+t_eap = time.perf_counter() - t0
+t0 = time.perf_counter()
+eapig = mechlib.edge_attribution(model, ioi, ld, method="eap-ig", ig_steps=IG_STEPS)
+t_ig = time.perf_counter() - t0
+# a sample of edges: the 24 strongest by EAP-IG and 24 drawn at random
+g = torch.Generator().manual_seed(0)
+strong = torch.argsort(eapig.values.abs(), descending=True)[: N_EXACT // 2]
+rand = torch.randperm(spec.n_edges, generator=g)[: N_EXACT // 2]
+sample = torch.unique(torch.cat([strong, rand]))
+names = [eapig.labels["edge"][i] for i in sample.tolist()]
+t0 = time.perf_counter()
+exact = mechlib.edge_attribution(model, ioi, ld, method="exact", edges=names)
+t_exact = time.perf_counter() - t0
+ex = exact.values[sample]
+r_eap = float(torch.corrcoef(torch.stack([eap.values[sample], ex]))[0, 1])
+r_ig = float(torch.corrcoef(torch.stack([eapig.values[sample], ex]))[0, 1])
+print(f"EAP {t_eap:.1f} s, EAP-IG ({IG_STEPS} steps) {t_ig:.1f} s for all {spec.n_edges:,} edges; "
+      f"exact patching {t_exact:.1f} s for {len(sample)} edges ({t_exact / len(sample):.2f} s per edge)")
+print(f"correlation with exact patching over the sample: EAP r = {r_eap:.3f}, EAP-IG r = {r_ig:.3f}")
+eapig.top(8)
+
+# %% [markdown]
+# ## Faithfulness against circuit size
+#
+# For each size, the paper's greedy selection (grow from the logits backwards, best edge first),
+# pruning nodes that no longer connect the input to the logits; then every edge outside the
+# circuit is patched to its corrupted value. 1 = the circuit does everything the model does.
+
+# %%
+curve_ig = mechlib.faithfulness_curve(model, ioi, ld, eapig, sizes=SIZES)
+curve_eap = mechlib.faithfulness_curve(model, ioi, ld, eap, sizes=SIZES)
+table = pd.DataFrame({"edges kept (EAP-IG)": curve_ig.n_edges.tolist(), "EAP-IG": curve_ig.values.tolist(),
+                      "edges kept (EAP)": curve_eap.n_edges.tolist(), "EAP": curve_eap.values.tolist()}, index=list(SIZES))
+table.round(3)
+
+# %% tags=["key-figure"]
+import matplotlib.pyplot as plt
+
+fig, ax = plt.subplots(figsize=(6.5, 3.8))
+for curve, name in ((curve_ig, f"EAP-IG ({IG_STEPS} steps)"), (curve_eap, "EAP")):
+    ax.plot(curve.n_edges.numpy(), curve.values.numpy(), marker="o", label=name)
+    ax.fill_between(curve.n_edges.numpy(), curve.low.numpy(), curve.high.numpy(), alpha=0.2)
+ax.set_xscale("log")
+ax.axhline(1.0, color="grey", lw=0.8)
+ax.set(xlabel="edges in the circuit (after pruning)", ylabel="faithfulness (share of the logit-diff gap kept)",
+       title=f"IOI on {MODEL}: faithfulness of edge circuits")
+ax.legend()
+fig.tight_layout()
+
+# %%
+circuit = eapig.graph(CIRCUIT_EDGES)
+faith = mechlib.faithfulness(model, ioi, ld, circuit)
+head_view = sorted(circuit.heads())
+print(f"EAP-IG circuit of {len(circuit)} edges: faithfulness {faith.values[0]:.2f} "
+      f"[{faith.interval[0]:.2f}, {faith.interval[1]:.2f}]; {len(head_view)} heads")
+viz.edge_diagram(circuit, title=f"IOI, EAP-IG top {CIRCUIT_EDGES} edges ({len(circuit)} after pruning)")
+
+# %% [markdown]
+# Do the circuit's heads include the name movers path patching finds (notebook 05)? We run the
+# IOI-style path-patching search on the same prompts and compare.
+
+# %%
+pp = mechlib.find_circuit(model, ioi, ld, selection="top", candidates=24, edges=False)
+movers = [h for h in pp.heads if pp.classes[h] == "name mover"]
+shared_movers = [h for h in movers if h in set(head_view)]
+print("path-patching name movers:", [f"L{l}H{h}" for l, h in movers], "| in the EAP-IG circuit:",
+      [f"L{l}H{h}" for l, h in shared_movers])
+
+# %% [markdown]
+# ## Merullo et al.'s question with EAP-IG circuits
+#
+# The same size of circuit for Colored Objects (the paper's format), then the overlap of the two
+# circuits' edges and of their heads, each against its exact hypergeometric chance level.
+
+# %%
+co = tasks.colored_objects(model, n=N_PROMPTS, seed=0)
+ld_co = metrics.logit_diff(co)
+ioi_nb = tasks.ioi(model, n=N_PROMPTS, seed=0, prepend_bos=False)   # both tasks without BOS, as Merullo et al.
+c_ioi = mechlib.edge_attribution(model, ioi_nb, metrics.logit_diff(ioi_nb), ig_steps=IG_STEPS).graph(CIRCUIT_EDGES)
+c_co = mechlib.edge_attribution(model, co, ld_co, ig_steps=IG_STEPS).graph(CIRCUIT_EDGES)
+edge_overlap = mechlib.circuit_overlap(c_ioi, c_co, units="edges")
+head_overlap = mechlib.circuit_overlap(c_ioi, c_co, units="heads")
+faith_co = mechlib.faithfulness(model, co, ld_co, c_co)
+print("edges:", edge_overlap.summary())
+print("heads:", head_overlap.summary())
+print(f"Colored Objects circuit faithfulness {faith_co.values[0]:.2f} [{faith_co.interval[0]:.2f}, {faith_co.interval[1]:.2f}]")
+
+# %% [markdown]
+# ## Checks and comparison
+
+# %%
+best = float(curve_ig.values.max())
+size80 = next((int(n) for n, v in zip(curve_ig.n_edges.tolist(), curve_ig.values.tolist()) if v >= 0.8), None)
+assert r_ig > 0.5 and r_ig >= r_eap - 0.05, (r_ig, r_eap)               # EAP-IG tracks exact patching
+assert float(curve_ig.values[-1]) > float(curve_ig.values[0]) - 0.05     # bigger circuits keep more
+assert head_overlap.p_value() < 0.05 and edge_overlap.iou > edge_overlap.baselines["chance_iou"]
+assert t_ig < 20 * t_eap + 60                                           # IG costs a few EAP runs, not one per edge
+small = list(SIZES).index(200)
+ig_small, eap_small = float(curve_ig.values[small]), float(curve_eap.values[small])
+rows = [
+    {"quantity": "edges in the graph", "paper (GPT-2 small IOI)": "32,491", f"ours: {MODEL}, IOI, {N_PROMPTS} prompts": f"{spec.n_edges:,}"},
+    {"quantity": "faithfulness at ~200 requested edges: EAP / EAP-IG", "paper (GPT-2 small IOI)": "0.00 / 0.43 (paper's result files)",
+     f"ours: {MODEL}, IOI, {N_PROMPTS} prompts": f"{eap_small:.2f} / {ig_small:.2f} ({int(curve_eap.n_edges[small])} / {int(curve_ig.n_edges[small])} edges kept)"},
+    {"quantity": "faithfulness at ~1000–2000 edges: EAP / EAP-IG", "paper (GPT-2 small IOI)": "0.65–0.64 / 0.64–0.70",
+     f"ours: {MODEL}, IOI, {N_PROMPTS} prompts": f"{float(curve_eap.values[-1]):.2f} / {float(curve_ig.values[-1]):.2f} at {SIZES[-1]} requested"},
+    {"quantity": "smallest EAP-IG circuit keeping ≥ 80%", "paper (GPT-2 small IOI)": "not reached (plateau ≈ 0.7)",
+     f"ours: {MODEL}, IOI, {N_PROMPTS} prompts": f"{size80} edges" if size80 else f"not reached (best {best:.2f})"},
+    {"quantity": "correlation with exact edge patching: EAP / EAP-IG", "paper (GPT-2 small IOI)": "EAP-IG closer (their Fig. 2)",
+     f"ours: {MODEL}, IOI, {N_PROMPTS} prompts": f"{r_eap:.2f} / {r_ig:.2f} over {len(sample)} edges"},
+    {"quantity": "IOI ↔ Colored Objects reuse (IoU)", "paper (GPT-2 small IOI)": "Merullo et al. (GPT-2 Medium, heads, path patching): 78%",
+     f"ours: {MODEL}, IOI, {N_PROMPTS} prompts": f"heads {head_overlap.iou:.0%} (chance {head_overlap.baselines['chance_iou']:.1%}, p = {head_overlap.p_value():.1g}); "
+                                                 f"edges {edge_overlap.iou:.0%} (chance {edge_overlap.baselines['chance_iou']:.2%})"},
+]
+pd.DataFrame(rows)
+
+# %% [markdown]
+# **Reading.** EAP-IG's scores track exact edge patching more closely than EAP's, and its circuits
+# are at least as faithful at every size — most clearly at small sizes, the paper's finding. Our
+# curve rises higher than the paper's GPT-2 small plateau: these are 8 prompts of one template
+# family, an easier target than the paper's 100+ varied prompts. The EAP-IG circuit contains
+# name movers that path patching finds. Asked with EAP-IG circuits of equal size, IOI and Colored
+# Objects share far more heads than chance — reuse is robust to the discovery method — while their
+# *edges* overlap much less: the same components, wired to different inputs.
+
+# %%
+viz.report_card(
+    paper="Hanna, Pezzelle & Belinkov 2024, Have Faith in Faithfulness (EAP-IG)",
+    finding=(f"EAP-IG tracks exact patching (r {r_ig:.2f} vs EAP {r_eap:.2f}); faithfulness at ~200 edges "
+             f"{ig_small:.2f} vs EAP {eap_small:.2f}; ≥80% with {size80 or '—'} edges; IOI/CO head IoU {head_overlap.iou:.0%}"),
+    status="reproduced" if (r_ig >= r_eap and ig_small >= eap_small) else "partly", model=MODEL)
