@@ -147,6 +147,35 @@ def forward(
         return model(tokens, **extras)
 
 
+class _StopForward(Exception):
+    """Raised from a hook to end a forward early, carrying the activation it saw."""
+
+    def __init__(self, value: Tensor):
+        super().__init__("forward stopped early by mechlib")
+        self.value = value
+
+
+def forward_last(model, tokens: Tensor, read_pos: Tensor, *, hooks: Sequence[tuple[str, HookFn]] = (),
+                 extras: Optional[Mapping[str, Tensor]] = None) -> Tensor:
+    """Logits ``[batch, vocab]`` at one position per prompt (``read_pos``): the blocks run as usual,
+    then the forward stops before the final norm and only those positions are unembedded — on a
+    262k vocabulary (Gemma 3) the full unembedding is most of a short forward."""
+    extras = _on_device(model, check_inputs(model, extras, tokens))
+
+    def stop(x, hook):
+        raise _StopForward(x)
+
+    try:
+        with torch.no_grad(), attach(model, list(hooks) + [("ln_final.hook_in", stop)]):
+            model(tokens.to(model.cfg.device), **extras)
+    except _StopForward as done:
+        x = done.value
+    else:  # pragma: no cover - the hook always fires on a bridge with a final norm
+        raise HookNotFiredError("ln_final.hook_in never fired: cannot read the last position only")
+    rows = torch.arange(x.shape[0], device=x.device)
+    return _logits_from_resid(model, x[rows, read_pos.to(x.device)][:, None])[:, 0]
+
+
 @contextmanager
 def capture(model, names: Sequence[str], *, detach: bool = True) -> Iterator[dict[str, Tensor]]:
     """Record the named activations of the forwards run inside the block (last one wins).

@@ -229,7 +229,10 @@ def evaluate(model, contrast: ContrastSet, metric: Optional[Metric] = None, *, s
     name = getattr(metric, "__name__", "metric")
     tokens = contrast.clean_tokens if side == "clean" else contrast.corrupted_tokens
     if start_layer is None:
-        logits = hooks.forward(model, tokens, extras=contrast.forward_extras(side))
+        if getattr(metric, "last_token_only", False):  # unembed the answer position only
+            logits = hooks.forward_last(model, tokens, contrast.last_pos, extras=contrast.forward_extras(side))
+        else:
+            logits = hooks.forward(model, tokens, extras=contrast.forward_extras(side))
         return check_metric_values(metric(logits), len(contrast), name=name).cpu()
     early = [n for n in hooks.active_hooks(model) if n.startswith("blocks.")
              and int(n.split(".")[1]) < start_layer]

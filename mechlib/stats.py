@@ -87,9 +87,13 @@ class Effect(NamedTuple):
 
 
 def effect(x, *, level: float = 0.95, seed: int = 0) -> Effect:
-    """Mean of ``x`` with a BCa bootstrap CI and a sign-flip p-value against 0."""
+    """Mean of ``x`` with a bootstrap CI (BCa; percentile when fewer than 8 values differ from 0,
+    e.g. paired 0/1 outcomes where few prompts change — BCa is too narrow there) and a sign-flip
+    p-value against 0. With few non-zero values, decide by the p-value: the exact test is the
+    reliable one."""
     a = _as_array(x)
-    lo, hi = bootstrap_ci(a, level=level, seed=seed)
+    method = "BCa" if np.count_nonzero(~np.isclose(a, 0)) >= 8 else "percentile"
+    lo, hi = bootstrap_ci(a, level=level, seed=seed, method=method)
     return Effect(float(a.mean()), lo, hi, sign_flip_pvalue(a, seed=seed))
 
 

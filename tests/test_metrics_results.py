@@ -178,8 +178,8 @@ def test_random_head_sets_and_comparison(tiny_llama):
     assert mechlib.random_head_sets(tiny_llama, heads, n=5, seed=1) == sets
     cmp = mechlib.compare_with_random(lambda hs: float(sum(h for _, h in hs)), heads, sets)
     assert cmp.values[0] == 6.0 and cmp.p == pytest.approx((1 + int((cmp.random >= 6).sum())) / 6)
-    with pytest.raises(ValueError, match="same_layers=False"):
-        mechlib.random_head_sets(tiny_llama, [(0, h) for h in range(3)], n=1)
+    crowded = mechlib.random_head_sets(tiny_llama, [(0, h) for h in range(3)], n=3, seed=0)  # 3 of layer 0's 4 heads
+    assert all(sum(l == 0 for l, _ in s) == 1 and sum(l == 1 for l, _ in s) == 2 for s in crowded)  # nearest layer fills in
 
 
 def test_evaluate_from_a_late_layer_equals_the_full_forward():

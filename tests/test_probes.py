@@ -62,3 +62,19 @@ def test_pca_separates_planted_groups(tiny_llama):
     r = mechlib.pca(tiny_llama, prompts, layer=1)
     assert r.values.shape[1] == 2 and float(r.explained.sum()) <= 1.0
     r.plot()
+
+
+def test_probe_groups_keep_minimal_pairs_together_and_refit_scores_new_examples(tiny_llama):
+    toks, labels, cache = _planted(tiny_llama)
+    groups = torch.arange(N) // 2  # pairs (2k, 2k+1) have different labels
+    r = mechlib.probe(tiny_llama, toks, labels, layers=[0], method="l1", C=0.1, cache=cache, groups=groups.tolist())
+    assert r.values[0, 1] > 0.95 and r.oof.shape == (1, N)
+    X = cache["blocks.0.hook_resid_post"][:, -1]
+    score = r.decision_function(0, X)
+    assert float(((score > 0).long() == labels).float().mean()) > 0.9
+    from mechlib.analyses.probes import _auc
+    from sklearn.metrics import roc_auc_score
+    import numpy as np
+
+    y, s = np.array([0, 1, 1, 0, 1]), np.array([0.1, 0.8, 0.4, 0.3, 0.9])
+    assert _auc(y, s) == pytest.approx(roc_auc_score(y, s))

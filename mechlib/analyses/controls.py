@@ -26,8 +26,8 @@ Head = tuple[int, int]
 def random_head_sets(model, heads: Sequence[Head], *, n: int = 8, same_layers: bool = True,
                      exclude: Optional[Sequence[Head]] = None, seed: int = 0) -> list[list[Head]]:
     """``n`` random head sets shaped like ``heads``: each head replaced by a random other head of its
-    own layer (``same_layers=True``, depth matched) or drawn from all heads, never one of ``heads``
-    (or ``exclude``)."""
+    own layer (``same_layers=True``, depth matched; from the nearest layers when its layer has too few
+    other heads) or drawn from all heads, never one of ``heads`` (or ``exclude``)."""
     heads = [(check_layer(model, l), check_head(model, "head_out", h)) for l, h in heads]
     if not heads:
         raise ValueError("heads is empty")
@@ -40,11 +40,17 @@ def random_head_sets(model, heads: Sequence[Head], *, n: int = 8, same_layers: b
             pick: list[Head] = []
             for l in sorted({l for l, _ in heads}):
                 need = sum(1 for x, _ in heads if x == l)
-                pool = [(l, h) for h in range(H) if (l, h) not in banned]
-                if len(pool) < need:
-                    raise ValueError(f"layer {l} has only {len(pool)} other heads for {need} random ones: "
-                                     "use same_layers=False")
-                pick += rng.sample(pool, need)
+                # this layer's other heads first, then the nearest layers' (when a layer holds more
+                # than half the chosen heads there are not enough others in it)
+                for ll in sorted(range(L), key=lambda x: (abs(x - l), x)):
+                    pool = [(ll, h) for h in range(H) if (ll, h) not in banned and (ll, h) not in pick]
+                    take = rng.sample(pool, min(need, len(pool)))
+                    pick += take
+                    need -= len(take)
+                    if need == 0:
+                        break
+                if need:
+                    raise ValueError(f"not enough other heads in this model for {len(heads)} random ones")
         else:
             pool = [(l, h) for l in range(L) for h in range(H) if (l, h) not in banned]
             pick = rng.sample(pool, len(heads))

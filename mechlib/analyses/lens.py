@@ -151,14 +151,15 @@ def logit_lens(
             extras = hooks._on_device(model, hooks.check_inputs(model, {k: v[rows] for k, v in batch.extras.items()}, toks))
             with torch.no_grad():
                 _, cache = model.run_with_cache(toks, names_filter=lambda n: n in resid, **extras)
-            cols_p, cols_r = [], []
-            for k in range(K):
-                res = tl_logit_lens(cache, targets=ids[rows, k].to(model.cfg.device), return_type="probs")
-                labels = res.labels
-                cols_p.append(res.readout.values[..., 0].float().cpu())  # [layer, g]
-                cols_r.append(res.readout.target_ranks[..., 0].float().cpu())
+            # every target of these rows as one shared selector: one unembedding pass for all of them
+            union, where = torch.unique(ids[rows], return_inverse=True)  # where: [g, K] index into union
+            res = tl_logit_lens(cache, targets=union.tolist(), return_type="probs")
+            labels = res.labels
+            vals = res.readout.values.float().cpu()  # [layer, g, U]
+            rks = res.readout.target_ranks.float().cpu()
+            sel = where[None].expand(vals.shape[0], -1, -1)  # [layer, g, K]
+            p, r = vals.gather(2, sel), rks.gather(2, sel)
             top_ids = tl_logit_lens(cache, top_k=top_k).readout.top_ids.cpu()  # [layer, g, top_k]
-            p, r = torch.stack(cols_p, -1), torch.stack(cols_r, -1)  # [layer, g, K]
             for j, i in enumerate(rows.tolist()):
                 probs[i], ranks[i] = p[:, j], r[:, j]
                 tops[i] = tuple(tuple(model.tokenizer.decode([int(t)]) for t in top_ids[l, j]) for l in range(len(labels)))

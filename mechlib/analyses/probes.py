@@ -103,6 +103,18 @@ def _rms_rows(X):
     return X / np.sqrt((X ** 2).mean(1, keepdims=True) + 1e-6)
 
 
+def _auc(y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """ROC AUC by ranks (Mann-Whitney), vectorised over leading axes of ``y``/``s`` (``[..., n]``)."""
+    from scipy.stats import rankdata
+
+    r = rankdata(s, axis=-1)
+    pos = (y == 1)
+    n1 = pos.sum(-1)
+    n0 = y.shape[-1] - n1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return ((r * pos).sum(-1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
 def _cv_scores(X: np.ndarray, y: np.ndarray, groups: np.ndarray, method: str, C: float, cv: int, seed: int,
                scale: str = "standard"):
     """Out-of-fold predicted probabilities ``[n]`` (binary) and the probe refit on all examples."""
@@ -123,13 +135,21 @@ class ProbeResult(Result):
     """``values[layer, metric]``: held-out ``accuracy`` and ``auc`` per layer; ``ci_low``/``ci_high``
     the same shape (bootstrap over examples of the out-of-fold predictions); ``controls``
     ``[layer, control]``: ``shuffled_auc`` (labels permuted) and ``random_direction_auc`` (the
-    best of 10 random directions); ``coef`` ``[layer, d]``: the probe's weights in activation units
-    (refit on all examples)."""
+    best of 10 random directions); ``coef`` ``[layer, d]`` and ``intercept`` ``[layer]``: the
+    probe refit on all examples, in activation units (``scale="rms"`` probes expect RMS-normalised
+    rows); ``oof`` ``[layer, example]``: each example's out-of-fold probability."""
 
     ci_low: Optional[Tensor] = None
     ci_high: Optional[Tensor] = None
     controls: Optional[Tensor] = None
     coef: Optional[Tensor] = None
+    intercept: Optional[Tensor] = None
+    oof: Optional[Tensor] = None
+
+    def decision_function(self, layer: int, X: Tensor) -> Tensor:
+        """The probe of ``layer`` (its index in the result) applied to activations ``X`` ``[n, d]``
+        (refit on all examples; positive = label 1)."""
+        return X.float() @ self.coef[layer] + self.intercept[layer]
 
     def top_dims(self, layer: int, k: int = 5) -> list[int]:
         """The dimensions with the largest |weight| in the probe of ``layer`` (its index in the
@@ -185,6 +205,7 @@ def probe(
     batch_size: Optional[int] = None,
     seed: int = 0,
     cache=None,
+    groups=None,
 ) -> ProbeResult:
     """Train and cross-validate a linear probe for a binary label at every layer.
 
@@ -203,6 +224,9 @@ def probe(
             control, always computed).
         cache: a TransformerLens ``ActivationCache`` (or dict) over the same prompts holding the
             site's hooks, reused instead of running the model.
+        groups: ``[prompt]`` group ids: prompts of one group never sit on both sides of a fold (e.g.
+            the two members of a minimal pair; otherwise a probe can score by recognising the
+            pair). Token-level examples are always grouped by prompt.
 
     Returns:
         :class:`ProbeResult` (``values[layer, (accuracy, auc)]``, CIs, controls, weights).
@@ -222,28 +246,42 @@ def probe(
         raise ValueError(f"control={control!r}: 'shuffle' or 'none'")
     C = (0.1 if method == "l1" else 1.0) if C is None else float(C)
     with peak_memory(model.cfg.device) as mem:
-        X, y, groups = _examples(model, batch, labels, site, layers, positions, batch_size, cache)
+        X, y, example_prompt = _examples(model, batch, labels, site, layers, positions, batch_size, cache)
+    if groups is not None:
+        g = np.asarray(groups)
+        if g.shape != (len(batch),):
+            raise ValueError(f"groups must be one id per prompt ({len(batch)}), got shape {g.shape}")
+        groups = g[example_prompt]
+    else:
+        groups = example_prompt
     classes = np.unique(y)
     if len(classes) != 2 or set(classes.tolist()) - {0, 1}:
         raise ValueError(f"probe labels must be binary 0/1 with both present; got classes {classes.tolist()}")
     if min((y == 0).sum(), (y == 1).sum()) < cv:
         raise ValueError(f"each class needs at least cv={cv} examples; got {int((y == 0).sum())} and {int((y == 1).sum())}")
     rng = np.random.default_rng(seed)
-    shuffled = rng.permutation(y) if control == "shuffle" else None
-    vals, lo, hi, ctrl, coefs = [], [], [], [], []
+    shuffled = None
+    if control == "shuffle":
+        # respect the groups: permute whole groups' labels when each group has one label (tokens of a
+        # prompt), otherwise permute labels within each group (the members of a minimal pair)
+        ids, inv = np.unique(groups, return_inverse=True)
+        members = [np.flatnonzero(inv == i) for i in range(len(ids))]
+        if all(len(set(y[m])) == 1 for m in members):
+            shuffled = rng.permutation(np.array([y[m[0]] for m in members]))[inv]
+        else:
+            shuffled = y.copy()
+            for m in members:
+                shuffled[m] = y[rng.permutation(m)]
+    boot = np.random.default_rng(seed).integers(0, len(y), (1000, len(y)))
+    vals, lo, hi, ctrl, coefs, icpt, oof = [], [], [], [], [], [], []
     for l in layers:
         Xl = X[l]
         proba, fit = _cv_scores(Xl, y, groups, method, C, cv, seed, scale)
         correct = ((proba > 0.5) == (y == 1)).astype(float)
         acc, auc = correct.mean(), roc_auc_score(y, proba)
         acc_ci = bootstrap_ci(correct, seed=seed, n_resamples=2000)
-        boots = []
-        idx_rng = np.random.default_rng(seed)
-        for _ in range(500):  # AUC's CI: resample examples (percentile; AUC is not a mean)
-            ix = idx_rng.integers(0, len(y), len(y))
-            if len(np.unique(y[ix])) == 2:
-                boots.append(roc_auc_score(y[ix], proba[ix]))
-        auc_ci = tuple(np.quantile(boots, [0.025, 0.975]))
+        boots = _auc(y[boot], proba[boot])  # AUC's CI: resample examples (percentile; AUC is not a mean)
+        auc_ci = tuple(np.nanquantile(boots, [0.025, 0.975]))
         shuf_auc = float("nan")
         if shuffled is not None:
             p_s, _ = _cv_scores(Xl, shuffled, groups, method, C, cv, seed, scale)
@@ -251,8 +289,12 @@ def probe(
         dirs = rng.standard_normal((10, Xl.shape[1]))
         rand_auc = max(max(a, 1 - a) for a in (roc_auc_score(y, Xl @ d) for d in dirs))
         clf = fit[-1]
-        w = clf.coef_[0] / fit[0].scale_ if scale == "standard" else clf.coef_[0]
+        w, b = clf.coef_[0], float(clf.intercept_[0])
+        if scale == "standard":  # back to activation units: (x - mean) / scale · w + b
+            w, b = w / fit[0].scale_, b - float((fit[0].mean_ / fit[0].scale_) @ clf.coef_[0])
         coefs.append(torch.as_tensor(w, dtype=torch.float32))
+        icpt.append(b)
+        oof.append(torch.as_tensor(proba, dtype=torch.float32))
         vals.append([acc, auc])
         lo.append([acc_ci[0], auc_ci[0]])
         hi.append([acc_ci[1], auc_ci[1]])
@@ -261,7 +303,8 @@ def probe(
     return ProbeResult(
         values=t(vals), axis_names=("layer", "metric"),
         labels={"layer": [f"L{l}" for l in layers], "metric": ["accuracy", "auc"]},
-        ci_low=t(lo), ci_high=t(hi), controls=t(ctrl), coef=torch.stack(coefs),
+        ci_low=t(lo), ci_high=t(hi), controls=t(ctrl), coef=torch.stack(coefs), intercept=t(icpt),
+        oof=torch.stack(oof),
         baselines={"chance_accuracy": float(max(y.mean(), 1 - y.mean()))},
         metadata=dict(method="probe", classifier=method, C=C, scale=scale, cv=cv, site=site, layers=layers,
                       n_examples=int(len(y)), n_positive=int(y.sum()), positions=positions if isinstance(positions, (str, int)) else "mask",

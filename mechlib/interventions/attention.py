@@ -325,6 +325,9 @@ def var(
     if layers is None:
         layers = list(range(2, L - 1)) if variant == "paper" else list(range(2, L))
     layers = [check_layer(model, l) for l in layers]
+    if not layers:
+        raise ValueError(f"VAR edits layers 2..L-2 (variant='paper') or 2..L-1 ('code'); this model has {L} layers, "
+                         "so there is none to edit: pass layers= explicitly")
     _check_pattern_editable(model, layers)
     moved = p if variant == "paper" else 1 - p
     P = len(batch)
