@@ -1,19 +1,31 @@
-"""Patching speed: TransformerLens 4.3 vs mechlib, same inputs, one process, as ratios.
+"""Patching speed: TransformerLens 4.3 vs mechlib, same inputs, one process, as ratios — and how
+close mechlib runs to the machine's limit.
 
-    python benchmarks/patching.py            # both embedded models, one 15-token IOI prompt
-    python benchmarks/patching.py --models smollm2-135m --n 8
-    python benchmarks/patching.py --full     # also TL's full head-out-by-position sweep (~11 min)
+    python benchmarks/patching.py                       # SmolLM2 at 1, 4, 16 prompts; Gemma 3 at 1, 4
+    python benchmarks/patching.py --models smollm2-135m --n 4
+    python benchmarks/patching.py --device cuda         # the same on a GPU
 
-Prints, per model and sweep: seconds for TL and for mechlib, the speed ratio, max |difference| of
-the two tables, and the peak extra memory of each call (the kernel's RSS high-water mark on the
-CPU, the allocator's peak on CUDA; :mod:`mechlib.memory`). Timings on shared machines are noisy;
-the ratio within one run is the figure to read.
+Per model and prompt count, for each sweep: seconds for TL and for mechlib and their ratio; the
+FLOPs TL's sweep does over the FLOPs mechlib's does (one full forward per cell vs resumed,
+prefix-reusing forwards: the ceiling of the ratio if both ran at the same throughput); mechlib's
+achieved throughput as a fraction of the machine's own float32 matmul peak measured in the same
+run (:func:`mechlib.flops.matmul_peak`); the largest difference of the two tables; and the peak
+extra memory of each (the allocator's high-water mark on CUDA; on the CPU the kernel's RSS
+high-water mark, reset before each call — :mod:`mechlib.memory`).
+
+TL's sweeps cost the same per cell (one full forward each), so where TL would take more than
+``--tl-budget`` forwards it runs on three layers (first, middle, last) and its time is scaled to all
+layers; such lines say "est." and the difference is measured on those three layers. Above
+``--by-position-layers-up-to`` prompts the head-by-position sweep runs on those three layers on both
+sides (like for like, no scaling).
+Timings on shared machines are noisy; the ratio within one run is the figure to read.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import sys
 import time
 
@@ -22,8 +34,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mechlib  # noqa: E402
 from mechlib import metrics, tasks  # noqa: E402
+from mechlib.flops import matmul_peak  # noqa: E402
 
 DEVICE = None
+ROWS: list[dict] = []
 
 
 def measure(fn):
@@ -33,109 +47,154 @@ def measure(fn):
     with peak_memory(DEVICE) as mem:
         t0 = time.perf_counter()
         out = fn()
+        if DEVICE is not None and torch.device(DEVICE).type == "cuda":
+            torch.cuda.synchronize()
         secs = time.perf_counter() - t0
     return out, secs, mem["peak_extra_mib"] or 0.0
 
 
+def machine() -> str:
+    if DEVICE is not None and torch.device(DEVICE).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(DEVICE))
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=1, help="IOI prompts")
-    ap.add_argument("--full", action="store_true", help="run TL's full by-position head sweep")
+    ap.add_argument("--n", type=int, nargs="+", default=None, help="IOI prompts per forward (default 1 4 16; "
+                                                                  "Gemma 3: 1 4)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma-3-270m"])
+    ap.add_argument("--tl-budget", type=int, default=300, help="most full forwards TL runs per sweep before "
+                                                                 "it is timed on three layers and scaled")
+    ap.add_argument("--by-position-layers-up-to", type=int, default=4,
+                    help="above this many prompts, the head-by-position sweep runs on three layers (both sides)")
+    ap.add_argument("--no-edges", action="store_true", help="skip the attribution and EAP-IG lines")
     args = ap.parse_args(argv)
     global DEVICE
     DEVICE = args.device or mechlib.models.default_device()
     torch.set_grad_enabled(False)
+    peak = matmul_peak(DEVICE)
+    print(f"machine: {machine()}; torch {torch.__version__}; float32 matmul peak measured now: "
+          f"{peak / 1e9:.0f} GFLOP/s", flush=True)
     for name in args.models:
-        bench_model(name, args)
+        counts = args.n or ([1, 4, 16] if name.startswith("smollm2") else [1, 4])
+        bench_model(name, counts, peak, args)
+    print_table(peak)
     return 0
 
 
-def bench_model(name, args) -> None:
-    from transformer_lens import patching as tlp
-
+def bench_model(name, counts, peak, args) -> None:
     torch.manual_seed(0)
     model = mechlib.load_model(name, device=args.device)
-    cs = tasks.ioi(model, n=args.n, seed=0, templates=[15])  # "When A and B went to the P, ..." (15 tokens)
+    print(f"\nmodel: {name} ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads, vocab {model.cfg.d_vocab}) "
+          f"on {model.cfg.device}", flush=True)
+    for n in counts:
+        bench_prompts(model, name, n, peak, args)
+    if not args.no_edges:
+        bench_attribution(model)
+        bench_edges(model)
+
+
+def bench_prompts(model, name, n, peak, args) -> None:
+    from transformer_lens import patching as tlp
+
+    cs = tasks.ioi(model, n=n, seed=0, templates=[15])  # "When A and B went to the P, ..." (15 tokens)
     ld = metrics.logit_diff(cs)
     tl_metric = lambda logits: ld(logits).mean()  # noqa: E731
-    print(f"\nmodel: {name} ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads, vocab {model.cfg.d_vocab}) on "
-          f"{model.cfg.device}; {len(cs)} IOI prompt(s) of {cs.n_pos} tokens; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
     _, clean_cache = model.run_with_cache(cs.clean_tokens)
-    rows = []
+    L, H, T = model.cfg.n_layers, model.cfg.n_heads, cs.n_pos
+    three = [0, L // 2, L - 1]
+    print(f"  {n} IOI prompt(s) of {T} tokens", flush=True)
 
-    def compare(label, tl_call, ours_call, permute=None):
-        ref, t_tl, m_tl = measure(tl_call)
-        ours, t_ours, m_ours = measure(ours_call)
-        ref = ref.permute(*permute) if permute else ref
-        diff = float((ours.values - ref.cpu()).abs().max())
-        rows.append((label, t_tl, t_ours, t_tl / t_ours, diff, m_tl, m_ours))
-        print(f"{label:<34} TL {t_tl:7.1f} s   mechlib {t_ours:6.1f} s   ratio {t_tl / t_ours:5.1f}x   "
-              f"max|diff| {diff:.1e}   peak extra memory TL {m_tl:6.0f} MiB / mechlib {m_ours:6.0f} MiB", flush=True)
-        return ours
-
-    compare("head_out, all positions [L,H]",
-            lambda: tlp.get_act_patch_attn_head_out_all_pos(model, cs.corrupted_tokens, clean_cache, tl_metric),
-            lambda: mechlib.activation_patching(model, cs, ld, site="head_out", progress=False))
-    compare("resid_pre by position [L,pos]",
-            lambda: tlp.get_act_patch_resid_pre(model, cs.corrupted_tokens, clean_cache, tl_metric),
-            lambda: mechlib.activation_patching(model, cs, ld, site="resid_pre", progress=False))
-    if args.full:
-        compare("head_out by position [L,pos,H]",
-                lambda: tlp.get_act_patch_attn_head_out_by_pos(model, cs.corrupted_tokens, clean_cache, tl_metric),
-                lambda: mechlib.activation_patching(model, cs, ld, site="head_out", by_position=True, progress=False))
-    else:
-        # TL on three layers only (its per-cell cost is flat), mechlib on the same cells
+    def tl_cells(setter, act, per_layer_cells, shape, layers):
         import pandas as pd
 
-        L = model.cfg.n_layers
-        layers = [0, L // 2, L - 1]
-        idx = pd.DataFrame([(l, p, h) for l in layers for p in range(cs.n_pos) for h in range(model.cfg.n_heads)],
-                           columns=["layer", "pos", "head"])
-        def tl_sub():
-            flat = tlp.generic_activation_patch(
-                model, cs.corrupted_tokens, clean_cache, tl_metric, tlp.layer_pos_head_vector_patch_setter,
-                "z", index_df=idx)
-            return flat.reshape(len(layers), cs.n_pos, model.cfg.n_heads)
-        compare("head_out by position, 3 layers",
-                tl_sub, lambda: mechlib.activation_patching(model, cs, ld, site="head_out", by_position=True,
-                                                            layers=layers, progress=False))
-        full, t_full, _ = measure(lambda: mechlib.activation_patching(model, cs, ld, site="head_out",
-                                                                      by_position=True, progress=False))
-        t_tl_est = rows[-1][1] * L / len(layers)  # TL's per-cell cost is flat
-        print(f"{'head_out by position, all layers':<34} mechlib {t_full:6.1f} s (TL estimated {t_tl_est:.0f} s "
-              f"from its 3-layer time: {t_tl_est / t_full:.1f}x)")
+        if act == "resid_pre":
+            idx = pd.DataFrame([(l, p) for l in layers for p in range(T)], columns=["layer", "pos"])
+        elif per_layer_cells == H:
+            idx = pd.DataFrame([(l, h) for l in layers for h in range(H)], columns=["layer", "head"])
+        else:
+            idx = pd.DataFrame([(l, p, h) for l in layers for p in range(T) for h in range(H)],
+                               columns=["layer", "pos", "head"])
+        flat = tlp.generic_activation_patch(model, cs.corrupted_tokens, clean_cache, tl_metric, setter, act,
+                                            index_df=idx)
+        return flat.reshape(len(layers), *shape)
 
-    # attribution patching: speed and agreement with exact patching
-    attr, t_attr, m_attr = measure(lambda: mechlib.attribution_patching(model, cs, ld, site="resid_pre"))
-    exact, t_exact, _ = measure(lambda: mechlib.activation_patching(model, cs, ld, site="resid_pre", progress=False))
-    r = torch.corrcoef(torch.stack([attr.values.flatten(), exact.values.flatten()]))[0, 1]
-    print(f"{'attribution patching resid_pre':<34} {t_attr:6.2f} s vs exact {t_exact:6.1f} s "
-          f"({t_exact / t_attr:.0f}x faster); correlation with exact r = {r:.3f}; peak extra {m_attr:.0f} MiB")
-    attr_h = mechlib.attribution_patching(model, cs, ld, site="head_out")
-    exact_h = mechlib.activation_patching(model, cs, ld, site="head_out", progress=False)
-    rh = torch.corrcoef(torch.stack([attr_h.values.flatten(), exact_h.values.flatten()]))[0, 1]
-    print(f"{'attribution patching head_out':<34} correlation with exact r = {rh:.3f}")
-    bench_edges(model, args)
+    sweeps = [
+        ("head outputs, all positions", "head_out", {}, tlp.layer_head_vector_patch_setter, "z", H, (H,)),
+        ("resid_pre by position", "resid_pre", {}, tlp.layer_pos_patch_setter, "resid_pre", T, (T,)),
+        ("head outputs by position", "head_out", {"by_position": True}, tlp.layer_pos_head_vector_patch_setter,
+         "z", T * H, (T, H)),
+    ]
+    for label, site, kw, setter, act, per_layer, shape in sweeps:
+        if kw and n > args.by_position_layers_up_to:  # both on three layers: ~10 min of mechlib on 2 CPU cores
+            kw, label = {**kw, "layers": three}, label + ", 3 layers"
+        ours, t_ours, m_ours = measure(lambda site=site, kw=kw: mechlib.activation_patching(
+            model, cs, ld, site=site, progress=False, **kw))
+        estimated = L * per_layer > args.tl_budget and "layers" not in kw
+        layers = three if estimated or "layers" in kw else list(range(L))
+        ref, t_tl, m_tl = measure(lambda a=(setter, act, per_layer, shape, layers): tl_cells(*a))
+        if estimated:
+            t_tl *= L / len(layers)
+        diff = float((ours.values[layers if "layers" not in kw else slice(None)] - ref.cpu()).abs().max())
+        f_ours, f_tl = ours.metadata["flops"], ours.metadata["flops_one_forward_per_cell"]
+        row = dict(model=name, n=n, sweep=label, shape=list(ours.values.shape), t_tl=t_tl, est=estimated,
+                   t_ours=t_ours, ratio=t_tl / t_ours, flop_ratio=f_tl / f_ours,
+                   frac=f_ours / t_ours / peak, frac_tl=f_tl / t_tl / peak, diff=diff, m_tl=m_tl, m_ours=m_ours,
+                   prefix=ours.metadata["prefix_reuse"])
+        ROWS.append(row)
+        print(f"    {label:<30} TL {t_tl:7.1f} s{'*' if estimated else ' '} mechlib {t_ours:6.1f} s  "
+              f"ratio {row['ratio']:5.1f}x (FLOPs {row['flop_ratio']:4.1f}x)  mechlib at {row['frac']:4.0%} of peak "
+              f"(TL {row['frac_tl']:4.0%})  max|diff| {diff:.1e}  peak extra memory TL {m_tl:5.0f} / "
+              f"mechlib {m_ours:5.0f} MiB", flush=True)
 
 
-def bench_edges(model, args) -> None:
+def bench_attribution(model) -> None:
+    cs = tasks.ioi(model, n=4, seed=0, templates=[15])
+    ld = metrics.logit_diff(cs)
+    for site in ("resid_pre", "head_out"):
+        attr, t_attr, _ = measure(lambda site=site: mechlib.attribution_patching(model, cs, ld, site=site))
+        exact, t_exact, _ = measure(lambda site=site: mechlib.activation_patching(model, cs, ld, site=site,
+                                                                                 progress=False))
+        r = float(torch.corrcoef(torch.stack([attr.values.flatten(), exact.values.flatten()]))[0, 1])
+        print(f"    attribution patching {site:<10} {t_attr:5.2f} s vs exact {t_exact:5.1f} s "
+              f"({t_exact / t_attr:.0f}x faster); correlation with exact r = {r:.3f}", flush=True)
+
+
+def bench_edges(model) -> None:
     """EAP-IG over every edge on 8 IOI prompts, as a multiple of one forward and against exact edge
     patching of the same edges (measured on a sample and scaled)."""
     ioi8 = tasks.ioi(model, n=8, seed=0)
     ld8 = metrics.logit_diff(ioi8)
-    _, t_fwd, _ = measure(lambda: model(ioi8.clean_tokens))
-    _, t_fwd, _ = measure(lambda: model(ioi8.clean_tokens))   # warm
+    measure(lambda: model(ioi8.clean_tokens))
+    _, t_fwd, _ = measure(lambda: model(ioi8.clean_tokens))  # warm
     scores, t_ig, m_ig = measure(lambda: mechlib.edge_attribution(model, ioi8, ld8, ig_steps=5))
     n = scores.spec.n_edges
     sample = [scores.labels["edge"][i] for i in torch.randperm(n, generator=torch.Generator().manual_seed(0))[:64].tolist()]
     _, t_ex, _ = measure(lambda: mechlib.edge_attribution(model, ioi8, ld8, method="exact", edges=sample))
     t_all_exact = t_ex / len(sample) * n
-    print(f"{'EAP-IG (5 steps), all edges, 8 prompts':<34} {t_ig:6.1f} s for {n:,} edges = {t_ig / t_fwd:.0f} forwards; "
-          f"exact patching of the same edges ≈ {t_all_exact:,.0f} s (from {len(sample)} edges): {t_all_exact / t_ig:,.0f}x; "
-          f"peak extra {m_ig:.0f} MiB")
+    print(f"    EAP-IG (5 steps), all {n:,} edges, 8 prompts: {t_ig:6.1f} s = {t_ig / t_fwd:.0f} forwards; exact "
+          f"patching of the same edges ≈ {t_all_exact:,.0f} s (from {len(sample)} edges): {t_all_exact / t_ig:,.0f}x; "
+          f"peak extra {m_ig:.0f} MiB", flush=True)
+
+
+def print_table(peak) -> None:
+    """The rows as a Markdown table (for the README)."""
+    print(f"\n| model | prompts | sweep | TL 4.3 | mechlib | speed-up | FLOPs TL / mechlib | mechlib % of peak "
+          f"({peak / 1e9:.0f} GFLOP/s) | max \\|diff\\| | peak extra MiB TL / mechlib |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in ROWS:
+        shape = "×".join(map(str, r["shape"]))
+        print(f"| {r['model']} | {r['n']} | {r['sweep']} `[{shape}]` | {r['t_tl']:.1f} s{' (est.)' if r['est'] else ''} "
+              f"| {r['t_ours']:.1f} s | **{r['ratio']:.1f}×** | {r['flop_ratio']:.1f}× | {r['frac']:.0%} "
+              f"| {r['diff']:.1e} | {r['m_tl']:.0f} / {r['m_ours']:.0f} |")
 
 
 if __name__ == "__main__":

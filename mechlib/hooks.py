@@ -323,6 +323,8 @@ def run_from(
     hooks: Sequence[tuple[str, HookFn]] = (),
     read_pos: Optional[Tensor] = None,
     resid: Optional[Tensor] = None,
+    prefix: Optional["Prefix"] = None,
+    from_pos: int = 0,
 ) -> Tensor:
     """Logits of the model resumed at block ``layer`` from recorded inputs, for ``copies`` stacked
     copies of the batch (rows ``[k*B:(k+1)*B]`` are copy ``k``), with ``hooks`` attached.
@@ -333,25 +335,195 @@ def run_from(
     positions only and the result is ``[copies*batch, vocab]``. ``resid`` replaces the recorded
     residual entering ``layer`` (``[copies*batch, pos, d_model]``). Callers should check once that
     resuming reproduces the model's own logits (:func:`resume_matches`).
+
+    Causal prefix reuse: with ``prefix`` (the keys and values of the recorded run, see
+    :func:`record_prefix`) and ``from_pos = p``, only positions ``p, p+1, ...`` are recomputed —
+    attention reads the earlier positions' keys and values from the recorded run, which is exact
+    when nothing before ``p`` differs from it (causal attention). Hook activations then cover
+    positions ``p..`` only (``resid`` too), and every ``read_pos`` must be ``>= p``. Check once per
+    model with :func:`prefix_check`.
     """
     from mechlib.arch import block_device
 
     if layer != start.layer:
         raise ValueError(f"these inputs were recorded at block {start.layer}, not {layer}")
     x = start.resid if resid is None else resid
+    if resid is None and from_pos:
+        x = x[:, from_pos:]
     if copies > 1 and resid is None:
         x = x.repeat(copies, *([1] * (x.ndim - 1)))
-    with torch.no_grad(), attach(model, hooks):
+    cache = None if prefix is None or not from_pos else _PrefixCache(prefix, from_pos, copies)
+    with torch.no_grad(), attach(model, hooks), _cache_reaches_attention(model, layer, cache is not None):
         for l in range(layer, model.cfg.n_layers):
             dev = block_device(model, l)
             kwargs = _to_device(start.expanded_kwargs(copies, l), dev)
+            if cache is not None:
+                kwargs = {k: _suffix(k, v, from_pos) for k, v in kwargs.items()}
+                kwargs["cache"] = cache
             out = model.blocks[l](x.to(dev), use_cache=False, **kwargs)
             x = out[0] if isinstance(out, tuple) else out
         if read_pos is not None:
             rows = torch.arange(x.shape[0], device=x.device)
-            x = x[rows, read_pos.to(x.device).repeat(x.shape[0] // read_pos.shape[0])][:, None]
+            at = read_pos.to(x.device).repeat(x.shape[0] // read_pos.shape[0]) - from_pos
+            if bool((at < 0).any()):
+                raise ValueError(f"read_pos {int(at.min()) + from_pos} lies before from_pos={from_pos}")
+            x = x[rows, at][:, None]
             return _logits_from_resid(model, x)[:, 0]
         return _logits_from_resid(model, x)
+
+
+# ------------------------------------------------------------------------------------------
+# Causal prefix reuse: keys and values of a recorded run stand in for unchanged early positions
+# ------------------------------------------------------------------------------------------
+
+
+class Prefix:
+    """Keys and values ``{layer: (k, v)}`` (``[batch, kv_head, pos, d_head]``, as the attention
+    caches them: after RoPE and q/k norms) that a recorded forward computed, from a start layer on."""
+
+    def __init__(self, kv: dict[int, tuple[Tensor, Tensor]], batch: int):
+        self.kv = kv
+        self.batch = batch
+
+
+class _RecordingCache:
+    """A key/value cache that only records what each layer's attention puts in it."""
+
+    def __init__(self):
+        self.kv: dict[int, tuple[Tensor, Tensor]] = {}
+        self.calls: dict[int, int] = {}
+
+    def update(self, k, v, layer_idx, *args, **kwargs):
+        self.kv[layer_idx] = (k.detach(), v.detach())
+        self.calls[layer_idx] = self.calls.get(layer_idx, 0) + 1
+        return k, v
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+class _PrefixCache:
+    """A key/value cache holding positions ``< pos`` of a recorded run, tiled over ``copies``."""
+
+    def __init__(self, prefix: Prefix, pos: int, copies: int):
+        self.prefix, self.pos, self.copies = prefix, pos, copies
+        self.calls = 0
+
+    def update(self, k, v, layer_idx, *args, **kwargs):
+        self.calls += 1
+        pk, pv = self.prefix.kv[layer_idx]
+
+        def head(t):
+            t = t[..., :self.pos, :].to(k.device)
+            return t.repeat(self.copies, *([1] * (t.ndim - 1))) if self.copies > 1 else t
+
+        return torch.cat([head(pk), k], dim=-2), torch.cat([head(pv), v], dim=-2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.pos
+
+
+_SLICED = {"attention_mask", "position_ids", "cache_position", "position_embeddings"}
+
+
+class PrefixUnsupported(RuntimeError):
+    """Causal prefix reuse cannot be used on this model (the message says why)."""
+
+
+def _suffix(key: str, v, p: int):
+    """Block keyword argument ``key`` for query positions ``p..`` only."""
+    if v is None or not isinstance(v, (Tensor, tuple)):
+        return v
+    if key == "attention_mask":
+        if not isinstance(v, Tensor) or v.ndim != 4:
+            raise PrefixUnsupported(f"the blocks get a {getattr(v, 'ndim', type(v).__name__)}-d attention mask, "
+                                    "not a [batch, 1, query, key] one")
+        return v[:, :, p:, :]
+    if key == "position_ids":
+        return v[..., p:]
+    if key == "cache_position":
+        return v[p:]
+    if key == "position_embeddings":
+        return tuple(x[:, p:] for x in v)
+    raise PrefixUnsupported(f"the blocks get a positional input {key!r} mechlib does not know how to cut")
+
+
+@contextmanager
+def _cache_reaches_attention(model, layer: int, on: bool):
+    """TransformerLens' attention bridges read a cache called ``past_key_values`` while
+    transformers 5 decoder layers pass it on as ``cache``: hand it over under both names."""
+    handles = []
+
+    def pre(module, args, kwargs):
+        if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
+            kwargs = dict(kwargs)
+            kwargs["past_key_values"] = kwargs["cache"]
+            return args, kwargs
+        return None
+
+    try:
+        if on:
+            for l in range(layer, model.cfg.n_layers):
+                attn = getattr(model.blocks[l], "attn", None)
+                if attn is not None:
+                    handles.append(attn.register_forward_pre_hook(pre, with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def record_prefix(model, start: BlockInputs) -> Prefix:
+    """The keys and values every block from ``start.layer`` on computes when the recorded forward
+    is replayed (one extra forward from that layer). Raises :class:`PrefixUnsupported` when a
+    block's attention does not take a key/value cache."""
+    from mechlib.arch import block_device
+
+    rec = _RecordingCache()
+    x = start.resid
+    with torch.no_grad(), _cache_reaches_attention(model, start.layer, True):
+        for l in range(start.layer, model.cfg.n_layers):
+            dev = block_device(model, l)
+            kwargs = _to_device(start.expanded_kwargs(1, l), dev)
+            for k, v in kwargs.items():
+                if k not in _SLICED and isinstance(v, Tensor) and v.ndim >= 1 and x.shape[1] in v.shape[1:]:
+                    raise PrefixUnsupported(f"the blocks get a positional input {k!r} mechlib does not know how to cut")
+            out = model.blocks[l](x.to(dev), use_cache=False, cache=rec, **kwargs)
+            x = out[0] if isinstance(out, tuple) else out
+    missing = [l for l in range(start.layer, model.cfg.n_layers) if l not in rec.kv]
+    if missing:
+        raise PrefixUnsupported(f"the attention of block(s) {missing[:3]} does not take a key/value cache")
+    if any(c != 1 for c in rec.calls.values()):
+        raise PrefixUnsupported("a block's attention wrote to the key/value cache more than once")
+    T = x.shape[1]
+    if any(k.shape[-2] != T for k, _ in rec.kv.values()):
+        raise PrefixUnsupported("the cached keys are not [batch, head, pos, d_head]")
+    return Prefix(rec.kv, int(x.shape[0]))
+
+
+_PREFIX_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def prefix_check(model, start: BlockInputs, prefix: Prefix, read_pos: Tensor, reference: Tensor,
+                 atol: float = 1e-4) -> Optional[str]:
+    """``None`` when replaying from ``start`` with only the positions from ``min(read_pos)//2`` on
+    recomputed reproduces ``reference`` (``[batch, vocab]`` logits at ``read_pos``), else why not.
+    A success is remembered per model (it is a property of the architecture)."""
+    if _PREFIX_OK.get(model):
+        return None
+    if int(read_pos.min()) < 1:
+        return "a one-token prompt leaves no earlier position to check the reuse on"
+    p = max(1, int(read_pos.min()) // 2)
+    try:
+        logits = run_from(model, start, start.layer, read_pos=read_pos, prefix=prefix, from_pos=p)
+    except Exception as e:  # noqa: BLE001 - any failure means "cannot reuse the prefix"
+        return f"recomputing only positions >= {p} raised {type(e).__name__}: {e}"
+    err = float((logits - reference.to(logits.device)).abs().max())
+    tol = atol + 1e-4 * float(reference.abs().max())
+    if not err <= tol:
+        return f"recomputing only positions >= {p} changes the logits by up to {err:.3g} (> {tol:.2g})"
+    _PREFIX_OK[model] = True
+    return None
 
 
 def _to_device(v, dev):

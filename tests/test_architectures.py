@@ -46,9 +46,43 @@ def test_activation_patching_equals_transformerlens_on_the_fast_path(family, sit
         warnings.simplefilter("error")  # a silent or announced fallback both fail here
         ours = mechlib.activation_patching(m, cs, ld, site=site, by_position=by_position)
     assert ours.metadata["path"] == "resumed" and ours.metadata["resumed"]
+    assert ours.metadata["prefix_reuse"] == ("pos" in ours.axis_names)  # by-position: causal prefix reused
     _, clean_cache = m.run_with_cache(cs.clean_tokens)
     ref = TL[(site, by_position)](m, cs.corrupted_tokens, clean_cache, lambda lg: ld(lg).mean())
     torch.testing.assert_close(ours.values, ref.cpu(), atol=1e-4, rtol=1e-4)
+
+
+BY_POS = {"resid_pre": tlp.get_act_patch_resid_pre, "resid_mid": tlp.get_act_patch_resid_mid,
+          "attn_out": tlp.get_act_patch_attn_out, "mlp_out": tlp.get_act_patch_mlp_out,
+          "head_out": tlp.get_act_patch_attn_head_out_by_pos, "head_q": tlp.get_act_patch_attn_head_q_by_pos,
+          "pattern": tlp.get_act_patch_attn_head_pattern_by_pos}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_reuse_equals_transformerlens_on_padded_prompts(family):
+    """By-position sweeps recompute only positions >= the patched one; on prompts of different
+    lengths (right padding, some answers read before the patched position) every site still equals
+    TL's full forwards, and equals the sweep without prefix reuse."""
+    m = tiny(family)
+    cs = ioi(m, n=4, templates=(0, 1, 2))
+    assert not cs.same_length
+    ld = metrics.logit_diff(cs)
+    _, clean_cache = m.run_with_cache(cs.clean_tokens)
+    for site, tl_fn in BY_POS.items():
+        if site == "resid_mid" and arch.describe(m).parallel:
+            continue  # parallel attention + MLP: no residual between them
+        kw = {"by_position": True} if site.startswith(("head", "pattern")) else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "prompts differ in length" (intended here)
+            ours = mechlib.activation_patching(m, cs, ld, site=site, layers=[0, m.cfg.n_layers - 1], **kw)
+            plain = mechlib.activation_patching(m, cs, ld, site=site, layers=[0, m.cfg.n_layers - 1],
+                                                reuse_prefix=False, **kw)
+        assert ours.metadata["prefix_reuse"] and not plain.metadata["prefix_reuse"], site
+        assert ours.metadata["forwards"] > plain.metadata["forwards"]  # grouped by position
+        ref = tl_fn(m, cs.corrupted_tokens, clean_cache, lambda lg: ld(lg).mean())[[0, -1]].cpu()
+        ref = ref.permute(0, 2, 1) if site == "pattern" else ref  # TL: [layer, head, dest pos]
+        torch.testing.assert_close(ours.values, ref, atol=1e-4, rtol=1e-4, msg=site)
+        torch.testing.assert_close(ours.per_prompt, plain.per_prompt, atol=1e-5, rtol=1e-5, msg=site)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -123,6 +123,60 @@ def test_resumed_chunked_and_full_forwards_agree(tiny_llama, tiny_ioi):
     assert torch.allclose(a.values, b.values, atol=1e-5)
 
 
+def test_prefix_reuse_never_switches_off_silently(tiny_llama, tiny_ioi, monkeypatch):
+    ld = metrics.logit_diff(tiny_ioi)
+    every_position = lambda logits: ld(logits[:, -1])  # noqa: E731  (same-length prompts)
+    with pytest.warns(UserWarning, match="prefix reuse is off.*reads every position"):
+        r = mechlib.activation_patching(tiny_llama, tiny_ioi, every_position, site="resid_pre")
+    assert r.metadata["resumed"] and not r.metadata["prefix_reuse"] and "every position" in r.metadata["prefix_reason"]
+    fast = mechlib.activation_patching(tiny_llama, tiny_ioi, ld, site="resid_pre")
+    assert torch.allclose(r.values, fast.values, atol=1e-5)
+    # a model whose prefix replay does not reproduce its logits: warned, recorded, and still exact
+    monkeypatch.setattr(hooks, "_PREFIX_OK", __import__("weakref").WeakKeyDictionary())
+    monkeypatch.setattr(hooks, "_suffix", lambda key, v, p: v[..., p:] if key == "position_ids" and v is not None
+                        else (tuple(x[:, :-p] for x in v) if key == "position_embeddings" else
+                              v[:, :, p:, :] if key == "attention_mask" and v is not None else v))
+    with pytest.warns(UserWarning, match="prefix reuse is off.*changes the logits"):
+        bad = mechlib.activation_patching(tiny_llama, tiny_ioi, ld, site="head_out", by_position=True)
+    assert not bad.metadata["prefix_reuse"] and "changes the logits" in bad.metadata["prefix_reason"]
+    plain = mechlib.activation_patching(tiny_llama, tiny_ioi, ld, site="head_out", by_position=True, reuse_prefix=False)
+    assert torch.allclose(bad.values, plain.values, atol=1e-5)
+    assert hooks.active_hooks(tiny_llama) == []
+
+
+@pytest.mark.parametrize("site,kw", [("resid_pre", {}), ("head_out", {"by_position": True}), ("head_out", {})])
+def test_sweep_flops_are_what_the_forwards_do(tiny_llama, tiny_ioi, site, kw):
+    """metadata["flops"] (counted from the shapes each patched forward runs) equals torch's own
+    FLOP counter over the sweep, less the two baseline forwards and the key/value recording."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mechlib.flops import forward_flops
+
+    ld = metrics.logit_diff(tiny_ioi)
+    mechlib.activation_patching(tiny_llama, tiny_ioi, ld, site=site, **kw)  # checks are made once per model
+    with FlopCounterMode(display=False) as counter:
+        r = mechlib.activation_patching(tiny_llama, tiny_ioi, ld, site=site, **kw)
+    B, T = len(tiny_ioi), tiny_ioi.n_pos
+    extra = 2 * forward_flops(tiny_llama, B, T)
+    if r.metadata["prefix_reuse"]:
+        extra += forward_flops(tiny_llama, B, T, unembedded=0)  # record_prefix from layer 0
+    assert counter.get_total_flops() == r.metadata["flops"] + extra
+    assert r.metadata["flops"] < r.metadata["flops_one_forward_per_cell"]
+
+
+def test_prefix_groups_cover_every_cell_once():
+    from mechlib.analyses.patching import _prefix_groups
+
+    pos = [p for p in (5, 0, 3, 3, 9, 1) for _ in range(4)]
+    for overhead in (0, 16, 10**6):
+        groups = _prefix_groups(pos, batch=2, n_pos=10, chunk=5, overhead=overhead)
+        members = sorted(i for _, m in groups for i in m)
+        assert members == list(range(len(pos)))
+        assert all(len(m) <= 5 and all(pos[i] >= p0 for i in m) and p0 in [pos[i] for i in m] for p0, m in groups)
+    assert {p0 for p0, _ in _prefix_groups(pos, 2, 10, 100, overhead=0)} == set(pos)  # free forwards: one per position
+    assert {p0 for p0, _ in _prefix_groups(pos, 2, 10, 100, overhead=10**6)} == {0}  # costly forwards: one
+
+
 def test_position_sweeps_on_mixed_lengths_warn(tiny_llama):
     cs = tasks.ioi(tiny_llama, n=2, seed=0, templates=[0, 2])
     assert not cs.same_length
@@ -259,6 +313,20 @@ def test_vlm_sweeps_carry_the_image(tiny_llava):
     for verb in (mechlib.activation_patching, mechlib.attribution_patching):
         with pytest.raises(hooks.MissingModelInputError, match="pixel_values"):
             verb(tiny_llava, no_image, metrics.logit_diff(no_image), site="resid_pre")
+    assert hooks.active_hooks(tiny_llava) == []
+
+
+def test_vlm_by_position_sweeps_reuse_a_prefix_holding_the_image(tiny_llava):
+    """Positions before the patched one (image tokens included) come from the corrupted run's keys
+    and values; the sweep equals full forwards that carry pixel_values."""
+    g = torch.Generator().manual_seed(0)
+    a = _llava_set(tiny_llava, torch.randn(2, 3, 16, 16, generator=g))
+    ld = metrics.logit_diff(a)
+    for site, kw in (("resid_pre", {}), ("head_out", {"by_position": True})):
+        fast = mechlib.activation_patching(tiny_llava, a, ld, site=site, **kw)
+        full = mechlib.activation_patching(tiny_llava, a, ld, site=site, resume=False, **kw)
+        assert fast.metadata["prefix_reuse"] and not full.metadata["prefix_reuse"]
+        torch.testing.assert_close(fast.values, full.values, atol=1e-5, rtol=1e-5)
     assert hooks.active_hooks(tiny_llava) == []
 
 

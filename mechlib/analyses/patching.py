@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from mechlib import hooks
+from mechlib.flops import forward_flops
 from mechlib.memory import peak_memory
 from mechlib.metrics import Metric, check_metric_values, on_prompts
 from mechlib.provenance import records
@@ -178,23 +179,57 @@ def _cell_index(spec: SiteSpec, by_position: bool, cells: Sequence[tuple[int, ..
     return rows, src, None, col(0)
 
 
-def _write_cells(spec: SiteSpec, act: Tensor, source: Tensor, idx) -> Tensor:
-    """Copy the chosen cells of ``source[src]`` into ``act[rows]`` (both stacked copy-major)."""
+def _write_cells(spec: SiteSpec, act: Tensor, source: Tensor, idx, offset: int = 0) -> Tensor:
+    """Copy the chosen cells of ``source[src]`` into ``act[rows]`` (both stacked copy-major).
+    ``offset``: ``act`` holds positions ``offset..`` only (causal prefix reuse), ``source`` all."""
     rows, src, pos, head = idx
+    at = None if pos is None else pos - offset
     act = act.clone()
     if not spec.per_head:  # [batch, pos, d]
-        act[rows, pos] = source[src, pos]
+        act[rows, at] = source[src, pos]
     elif spec.head_dim == 1:  # pattern [batch, head, q, k]; pos = destination (query) position
         if pos is None:
             act[rows, head] = source[src, head]
         else:
-            act[rows, head, pos] = source[src, head, pos]
+            act[rows, head, at] = source[src, head, pos]
     else:  # [batch, pos, head, d]
         if pos is None:
             act[rows, :, head] = source[src, :, head]
         else:
-            act[rows, pos, head] = source[src, pos, head]
+            act[rows, at, head] = source[src, pos, head]
     return act
+
+
+# Per-forward overhead in token-rows (one prompt position through every block), for grouping the
+# positions of a by-position sweep into forwards: small on the CPU, where the blocks' arithmetic
+# dominates, large on a GPU, where launching a forward costs more than a few hundred rows.
+_FORWARD_OVERHEAD_ROWS = {"cpu": 64, "cuda": 2048}
+
+
+def _prefix_groups(cell_pos: Sequence[int], batch: int, n_pos: int, chunk: int,
+                   overhead: int) -> list[tuple[int, list[int]]]:
+    """Split a by-position sweep's cells into forwards ``(from_pos, [cell index, ...])`` that
+    recompute positions ``from_pos..`` only: contiguous runs of positions chosen to minimise the
+    token-rows recomputed plus ``overhead`` per forward, each at most ``chunk`` cells."""
+    by_pos: dict[int, list[int]] = {}
+    for i, p in enumerate(cell_pos):
+        by_pos.setdefault(p, []).append(i)
+    ps = sorted(by_pos)
+    best, cut = [0.0] + [float("inf")] * len(ps), [0] * (len(ps) + 1)
+    for j in range(1, len(ps) + 1):
+        n = 0
+        for i in range(j - 1, -1, -1):
+            n += len(by_pos[ps[i]])
+            cost = best[i] + -(-n // chunk) * overhead + n * batch * (n_pos - ps[i])
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(ps)
+    while j > 0:
+        i = cut[j]
+        members = [c for p in ps[i:j] for c in by_pos[p]]
+        groups += [(cell_pos[members[k]], members[k:k + chunk]) for k in range(0, len(members), chunk)]
+        j = i
+    return groups[::-1]
 
 
 def _reduce_cells(spec: SiteSpec, prod: Tensor, by_position: bool) -> Tensor:
@@ -297,6 +332,7 @@ def activation_patching(
     memory_budget_mb: float = 2048,
     max_chunk: int = 512,
     resume: bool = True,
+    reuse_prefix: bool = True,
     progress: Optional[bool] = None,
 ) -> PatchingResult:
     """Patch clean activations into the corrupted run, one cell at a time (denoising).
@@ -313,6 +349,10 @@ def activation_patching(
             forward stacks many patched copies of the batch, up to ``memory_budget_mb``.
         resume: start each forward at the patched layer (verified once against the full forward;
             if it cannot be verified, a warning says why and full forwards run).
+        reuse_prefix: in by-position sweeps, recompute only the positions from the patched one on:
+            with causal attention every earlier position is exactly as in the corrupted run, so its
+            keys and values are taken from that run (verified once per model against the full
+            forward; if it cannot be used, a warning says why). Needs a last-token metric.
 
     Returns:
         :class:`PatchingResult` with per-prompt values, ``baselines`` ``clean``/``corrupted``,
@@ -335,13 +375,19 @@ def activation_patching(
     parts, reasons, chunk = [], [], None
     with peak_memory(model.cfg.device) as mem:
         for idx, sub, m in prompt_batches(contrast, metric, batch_size):
-            out = _patch_batch(model, sub, m, plan, memory_budget_mb, max_chunk, resume, progress)
+            out = _patch_batch(model, sub, m, plan, memory_budget_mb, max_chunk, resume, progress, reuse_prefix)
             parts.append(out)
             chunk = out["chunk"] if chunk is None else min(chunk, out["chunk"])
             if out["reason"]:
                 reasons.append(out["reason"])
     if resume and reasons:
         _fallback_warning("activation_patching", reasons[0])
+    prefix_reasons = [o["prefix_reason"] for o in parts if o["prefix_reason"]]
+    prefix_used = bool(parts) and all(o["prefix"] for o in parts)
+    if reuse_prefix and resume and prefix_reasons and not reasons:
+        warnings.warn(f"activation_patching: causal prefix reuse is off for this sweep, so every patched copy "
+                      f"recomputes all positions from the patched layer on (about twice the work). Why: "
+                      f"{prefix_reasons[0]}. The result's metadata records prefix_reuse=False.", stacklevel=2)
     B = len(contrast)
     per_prompt = torch.cat([o["per_prompt"] for o in parts]).reshape(B, *plan.shape())
     clean_vals = torch.cat([o["clean"] for o in parts])
@@ -354,8 +400,13 @@ def activation_patching(
         clean_per_prompt=clean_vals, corrupted_per_prompt=corr_vals,
         metadata=dict(method="activation_patching", direction="denoising", site=spec.kind,
                       by_position=plan.by_position, metric=_metric_name(metric), task=contrast.task, n_prompts=B,
-                      resumed=resumed, path="resumed" if resumed else "full forwards",
-                      fallback_reason=reasons[0] if reasons else None, chunk=chunk, batch_size=batch_size,
+                      resumed=resumed,
+                      path="resumed" if resumed else "full forwards",
+                      fallback_reason=reasons[0] if reasons else None, prefix_reuse=prefix_used,
+                      prefix_reason=prefix_reasons[0] if prefix_reasons else None,
+                      forwards=sum(o["forwards"] for o in parts), flops=sum(o["flops"] for o in parts),
+                      flops_one_forward_per_cell=sum(o["flops_one_forward_per_cell"] for o in parts),
+                      chunk=chunk, batch_size=batch_size,
                       peak_memory=mem, layers=plan.layers, positions=plan.positions,
                       heads=plan.heads if spec.per_head else None,
                       title=f"activation patching: {spec.kind}" + (" by position" if plan.by_position else "")),
@@ -363,7 +414,7 @@ def activation_patching(
 
 
 def _patch_batch(model, contrast: ContrastSet, metric: Metric, plan: "_Plan", memory_budget_mb: float,
-                 max_chunk: int, resume: bool, progress: Optional[bool]) -> dict:
+                 max_chunk: int, resume: bool, progress: Optional[bool], reuse_prefix: bool = True) -> dict:
     """The sweep of ``plan`` on one batch of prompts: per-prompt values ``[b, layer, cell]`` and
     the baselines, with which path ran."""
     spec = plan.spec
@@ -381,35 +432,81 @@ def _patch_batch(model, contrast: ContrastSet, metric: Metric, plan: "_Plan", me
         corr_logits = hooks.forward(model, contrast.corrupted_tokens, extras=contrast.forward_extras("corrupted"))
     corr_vals = check_metric_values(metric(corr_logits), B, name=name)
     reason = hooks.resume_check(model, starts[min(plan.layers)], min(plan.layers), corr_logits) if resume else None
-    del corr_logits
     resumed = resume and reason is None
 
     cells = plan.cells()
     read_pos = contrast.last_pos if getattr(metric, "last_token_only", False) else None
     chunk = _chunk_size(model, contrast, memory_budget_mb, max_chunk, read_pos is not None)
+    # causal prefix reuse: a by-position cell at position p leaves positions < p as in the corrupted run
+    prefix, prefix_reason = None, None
+    if reuse_prefix and "pos" in plan.axis_names:
+        if not resumed:
+            prefix_reason = "it needs the resumed path, which is off"
+        elif read_pos is None:
+            prefix_reason = (f"the metric {name!r} reads every position (build it with last_token_only=True "
+                             "if it reads only the last token)")
+        else:
+            try:
+                prefix = hooks.record_prefix(model, starts[min(plan.layers)])
+            except hooks.PrefixUnsupported as e:
+                prefix_reason = str(e)
+            if prefix is not None:
+                rows = torch.arange(B, device=corr_logits.device)
+                prefix_reason = hooks.prefix_check(model, starts[min(plan.layers)], prefix, read_pos,
+                                                   corr_logits[rows, read_pos.to(corr_logits.device)])
+                prefix = None if prefix_reason else prefix
+    corr_last = None
+    if prefix is not None:
+        corr_last = corr_logits[torch.arange(B, device=corr_logits.device), read_pos.to(corr_logits.device)]
+    del corr_logits
+    if prefix is not None:
+        overhead = _FORWARD_OVERHEAD_ROWS.get(torch.device(device).type, 256)
+        groups = _prefix_groups([c[0] for c in cells], B, contrast.n_pos, chunk, overhead)
+    else:
+        groups = [(0, list(range(c0, min(c0 + chunk, len(cells))))) for c0 in range(0, len(cells), chunk)]
     per_prompt = torch.empty((B, len(plan.layers), len(cells)))
-    n_chunks = len(plan.layers) * -(-len(cells) // chunk)
     corr_tokens = contrast.corrupted_tokens.to(device)
     extras = hooks.check_inputs(model, contrast.forward_extras("corrupted"), contrast.corrupted_tokens)
-    with _progress(n_chunks, f"patching {spec.kind}", progress) as bar:
+    last = read_pos.to(device) if read_pos is not None else None
+    T, done = contrast.n_pos, 0  # done: matmul FLOPs of the patched forwards (mechlib.flops)
+    with _progress(len(plan.layers) * len(groups), f"patching {spec.kind}", progress) as bar:
         for li, layer in enumerate(plan.layers):
             source = clean_acts[spec.hook_name(layer)]
-            for c0 in range(0, len(cells), chunk):
-                part = cells[c0:c0 + chunk]
+            for p0, members in groups:
+                part = [cells[i] for i in members]
                 C = len(part)
+                if prefix is not None and p0 > int(last.max()):  # after every prompt's answer position
+                    per_prompt[:, li, members] = corr_vals.detach().cpu()[:, None]
+                    bar.update(1)
+                    continue
                 idx = _cell_index(spec, plan.by_position, part, B, source.device)
                 patch = [(spec.hook_name(layer),
-                          lambda act, hook, idx=idx, source=source: _write_cells(spec, act, source, idx))]
-                if resumed:
+                          lambda act, hook, idx=idx, source=source, p0=p0: _write_cells(spec, act, source, idx, p0))]
+                out_rows = C * B if read_pos is not None else C * B * T
+                if prefix is not None:
+                    done += forward_flops(model, C * B, T - p0, T, start_layer=layer, unembedded=C * B)
+                elif resumed:
+                    done += forward_flops(model, C * B, T, start_layer=layer, unembedded=out_rows)
+                else:
+                    done += forward_flops(model, C * B, T, unembedded=C * B * T)
+                if prefix is not None:
+                    logits = hooks.run_from(model, starts[layer], layer, copies=C, hooks=patch,
+                                            read_pos=last.clamp(min=p0), prefix=prefix, from_pos=p0)
+                    before = (last < p0).repeat(C)  # answer read before the patch: the corrupted run's
+                    if bool(before.any()):
+                        logits[before] = corr_last.repeat(C, 1)[before].to(logits.device)
+                elif resumed:
                     logits = hooks.run_from(model, starts[layer], layer, copies=C, hooks=patch, read_pos=read_pos)
                 else:
                     tiled = {k: v.repeat(C, *([1] * (v.ndim - 1))) for k, v in extras.items()}
                     logits = hooks.forward(model, corr_tokens.repeat(C, 1), hooks=patch, extras=tiled)
                 vals = check_metric_values(metric(logits), C * B, name=name)
-                per_prompt[:, li, c0:c0 + C] = vals.reshape(C, B).T.cpu()
+                per_prompt[:, li, members] = vals.reshape(C, B).T.cpu()
                 bar.update(1)
     return dict(per_prompt=per_prompt, clean=clean_vals.detach().cpu(), corrupted=corr_vals.detach().cpu(),
-                reason=reason if resume else None, chunk=chunk)
+                reason=reason if resume else None, chunk=chunk, prefix=prefix is not None,
+                prefix_reason=prefix_reason, forwards=len(plan.layers) * len(groups), flops=done,
+                flops_one_forward_per_cell=len(plan.layers) * len(cells) * forward_flops(model, B, T))
 
 
 # ----------------------------------------------------------------------------------------------
