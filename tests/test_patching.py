@@ -74,6 +74,7 @@ def test_equals_transformerlens_on_the_embedded_model(model, site, activation, s
     ld = metrics.logit_diff(cs)
     layers = [0, 9, 29]
     ours = mechlib.activation_patching(model, cs, ld, site=site, layers=layers)
+    assert ours.metadata["prefix_reuse"] == ("pos" in ours.axis_names)
     _, clean_cache = model.run_with_cache(cs.clean_tokens)
     second = range(ours.values.shape[1])
     idx = pd.DataFrame([(l, j) for l in layers for j in second], columns=list(axes))
