@@ -230,9 +230,19 @@ def circuit_diagram(circuit, other=None, *, layout: str = "overlay", engine: str
             layout, no dependency) or ``"auto"`` (dot when installed).
         labels: names of the two circuits in the legend (default: their tasks).
 
+    An edge graph (:class:`mechlib.analyses.edges.Graph`, from :func:`mechlib.edge_attribution`)
+    is drawn by :func:`edge_diagram`.
+
     Returns:
         an :class:`HTMLView` with the inline SVG (``.html``), displayed by Jupyter.
     """
+    from mechlib.analyses.edges import Graph
+
+    if isinstance(circuit, Graph):
+        if other is not None:
+            raise ValueError("circuit_diagram draws one edge graph at a time; compare two with "
+                             "mechlib.circuit_overlap(a, b) or draw each")
+        return edge_diagram(circuit, engine=engine, title=title)
     import shutil
 
     if engine not in ("auto", "dot", "python"):

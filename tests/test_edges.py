@@ -482,5 +482,8 @@ def test_edge_diagram(engine, tiny_llama):
     for node in ("input", "L0H1", "L1H2", "logits"):
         assert node in text
     assert "L1H3" not in text  # in the KV group of L1H2 but not in the circuit
+    assert viz.circuit_diagram(g, engine=engine).html == view.html  # circuit_diagram takes edge graphs too
+    with pytest.raises(ValueError, match="one edge graph"):
+        viz.circuit_diagram(g, g)
     with pytest.raises(TypeError, match="circuit_diagram"):
         viz.edge_diagram("not a graph")
