@@ -390,26 +390,34 @@ def activation_patching(
                       f"{prefix_reasons[0]}. The result's metadata records prefix_reuse=False.", stacklevel=2)
     B = len(contrast)
     per_prompt = torch.cat([o["per_prompt"] for o in parts]).reshape(B, *plan.shape())
-    clean_vals = torch.cat([o["clean"] for o in parts])
-    corr_vals = torch.cat([o["corrupted"] for o in parts])
     resumed = resume and not reasons
-    return PatchingResult(
-        values=per_prompt.mean(0), axis_names=plan.axis_names, labels=plan.labels(model, contrast),
-        per_prompt=per_prompt,
-        baselines={"clean": float(clean_vals.mean()), "corrupted": float(corr_vals.mean())},
-        clean_per_prompt=clean_vals, corrupted_per_prompt=corr_vals,
-        metadata=dict(method="activation_patching", direction="denoising", site=spec.kind,
-                      by_position=plan.by_position, metric=_metric_name(metric), task=contrast.task, n_prompts=B,
-                      resumed=resumed,
+    return _sweep_result(
+        model, contrast, metric, plan, "activation_patching", per_prompt,
+        torch.cat([o["clean"] for o in parts]), torch.cat([o["corrupted"] for o in parts]),
+        metadata=dict(resumed=resumed,
                       path="resumed" if resumed else "full forwards",
                       fallback_reason=reasons[0] if reasons else None, prefix_reuse=prefix_used,
                       prefix_reason=prefix_reasons[0] if prefix_reasons else None,
                       forwards=sum(o["forwards"] for o in parts), flops=sum(o["flops"] for o in parts),
                       flops_one_forward_per_cell=sum(o["flops_one_forward_per_cell"] for o in parts),
                       chunk=chunk, batch_size=batch_size,
-                      peak_memory=mem, layers=plan.layers, positions=plan.positions,
-                      heads=plan.heads if spec.per_head else None,
-                      title=f"activation patching: {spec.kind}" + (" by position" if plan.by_position else "")),
+                      peak_memory=mem, positions=plan.positions, heads=plan.heads if spec.per_head else None),
+    )
+
+
+def _sweep_result(model, contrast: ContrastSet, metric, plan: "_Plan", method: str, per_prompt: Tensor,
+                  clean_vals: Tensor, corr_vals: Tensor, metadata: dict) -> PatchingResult:
+    """The :class:`PatchingResult` of a (layer x cell) sweep from its per-prompt table and baselines."""
+    spec = plan.spec
+    return PatchingResult(
+        values=per_prompt.mean(0), axis_names=plan.axis_names, labels=plan.labels(model, contrast),
+        per_prompt=per_prompt,
+        baselines={"clean": float(clean_vals.mean()), "corrupted": float(corr_vals.mean())},
+        clean_per_prompt=clean_vals, corrupted_per_prompt=corr_vals,
+        metadata=dict(method=method, direction="denoising", site=spec.kind, by_position=plan.by_position,
+                      metric=_metric_name(metric), task=contrast.task, n_prompts=len(contrast),
+                      layers=plan.layers, **metadata,
+                      title=f"{method.replace('_', ' ')}: {spec.kind}" + (" by position" if plan.by_position else "")),
     )
 
 
@@ -551,24 +559,13 @@ def attribution_patching(
     gradients_available("attribution_patching")
     _check_contrast(model, contrast)
     plan = _plan(model, contrast, site, by_position, layers, None, None)
-    spec = plan.spec
-    B = len(contrast)
     parts = []
     with peak_memory(model.cfg.device) as mem:
         for idx, sub, m in prompt_batches(contrast, metric, batch_size):
             parts.append(_attribute_batch(model, sub, m, plan))
-    per_prompt = torch.cat([p[0] for p in parts])
-    clean_vals, corr_vals = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
-    return PatchingResult(
-        values=per_prompt.mean(0), axis_names=plan.axis_names, labels=plan.labels(model, contrast),
-        per_prompt=per_prompt,
-        baselines={"clean": float(clean_vals.mean()), "corrupted": float(corr_vals.mean())},
-        clean_per_prompt=clean_vals, corrupted_per_prompt=corr_vals,
-        metadata=dict(method="attribution_patching", direction="denoising", site=spec.kind,
-                      by_position=plan.by_position, metric=_metric_name(metric), task=contrast.task, n_prompts=B,
-                      layers=plan.layers, batch_size=batch_size, peak_memory=mem,
-                      title=f"attribution patching: {spec.kind}" + (" by position" if plan.by_position else "")),
-    )
+    return _sweep_result(model, contrast, metric, plan, "attribution_patching", torch.cat([p[0] for p in parts]),
+                         torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]),
+                         metadata=dict(batch_size=batch_size, peak_memory=mem))
 
 
 def _attribute_batch(model, contrast: ContrastSet, metric: Metric, plan: "_Plan"):
