@@ -47,6 +47,8 @@ def test_notebooks_have_colab_and_parameters_cells():
         assert "parameters" in code[1].metadata.get("tags", []), f"{p.name}: second code cell must be the parameters"
         assert all(c.get("outputs", []) == [] for c in code), f"{p.name}: commit notebooks without outputs"
         assert all(c.get("execution_count") is None for c in code), f"{p.name}: commit notebooks unexecuted"
+        # papermill needs the kernel's language to inject parameters (make notebooks MODEL=...)
+        assert nb.metadata.get("kernelspec", {}).get("language") == "python", f"{p.name}: no kernelspec"
 
 
 def test_every_notebook_is_paired_with_its_jupytext_source():

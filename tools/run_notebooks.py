@@ -78,10 +78,13 @@ def run(nb_path: Path, out_dir: Path, timeout: int = 1800, parameters: dict | No
     with _kernel_env(MECHLIB_STATIC_VIEWS="1"):
         try:
             nb = pm.execute_notebook(str(nb_path), None, parameters=parameters or {}, kernel_name="python3",
-                                     cwd=str(nb_path.parent), progress_bar=False, execution_timeout=timeout)
+                                     language="python", cwd=str(nb_path.parent), progress_bar=False,
+                                     execution_timeout=timeout)
         except PapermillExecutionError as e:
             ok, err = False, str(e)[-3000:]
             nb = getattr(e, "nb", None)
+        except Exception as e:  # noqa: BLE001 - a notebook papermill cannot even start is a failure, not a crash
+            ok, err, nb = False, f"{type(e).__name__}: {e}", None
     secs = time.perf_counter() - t0
     if nb is None:  # papermill keeps the partly executed notebook on the exception only in newer versions
         nb = nbformat.read(nb_path, as_version=4)
