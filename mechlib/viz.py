@@ -518,6 +518,22 @@ class ReportCard:
                 "text/plain": f"[{self.data['status']}] {self.data['finding']} ({self.data['model']})"}
 
 
+def finding(ok, text: str, *, strict: bool = True) -> bool:
+    """Print a notebook's finding as ✓/✗ and return whether it holds. With ``strict`` (the model the
+    finding was established on, checked in CI) a finding that fails raises ``AssertionError``; on
+    another model (``MODEL=...``) it is reported, not fatal — a finding that does not carry over is
+    a result, not a crash.
+
+    Example:
+        >>> viz.finding(iou > chance, "reuse beats chance", strict=MODEL == "smollm2-135m")  # doctest: +SKIP
+    """
+    ok = bool(ok)
+    print(("✓ " if ok else "✗ ") + text)
+    if strict and not ok:
+        raise AssertionError(text)
+    return ok
+
+
 def report_card(*, paper: str, finding: str, status: str, model: str) -> ReportCard:
     """The summary a notebook ends with (``status``: reproduced / partly / not reproduced)."""
     return ReportCard(paper=paper, finding=finding, status=status, model=model)

@@ -189,7 +189,9 @@ if SECOND_MODEL and SECOND_MODEL != MODEL:
 assert sinks.sink_rate() > 0.5, "most heads have a first-token sink (Gu et al.)"
 assert ratio[strong].mean() < 1.0, "sink heads' first-token values are small (key-bias view)"
 assert dims and first is not None, "massive activations exist"
-assert ppl["massive → 0, every later layer"] > 10 * ppl["original"], "zeroing them everywhere breaks the model"
+# established on SmolLM2 (asserted there); on another model (MODEL=...) reported as ✓/✗
+viz.finding(ppl["massive → 0, every later layer"] > 10 * ppl["original"], "zeroing them everywhere breaks the model",
+            strict=MODEL == "smollm2-135m")
 assert mean_effect.high - mean_effect.low < 0.1, "the mean edit's effect is pinned down"
 assert sink_probe.values[0, 1] > sink_probe.controls[0, 0] + 0.2, "the probe beats shuffled labels"
 if second:

@@ -163,7 +163,9 @@ assert base["Colored Objects"][0] > base["Colored Objects"][1]          # the co
 k = max(1, round(TOP_FRACTION * model.cfg.n_layers * model.cfg.n_heads + 0.4999))
 assert all(len([h for h in c.heads if c.classes[h].endswith(st)]) <= k for c in (circuit_ioi, circuit_co)
            for st in ("name mover", "s-inhibition", "induction / duplicate token"))   # top 2% per stage
-assert overlap.iou > overlap.baselines["chance_iou"] and overlap.p_value() < 0.01, overlap.summary()   # reuse beats chance
+# established on SmolLM2 (asserted there); on another model (MODEL=...) reported as ✓/✗
+viz.finding(overlap.iou > overlap.baselines["chance_iou"] and overlap.p_value() < 0.01,
+            f"reuse beats chance: {overlap.summary()}", strict=MODEL == "smollm2-135m")
 assert len(repair_heads) >= 1 and 0 <= float(after.mean()) <= 1
 if second:
     assert second["overlap"].iou >= 0
