@@ -518,6 +518,25 @@ class ReportCard:
                 "text/plain": f"[{self.data['status']}] {self.data['finding']} ({self.data['model']})"}
 
 
+def effects_plot(effects, *, color=None, xlabel: str = "", title: str = "", figsize=(7.5, 4.0), fontsize: int = 8):
+    """A forest plot of named effects with their CIs (``{name: stats.Effect}``, top to bottom in
+    order), a line at 0; ``color(name)`` picks each point's colour (default ``"C0"``). Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    names = list(effects)
+    fig, ax = plt.subplots(figsize=figsize)
+    for i, name in enumerate(names):
+        e = effects[name]
+        ax.errorbar(e.mean, i, xerr=[[e.mean - e.low], [e.high - e.mean]], fmt="o", capsize=3,
+                    color=color(name) if color else "C0")
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_yticks(range(len(names)), names, fontsize=fontsize)
+    ax.invert_yaxis()
+    ax.set(xlabel=xlabel, title=title)
+    fig.tight_layout()
+    return fig
+
+
 def finding(ok, text: str, *, strict: bool = True) -> bool:
     """Print a notebook's finding as ✓/✗ and return whether it holds. With ``strict`` (the model the
     finding was established on, checked in CI) a finding that fails raises ``AssertionError``; on

@@ -265,15 +265,7 @@ fig.tight_layout()
 # is largest and a τ that flags a tenth of the image tokens. Its numbers mean nothing.
 
 # %%
-real_vlm = False
-if torch.cuda.is_available() and VLM != "tiny-llava":
-    try:
-        vlm = mechlib.load_model(VLM, device=DEVICE)
-        real_vlm = True
-    except (mechlib.ModelNotAvailableOffline, mechlib.ModelLoadError) as e:
-        print(f"{VLM} is not available here ({type(e).__name__}); using the tiny random LLaVA")
-if not real_vlm:
-    vlm = mechlib.tiny_model("llava", n_layers=4)
+vlm, real_vlm = mechlib.models.vlm_or_tiny(VLM, device=DEVICE, tiny_layers=4)   # LLaVA on a GPU, else the tiny one
 vlm_name = VLM if real_vlm else "tiny random LLaVA"
 shape_data = tasks.load_data("shapes")
 template = shape_data["templates"]["llava" if real_vlm else "plain"].format(shape=shape_data["shape"])

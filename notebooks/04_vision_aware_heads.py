@@ -56,7 +56,6 @@ N_CONTROLS = 6        # random head sets per control
 N_IMAGES = 4          # images in the image branch
 
 # %%
-import matplotlib.pyplot as plt
 import pandas as pd
 pd.set_option("display.max_colwidth", None)   # show the paper-vs-ours tables in full
 import torch
@@ -206,17 +205,10 @@ results = pd.DataFrame(rows)
 results
 
 # %% tags=["key-figure"]
-names = list(conditions)
-fig, ax = plt.subplots(figsize=(7.5, 4))
-for i, name in enumerate(names):
-    e = effects[name][1]
-    ax.errorbar(e.mean, i, xerr=[[e.mean - e.low], [e.high - e.mean]], fmt="o", capsize=3,
-                color="C3" if name.startswith("VHR (Algorithm") else "C0")
-ax.axvline(0, color="grey", lw=0.8)
-ax.set_yticks(range(len(names)), names, fontsize=8)
-ax.invert_yaxis()
-ax.set(xlabel="change in logit(context) − logit(prior), 95% CI", title=f"{MODEL}: VHR and its ablations on context QA")
-fig.tight_layout()
+fig = viz.effects_plot({name: effects[name][1] for name in conditions},
+                       color=lambda name: "C3" if name.startswith("VHR (Algorithm") else "C0",
+                       xlabel="change in logit(context) − logit(prior), 95% CI",
+                       title=f"{MODEL}: VHR and its ablations on context QA", figsize=(7.5, 4))
 
 # %% [markdown]
 # ## The image path, on a vision-language model
@@ -227,15 +219,7 @@ fig.tight_layout()
 # weights) this is the paper's setting in miniature.
 
 # %%
-real_vlm = False
-if torch.cuda.is_available() and VLM != "tiny-llava":
-    try:
-        vlm = mechlib.load_model(VLM, device=DEVICE)
-        real_vlm = True
-    except (mechlib.ModelNotAvailableOffline, mechlib.ModelLoadError) as e:
-        print(f"{VLM} is not available here ({type(e).__name__}); using the tiny random LLaVA")
-if not real_vlm:
-    vlm = mechlib.tiny_model("llava", seed=0)
+vlm, real_vlm = mechlib.models.vlm_or_tiny(VLM, device=DEVICE)   # LLaVA on a GPU, else the tiny one
 shape_data = tasks.load_data("shapes")
 template = shape_data["templates"]["llava" if real_vlm else "plain"].format(shape=shape_data["shape"])
 images, colours = tasks.colored_shapes(N_IMAGES, seed=0)

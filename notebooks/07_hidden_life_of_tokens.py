@@ -57,7 +57,6 @@ PROBE_EVERY = 2               # probe every k-th layer; 1 probes all of them (a 
 
 # %%
 import dataclasses
-import matplotlib.pyplot as plt
 import pandas as pd
 pd.set_option("display.max_colwidth", None)   # show the paper-vs-ours tables in full
 import torch
@@ -199,17 +198,10 @@ results = pd.DataFrame(rows).rename(columns={"rank": "context answer: median ran
 results
 
 # %% tags=["key-figure"]
-names = list(runs)
-fig, ax = plt.subplots(figsize=(7.5, 4.2))
-for i, name in enumerate(names):
-    e = effects[name][1]
-    ax.errorbar(e.mean, i, xerr=[[e.mean - e.low], [e.high - e.mean]], fmt="o", capsize=3,
-                color="C2" if name.startswith("control") else ("C3" if name.startswith("VISTA") else "C0"))
-ax.axvline(0, color="grey", lw=0.8)
-ax.set_yticks(range(len(names)), names, fontsize=7)
-ax.invert_yaxis()
-ax.set(xlabel="change in logit(context) − logit(prior), 95% CI", title=f"{MODEL}: VISTA's parts on context QA")
-fig.tight_layout()
+fig = viz.effects_plot({name: effects[name][1] for name in runs},
+                       color=lambda name: "C2" if name.startswith("control") else ("C3" if name.startswith("VISTA") else "C0"),
+                       xlabel="change in logit(context) − logit(prior), 95% CI",
+                       title=f"{MODEL}: VISTA's parts on context QA", figsize=(7.5, 4.2), fontsize=7)
 
 # %% [markdown]
 # ## Hidden information: a probe for "the context should be followed"

@@ -66,3 +66,26 @@ def test_patching_and_lens_explorers(model):
     fig = lens.figure(token=" Paris")
     want = lens.lens.per_prompt[0, :, 0]
     torch.testing.assert_close(torch.as_tensor(fig.axes[0].lines[0].get_ydata()).float(), want)
+
+
+def test_effects_plot_draws_each_effect_with_its_interval():
+    import matplotlib.pyplot as plt
+
+    from mechlib.stats import Effect
+
+    fig = viz.effects_plot({"a": Effect(1.0, 0.5, 1.5, 0.01), "b": Effect(-0.2, -0.4, 0.1, 0.3)},
+                           color=lambda n: "C3" if n == "a" else "C0", title="t")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"] and ax.get_title() == "t"
+    bars = [c for c in ax.containers]
+    assert len(bars) == 2 and bars[0].lines[0].get_xdata()[0] == 1.0
+    plt.close(fig)
+
+
+def test_vlm_or_tiny_gives_the_tiny_llava_without_cuda():
+    import torch
+
+    vlm, loaded = mechlib.models.vlm_or_tiny("llava-1.5-7b", tiny_layers=4)
+    assert not loaded or torch.cuda.is_available()
+    if not loaded:
+        assert vlm.cfg.n_layers == 4 and vlm.cfg.is_multimodal

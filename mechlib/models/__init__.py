@@ -44,7 +44,7 @@ from mechlib.models.vlm import vlm_inputs
 
 EMBEDDED_NAME = "smollm2-135m"
 
-__all__ = ["load_model", "tiny_model", "tiny_tokenizer", "generate", "vlm_inputs", "prepare_embedded",
+__all__ = ["load_model", "vlm_or_tiny", "tiny_model", "tiny_tokenizer", "generate", "vlm_inputs", "prepare_embedded",
            "ModelLoadError", "ModelNotAvailableOffline", "EMBEDDED", "HUB_ALIASES", "FAMILIES", "default_device",
            "cache_dir", "supported_architectures"]
 
@@ -138,3 +138,16 @@ def load_model(
 
 def _is_hub(name: str) -> bool:
     return embedded.lookup(name) is None and not _looks_like_path(name)
+
+
+def vlm_or_tiny(name: str, *, device=None, tiny_layers: int = 2):
+    """``(model, loaded)``: the vision-language model ``name`` when CUDA is present and it loads
+    (weights cached or the hub reachable), else the tiny random LLaVA with ``tiny_layers`` layers
+    (saying why, when ``name`` could not load) — so a notebook's image path runs every line on a
+    CPU and is the paper's own setting on a GPU. ``name="tiny-llava"`` always gives the tiny one."""
+    if torch.cuda.is_available() and name != "tiny-llava":
+        try:
+            return load_model(name, device=device), True
+        except (ModelNotAvailableOffline, ModelLoadError) as e:
+            print(f"{name} is not available here ({type(e).__name__}); using the tiny random LLaVA")
+    return tiny_model("llava", seed=0, n_layers=tiny_layers), False
