@@ -22,6 +22,7 @@ import torch
 import mechlib
 from mechlib import hooks, metrics, tasks, viz
 from mechlib.analyses import edges as E
+from mechlib.analyses.edges import wiring as W
 from mechlib.analyses.circuits import Circuit
 from mechlib.analyses.edges import EdgeScores, Graph, GraphSpec, edge_attribution, faithfulness
 from mechlib.metrics import MetricError
@@ -357,15 +358,15 @@ def test_gqa_key_value_edges_index_kv_heads(tiny_llama):
     assert spec.slot_nodes[spec.k_slot(1, 1)] == (spec.head_index(1, 2), spec.head_index(1, 3))
     # ablating the edge into KV head 1's key input changes the attention of query heads 2 and 3 only
     cs = ioi(tiny_llama, n=2)
-    w = E._wiring(tiny_llama)
-    _, A_corr, _ = E._record(tiny_llama, w, cs.corrupted_tokens, {})
+    w = W._wiring(tiny_llama)
+    _, A_corr, _ = W._record(tiny_llama, w, cs.corrupted_tokens, {})
     notin = torch.zeros(1, spec.n_forward, spec.n_backward, dtype=torch.bool)
     notin[0, 0, spec.k_slot(1, 1)] = True
-    with E._split_qkv(tiny_llama):
+    with W._split_qkv(tiny_llama):
         with hooks.capture(tiny_llama, ["blocks.1.attn.hook_pattern"]) as base:
             tiny_llama(cs.clean_tokens)
         with hooks.capture(tiny_llama, ["blocks.1.attn.hook_pattern"]) as edited:
-            E._masked_logits(tiny_llama, w, cs.clean_tokens, {}, A_corr, notin)
+            W._masked_logits(tiny_llama, w, cs.clean_tokens, {}, A_corr, notin)
     change = (edited["blocks.1.attn.hook_pattern"] - base["blocks.1.attn.hook_pattern"]).abs().amax((0, 2, 3))
     assert change[:2].max() < 1e-6 and change[2:].min() > 1e-4
     assert hooks.active_hooks(tiny_llama) == [] and tiny_llama.cfg.use_split_qkv_input is False
