@@ -34,7 +34,8 @@ from mechlib.tasks.contrast import PromptBatch  # noqa: E402
 __all__ += ["attention_sinks", "massive_activations", "massive_means", "sink_dimensions", "act_head_search", "interventions",
             "ablate_massive", "ablate_sink_values", "calibrate_attention", "redistribute_attention", "PromptBatch"]
 
-from mechlib.analyses.circuits import Circuit, OverlapResult, circuit_overlap, find_circuit  # noqa: E402
+from mechlib.analyses.circuits import Circuit, find_circuit  # noqa: E402
+from mechlib.analyses.overlap import OverlapResult, circuit_overlap  # noqa: E402
 from mechlib.interventions import scale_heads, steer_attention, steer_residual  # noqa: E402
 
 __all__ += ["find_circuit", "circuit_overlap", "Circuit", "OverlapResult", "scale_heads", "steer_attention", "steer_residual"]

@@ -1,7 +1,10 @@
 """Faithfulness of a circuit (:func:`faithfulness`): the model run with everything outside an edge
-:class:`~mechlib.analyses.edges.graph.Graph` (or a head circuit) ablated, as the recovered share of
-the clean − ablated gap with a BCa bootstrap interval; and :func:`faithfulness_curve`, the same for
-circuits of several sizes selected from one set of scores.
+:class:`~mechlib.analyses.edges.graph.Graph` or a head :class:`~mechlib.analyses.circuits.Circuit`
+ablated, as the recovered share of the clean − ablated gap with a BCa bootstrap interval; and
+:func:`faithfulness_curve`, the same for circuits of several sizes selected from one set of scores.
+
+It evaluates both kinds of circuit, so it imports :mod:`mechlib.analyses.circuits` (which never
+imports the edges package): the arrows point down.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 from torch import Tensor
 
 from mechlib import hooks
+from mechlib.analyses.circuits import Circuit
 from mechlib.analyses.edges.graph import EdgeGraphError, Graph
 from mechlib.analyses.edges.scoring import EdgeScores
 from mechlib.analyses.edges.wiring import (
@@ -161,8 +165,6 @@ def _z_record(model, w: _Wiring, tokens: Tensor, extras) -> Tensor:
 def _circuit_masks(w: _Wiring, circuits: Sequence) -> tuple[Tensor, str, list[int]]:
     """Stacked ablation masks for Graphs (``[C, F, Bk]`` edges not in the circuit) or head
     Circuits (``[C, L, H]`` heads not in it); plus the unit kind and each circuit's size."""
-    from mechlib.analyses.circuits import Circuit
-
     spec = w.spec
     if all(isinstance(c, Graph) for c in circuits):
         for c in circuits:
