@@ -118,10 +118,32 @@ def test_vista_keeps_each_token_norm_and_moves_towards_v(m4, variant, site):
         torch.testing.assert_close(m4(batch.tokens), m4(batch.tokens))
 
 
+def test_sla_code_variant_equals_the_released_code_on_hf_hidden_states():
+    """VISTA's llava_llama.py, ported: ``hidden_states[1:]`` (the embedding entry dropped), then
+    ``--logits-layers 25,30`` = entries 25..30, raw ``lm_head``, ``α·aug + (1 − α)·logits``. On a
+    32-layer model that is the outputs of blocks 25..30 (L−7..L−2) — not 24..29."""
+    from mechlib.models.tiny import tiny_hf_model
+
+    m32 = mechlib.tiny_model("llama", seed=0, n_layers=32)
+    assert mechlib.analyses.lens.sla_layers(m32, "paper") == list(range(26, 31))  # h^{L-5}..h^{L-1}, 1-indexed
+    assert mechlib.analyses.lens.sla_layers(m32, "code") == list(range(25, 31))
+    hf, _ = tiny_hf_model("llama", seed=0, n_layers=32)  # the same weights, run by transformers itself
+    batch = mechlib.PromptBatch.from_prompts(m32, PROMPTS)
+    ours = mechlib.self_logits_augmentation(m32, PROMPTS, gamma=0.3, variant="code")
+    for i in range(len(PROMPTS)):
+        ids = batch.tokens[i:i + 1, :int(batch.lengths[i])]
+        with torch.no_grad():
+            out = hf(input_ids=ids, output_hidden_states=True)
+            all_hidden_states = out.hidden_states[1:]  # "ignore embedding layer"
+            aug = torch.stack([hf.lm_head(all_hidden_states[idx]) for idx in range(25, 30 + 1)]).mean(0)
+            ref = (0.3 * aug + 0.7 * out.logits)[0, -1]
+        torch.testing.assert_close(ours[i], ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="variant"):
+        mechlib.analyses.lens.sla_layers(m32, "codes")
+
+
 def test_sla_windows_and_readouts(m4):
     L = m4.cfg.n_layers
-    assert mechlib.analyses.lens.sla_layers(mechlib.tiny_model("llama", n_layers=32), "paper") == list(range(26, 31))
-    assert mechlib.analyses.lens.sla_layers(mechlib.tiny_model("llama", n_layers=32), "code") == list(range(24, 30))
     batch = mechlib.PromptBatch.from_prompts(m4, PROMPTS)
     names = [f"blocks.{l}.hook_resid_post" for l in range(L)]
     logits, acts = hooks.run_with_cache(m4, batch.tokens, names)

@@ -249,13 +249,27 @@ def component_tokens(
 
 
 def sla_layers(model, variant: str = "paper", window: int = 5) -> list[int]:
-    """The blocks whose outputs SLA mixes in: the paper's ``w`` layers before the last
-    (``h^{L-w} .. h^{L-1}``); the released code's ``--logits-layers 25,30`` of LLaVA's 32 (HF
-    ``hidden_states[25..30]`` = the outputs of blocks 24..29: ``L-8 .. L-3``)."""
+    """The blocks (0-indexed, as ``blocks.{l}``) whose outputs SLA mixes in.
+
+    * ``"paper"``: the ``w`` layer outputs before the last, ``h^{L-w} .. h^{L-1}`` (1-indexed):
+      blocks ``L-1-w .. L-2``, i.e. 26..30 of LLaVA's 32 with ``w = 5``.
+    * ``"code"``: the released code's ``--logits-layers 25,30``. VISTA's ``llava_llama.py`` first
+      drops the embedding entry of HF's ``hidden_states`` (``all_hidden_states[1:]``) and then
+      indexes ``range(25, 30 + 1)``, so it mixes the outputs of blocks 25..30 of 32 (all before
+      the final norm): ``L-7 .. L-2`` on a model of ``L`` layers.
+
+    Example:
+        >>> sla_layers(mechlib.tiny_model("llama", n_layers=32), "code")
+        [25, 26, 27, 28, 29, 30]
+        >>> sla_layers(mechlib.tiny_model("llama", n_layers=32), "paper")
+        [26, 27, 28, 29, 30]
+    """
+    if variant not in ("paper", "code"):
+        raise ValueError(f"variant={variant!r}: choose 'paper' or 'code'")
     L = model.cfg.n_layers
     if variant == "paper":
         return list(range(max(L - 1 - window, 0), L - 1))
-    return list(range(max(L - 8, 0), max(L - 2, 1)))
+    return list(range(max(L - 7, 0), max(L - 1, 1)))
 
 
 def self_logits_augmentation(
@@ -274,8 +288,9 @@ def self_logits_augmentation(
     ==============  =================================  =================================  ====================
     choice          paper                              released code                      mechlib
     ==============  =================================  =================================  ====================
-    window          the w = 5 layers before the last   ``--logits-layers 25,30``: 6       ``variant``/``window``
-                                                       layers, L−8..L−3 of 32             (or ``layers=``)
+    window          the w = 5 layers before the last   ``--logits-layers 25,30`` on       ``variant``/``window``
+                    (blocks L−6..L−2, 0-indexed)       ``hidden_states[1:]``: the outputs (or ``layers=``; see
+                                                       of blocks 25..30 of 32 (L−7..L−2)  :func:`sla_layers`)
     readout H       the LM head                        raw ``lm_head`` on pre-norm        ``"paper"``: final norm
                                                        states (no final norm)             + unembedding (the logit
                                                                                           lens); ``"code"``: raw
