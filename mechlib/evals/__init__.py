@@ -1,0 +1,42 @@
+"""The papers' own evaluations: CHAIR and POPE on generated text, and loaders for the papers' data.
+
+* :func:`chair` — CHAIR_S / CHAIR_I (Rohrbach et al. 2018): how often captions name COCO objects
+  that are not in the image; :func:`coco_ground_truth` builds the per-image ground truth.
+* :func:`pope_questions` / :func:`pope_scores` — POPE (Li et al. 2023): balanced yes/no questions
+  "Is there a {object} in the image?" with random / popular / adversarial negatives, scored by
+  accuracy, precision, recall, F1 and the yes-ratio.
+* :mod:`mechlib.evals.datasets` — COCO val2014 (annotations and a seeded sample of images), ACT's
+  classification sets, WikiText-2 / C4 text for perplexity, RewardBench's reasoning subsets. Cached
+  under ``$MECHLIB_CACHE/datasets``; a local folder works (``root=``); offline they fail at once and
+  name the file to place.
+
+Nothing heavy is imported here: PIL, ``datasets`` and pandas load only when a function needs them.
+"""
+
+from mechlib.evals.chair import (
+    CaptionChair,
+    CaptionObjects,
+    ChairResult,
+    caption_objects,
+    chair,
+    coco_ground_truth,
+    vocabulary,
+)
+from mechlib.evals.datasets import (
+    ACT_DATASETS,
+    ActDataset,
+    CocoRecord,
+    DatasetNotAvailable,
+    load_act_dataset,
+    load_coco,
+    load_perplexity_text,
+    load_rewardbench,
+)
+from mechlib.evals.pope import PopeQuestion, PopeScores, pope_answer, pope_questions, pope_scores
+
+__all__ = [
+    "chair", "ChairResult", "CaptionChair", "caption_objects", "CaptionObjects", "coco_ground_truth", "vocabulary",
+    "pope_questions", "pope_scores", "pope_answer", "PopeQuestion", "PopeScores",
+    "load_coco", "CocoRecord", "load_act_dataset", "ActDataset", "ACT_DATASETS", "load_perplexity_text",
+    "load_rewardbench", "DatasetNotAvailable",
+]

@@ -1,0 +1,610 @@
+"""The papers' data: COCO val2014, ACT's classification sets, perplexity corpora, RewardBench.
+
+Every loader looks, in order, in ``root=`` (a folder you pass), in mechlib's cache
+(``$MECHLIB_CACHE/datasets/...``, by default ``~/.cache/mechlib/datasets``), and — only when the
+network answers — downloads the official files (COCO) or reads the Hugging Face hub through the
+``datasets`` library, keeping a plain copy in the cache so the next call works offline. Downloads
+show a progress bar and are written atomically (a temp file renamed into place).
+
+Offline (the network is checked once per host, with a short timeout, and ``MECHLIB_OFFLINE=1``
+skips the check) a loader whose files are missing raises :class:`DatasetNotAvailable` at once,
+naming the exact file to place and the folder to place it in.
+
+| loader | paper setting it serves | source |
+|---|---|---|
+| :func:`load_coco` | CHAIR (VHR, VISTA: 500 val2014 images), POPE (VAR, VISTA, VHR) | images.cocodataset.org (annotations zip, images one by one) |
+| :func:`load_act_dataset` | ACT (Yu et al. 2024) classification: SST-2, SST-5, MR, SUBJ, AGNews, TREC, CB, BoolQ, DBPedia | the hub ids ACT loads (``utils/data_utils.py``) |
+| :func:`load_perplexity_text` | Sun et al. 2024 perplexity: WikiText-2 test, C4 | the hub (``Salesforce/wikitext``, ``NeelNanda/c4-10k``, ``allenai/c4``) |
+| :func:`load_rewardbench` | PINE (Wang et al.): RewardBench's reasoning subsets | ``allenai/reward-bench``, split ``filtered`` |
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import socket
+import tempfile
+import threading
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+from mechlib.models._common import cache_dir
+
+PathLike = Union[str, os.PathLike]
+
+COCO_ANNOTATIONS_URL = "http://images.cocodataset.org/annotations/annotations_trainval2014.zip"
+COCO_IMAGE_URL = "http://images.cocodataset.org/{split}/{file_name}"
+COCO_HOST = "images.cocodataset.org"
+HF_HOST = "huggingface.co"
+
+
+class DatasetNotAvailable(FileNotFoundError):
+    """A dataset's files are not on this machine and cannot be downloaded (offline or failed)."""
+
+
+def datasets_dir() -> Path:
+    """Where mechlib keeps datasets: ``<mechlib cache>/datasets`` (``$MECHLIB_CACHE`` or ``~/.cache/mechlib``)."""
+    return cache_dir() / "datasets"
+
+
+# --- network -------------------------------------------------------------------------------------
+
+_ONLINE: dict[str, bool] = {}
+
+
+def _offline_forced() -> bool:
+    return os.environ.get("MECHLIB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def online(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether ``host:port`` accepts a TCP connection, checked once per host and remembered.
+
+    Never blocks longer than ``timeout`` seconds (name resolution included: the check runs in a
+    daemon thread). ``MECHLIB_OFFLINE=1`` answers False without trying.
+    """
+    if _offline_forced():
+        return False
+    if host in _ONLINE:
+        return _ONLINE[host]
+    result = [False]
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result[0] = True
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    _ONLINE[host] = result[0]
+    return result[0]
+
+
+def _download(url: str, dest: Path, *, desc: str, timeout: float = 30.0) -> Path:
+    """Stream ``url`` to ``dest`` with a progress bar; the file appears only once complete."""
+    import urllib.request
+
+    from tqdm.auto import tqdm
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return dest
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    from mechlib.results import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode())
+
+
+def _first_existing(paths: Iterable[Path]) -> Optional[Path]:
+    for p in paths:
+        if p.is_file():
+            return p
+    return None
+
+
+# --- COCO ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CocoRecord:
+    """One COCO image with what CHAIR and POPE need.
+
+    ``categories``: its instance categories (COCO names, first-annotated first) — POPE's objects.
+    ``objects``: CHAIR's ground truth (categories ∪ COCO objects named in ``captions``).
+    ``path``: the image file (``None`` when loaded with ``images=False``); :meth:`image` opens it.
+    """
+
+    image_id: int
+    file_name: str
+    path: Optional[Path]
+    categories: tuple[str, ...]
+    objects: frozenset[str]
+    captions: tuple[str, ...] = field(repr=False)
+
+    def image(self):
+        """The image as an RGB ``PIL.Image``."""
+        if self.path is None:
+            raise ValueError(f"image {self.image_id} was loaded without its file (images=False); "
+                             "call load_coco(..., images=True)")
+        from PIL import Image
+
+        with Image.open(self.path) as im:
+            return im.convert("RGB")
+
+
+def _coco_dirs(root: Optional[PathLike]) -> list[Path]:
+    dirs = []
+    if root is not None:
+        r = Path(root).expanduser()
+        if not r.is_dir():
+            raise DatasetNotAvailable(f"root={str(root)!r} is not a folder")
+        dirs += [r, r / "annotations"]
+    base = datasets_dir() / "coco"
+    dirs += [base / "annotations"]
+    return dirs
+
+
+def _coco_annotations(root: Optional[PathLike], split: str, download: bool) -> tuple[Path, Path]:
+    names = (f"captions_{split}.json", f"instances_{split}.json")
+    dirs = _coco_dirs(root)
+    found = [_first_existing(d / n for d in dirs) for n in names]
+    if all(found):
+        return found[0], found[1]
+    target = datasets_dir() / "coco" / "annotations"
+    missing = [n for n, f in zip(names, found) if f is None]
+    where = f"{target}" + (f" or in root={str(root)!r}" if root is not None else "")
+    if not download or split not in ("val2014", "train2014"):
+        raise DatasetNotAvailable(f"COCO annotations {', '.join(missing)} not found: place them in {where} "
+                                  f"(they are in {COCO_ANNOTATIONS_URL}), or pass root= a folder holding them")
+    if not online(COCO_HOST, 80):
+        raise DatasetNotAvailable(f"COCO annotations {', '.join(missing)} not found and {COCO_HOST} is unreachable "
+                                  f"(offline): place {' and '.join(missing)} in {where}, from {COCO_ANNOTATIONS_URL}")
+    zpath = _download(COCO_ANNOTATIONS_URL, datasets_dir() / "coco" / "annotations_trainval2014.zip",
+                      desc="COCO annotations (241 MB)")
+    with zipfile.ZipFile(zpath) as z:
+        for n in names:
+            data = z.read(f"annotations/{n}")
+            from mechlib.results import atomic_write_bytes
+
+            atomic_write_bytes(target / n, data)
+    zpath.unlink()
+    return target / names[0], target / names[1]
+
+
+def _coco_index(captions_path: Path, instances_path: Path, split: str) -> dict:
+    """A compact per-image index (file name, categories, captions), cached beside the annotations."""
+    from tqdm.auto import tqdm
+
+    stamp = [captions_path.stat().st_size, instances_path.stat().st_size]
+    cache = datasets_dir() / "coco" / f"index_{split}.json"
+    if cache.is_file():
+        try:
+            idx = json.loads(cache.read_text())
+            if idx.get("stamp") == stamp and idx.get("sources") == [str(captions_path), str(instances_path)]:
+                return idx
+        except (OSError, ValueError):
+            pass
+    with open(instances_path) as f:
+        inst = json.load(f)
+    with open(captions_path) as f:
+        caps = json.load(f)
+    names = {c["id"]: c["name"] for c in inst["categories"]}
+    images = {im["id"]: {"file_name": im["file_name"], "categories": [], "captions": []} for im in inst["images"]}
+    for im in caps.get("images", []):
+        images.setdefault(im["id"], {"file_name": im["file_name"], "categories": [], "captions": []})
+    for ann in tqdm(inst["annotations"], desc="COCO instances", leave=False):
+        cats = images[ann["image_id"]]["categories"]
+        name = names[ann["category_id"]]
+        if name not in cats:
+            cats.append(name)
+    for ann in tqdm(caps["annotations"], desc="COCO captions", leave=False):
+        images[ann["image_id"]]["captions"].append(ann["caption"])
+    idx = {"stamp": stamp, "sources": [str(captions_path), str(instances_path)],
+           "images": {str(k): v for k, v in images.items()}}
+    try:
+        _atomic_write_text(cache, json.dumps(idx))
+    except OSError:
+        pass  # a read-only cache only costs the re-indexing next time
+    return idx
+
+
+def _coco_image_path(root: Optional[PathLike], split: str, file_name: str) -> Optional[Path]:
+    cands = []
+    if root is not None:
+        r = Path(root).expanduser()
+        cands += [r / split / file_name, r / "images" / split / file_name, r / file_name]
+    cands.append(datasets_dir() / "coco" / split / file_name)
+    return _first_existing(cands)
+
+
+def load_coco(n: Optional[int] = 500, *, root: Optional[PathLike] = None, split: str = "val2014", seed: int = 0,
+              image_ids: Optional[Sequence[int]] = None, images: bool = True, download: bool = True) -> list[CocoRecord]:
+    """A seeded sample of COCO images with their CHAIR ground truth, POPE objects and captions.
+
+    Args:
+        n: images to sample (``random.Random(seed).sample`` over the sorted image ids; the papers
+            use 500). ``None``: every image of the split, sorted by id.
+        root: a folder with ``captions_{split}.json`` / ``instances_{split}.json`` (directly or in
+            ``annotations/``) and the images (in ``{split}/``, ``images/{split}/`` or directly).
+        split: ``"val2014"`` (the papers') or another COCO split whose files you have.
+        seed: the sampling seed.
+        image_ids: load exactly these images instead of sampling.
+        images: also locate (and if needed download) the image files; ``False`` loads annotations only.
+        download: allow downloading missing files when the network answers.
+
+    Returns:
+        ``[CocoRecord]`` in sample order.
+
+    Raises:
+        DatasetNotAvailable: a file is missing and cannot be downloaded (offline); the message
+            names the file and the folder to place it in.
+
+    >>> recs = load_coco(500, seed=0)                      # doctest: +SKIP
+    >>> recs[0].objects, recs[0].image().size              # doctest: +SKIP
+    """
+    from mechlib.evals.chair import caption_objects, vocabulary
+
+    cap_path, inst_path = _coco_annotations(root, split, download)
+    idx = _coco_index(cap_path, inst_path, split)["images"]
+    if image_ids is not None:
+        missing = [i for i in image_ids if str(int(i)) not in idx]
+        if missing:
+            raise KeyError(f"image ids {missing[:5]} are not in COCO {split} ({inst_path})")
+        ids = [int(i) for i in image_ids]
+    else:
+        all_ids = sorted(int(k) for k in idx)
+        if n is None:
+            ids = all_ids
+        elif n > len(all_ids):
+            raise ValueError(f"n={n} but COCO {split} ({inst_path}) has {len(all_ids)} images")
+        else:
+            ids = random.Random(seed).sample(all_ids, n)
+    vocab = vocabulary()
+    paths: dict[int, Optional[Path]] = {}
+    if images:
+        missing = []
+        for i in ids:
+            p = _coco_image_path(root, split, idx[str(i)]["file_name"])
+            paths[i] = p
+            if p is None:
+                missing.append(i)
+        if missing:
+            target = datasets_dir() / "coco" / split
+            first = idx[str(missing[0])]["file_name"]
+            if not download:
+                raise DatasetNotAvailable(f"{len(missing)} of {len(ids)} COCO images are missing (e.g. {first}): "
+                                          f"place them in {target}" + (f" or {Path(root) / split}" if root else "")
+                                          + ", or pass images=False")
+            if not online(COCO_HOST, 80):
+                raise DatasetNotAvailable(f"{len(missing)} of {len(ids)} COCO images are missing (e.g. {first}) and "
+                                          f"{COCO_HOST} is unreachable (offline): place them in {target}"
+                                          + (f" or {Path(root) / split}" if root else "")
+                                          + f" (from {COCO_IMAGE_URL.format(split=split, file_name=first)}), or pass images=False")
+            from tqdm.auto import tqdm
+
+            for i in tqdm(missing, desc=f"COCO {split} images"):
+                fn = idx[str(i)]["file_name"]
+                paths[i] = _download(COCO_IMAGE_URL.format(split=split, file_name=fn), target / fn, desc=fn)
+    out = []
+    for i in ids:
+        e = idx[str(i)]
+        gt = {vocab.synonyms[c] for c in e["categories"]}
+        for c in e["captions"]:
+            gt.update(caption_objects(c).objects)
+        out.append(CocoRecord(image_id=i, file_name=e["file_name"], path=paths.get(i), categories=tuple(e["categories"]),
+                              objects=frozenset(gt), captions=tuple(e["captions"])))
+    return out
+
+
+# --- text datasets -------------------------------------------------------------------------------
+
+
+def _read_records(path: Path) -> list[dict]:
+    """Rows of a .jsonl / .json / .jsonl.gz / .json.gz / .parquet / .csv file as dicts."""
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        import pandas as pd
+
+        return pd.read_parquet(path).to_dict("records")
+    if name.endswith(".csv"):
+        import pandas as pd
+
+        return pd.read_csv(path).to_dict("records")
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    stripped = text.lstrip()
+    if name.endswith((".json", ".json.gz")) and stripped.startswith("["):
+        return json.loads(text)
+    if name.endswith((".json", ".json.gz")) and stripped.startswith("{") and "\n{" not in stripped.strip():
+        doc = json.loads(text)
+        for key in ("data", "rows", "examples"):
+            if isinstance(doc.get(key), list):
+                return doc[key]
+        raise ValueError(f"{path}: a JSON object without a 'data'/'rows' list")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+_TABLE_EXTS = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".csv")
+
+
+def _find_table(folder: Path, stem: str) -> Optional[Path]:
+    return _first_existing(folder / f"{stem}{ext}" for ext in _TABLE_EXTS)
+
+
+def _hub_rows(hub_id: str, config: Optional[str], split: str, *, what: str, place: str) -> list[dict]:
+    """Rows of a hub dataset through ``datasets`` (online only), or DatasetNotAvailable."""
+    import importlib.util
+
+    if not online(HF_HOST):
+        raise DatasetNotAvailable(f"{what} is not on this machine and {HF_HOST} is unreachable (offline): {place}")
+    if importlib.util.find_spec("datasets") is None:
+        raise DatasetNotAvailable(f"{what} is not on this machine and the `datasets` library is not installed "
+                                  f"(pip install datasets): {place}")
+    from datasets import load_dataset
+
+    ds = load_dataset(hub_id, config, split=split, cache_dir=str(datasets_dir() / "hf"))
+    return [dict(r) for r in ds]
+
+
+def _cache_rows(path: Path, rows: list[dict]) -> None:
+    try:
+        _atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+    except OSError:
+        pass
+
+
+@dataclass(frozen=True)
+class _ActSpec:
+    act_id: tuple            # what ACT's utils/data_utils.py passes to load_dataset
+    hub_id: tuple            # the current hub location (repo, config)
+    train_split: str
+    eval_split: str
+    instruction: str
+    template: str
+    labels: tuple[str, ...]
+    label_key: str = "label"
+
+    @property
+    def fields(self) -> list[str]:
+        import string
+
+        return [f for _, f, _, _ in string.Formatter().parse(self.template) if f]
+
+
+# ACT (Yu et al. 2024), utils/data_utils.py get_classification_dataset: datasets, splits, prompts, labels.
+ACT_DATASETS: dict[str, _ActSpec] = {
+    "sst2": _ActSpec(("glue", "sst2"), ("nyu-mll/glue", "sst2"), "train", "validation",
+                     "Classify the sentiment of the user's message into one of the following categories:'positive' or 'negative'.\n\n",
+                     "Sentence: {sentence} \nSentiment: ", (" negative", " positive")),
+    "sst5": _ActSpec(("SetFit/sst5", None), ("SetFit/sst5", None), "train", "validation",
+                     "Classify the sentiment of the user's message into one of the following categories:'terrible', 'negative', 'neutral', 'positive', or 'great'.\n\n",
+                     "Sentence: {text} \nSentiment: ", (" terrible", " negative", " neutral", " positive", " great")),
+    "MR": _ActSpec(("rotten_tomatoes", None), ("cornell-movie-review-data/rotten_tomatoes", None), "train", "validation",
+                   "Classify the sentiment of the movie's review into one of the following categories:'positive' or 'negative'.\n\n",
+                   "Review: {text} \nSentiment: ", (" negative", " positive")),
+    "SUBJ": _ActSpec(("SetFit/subj", None), ("SetFit/subj", None), "train", "test",
+                     "Classify the sentiment polarity of the movie's review into one of the following categories: 'subjective' or 'object'.\n\n",
+                     "Input: {text} \nType: ", (" objective", " subjective")),
+    "DBPedia": _ActSpec(("dbpedia_14", None), ("fancyzhx/dbpedia_14", None), "train", "test",
+                        "Classify the given text into one of the most relevant categories: 'company', 'school', 'artist', 'sport', 'politics', 'transportation', 'building', 'nature', 'village', 'animal', 'plant', 'album', 'film', or 'book'.\n\n",
+                        "Input: {content} \nType: ",
+                        (" company", " school", " artist", " sport", " politics", " transportation", " building",
+                         " nature", " village", " animal", " plant", " album", " film", " book")),
+    "AGNews": _ActSpec(("ag_news", None), ("fancyzhx/ag_news", None), "train", "test",
+                       "Classify the news articles into the categories of 'World', 'Sports', 'Business', or 'Technology'.\n\n",
+                       "Article: {text} \nCategory: ", (" World", " Sports", " Business", " Technology")),
+    "TREC": _ActSpec(("trec", None), ("CogComp/trec", None), "train", "test",
+                     "Classify the given questions into the following categories of 'Description', 'Entity', 'Expression', 'Person', 'Number', or 'Location'.\n\n",
+                     "Question: {text} \nType: ", (" Description", " Entity", " Expression", " Person", " Number", " Location"),
+                     label_key="coarse_label"),
+    "CB": _ActSpec(("super_glue", "cb"), ("aps/super_glue", "cb"), "train", "validation",
+                   "Read the following paragraph and determine if the hypothesis is true.\n\n",
+                   "Premise: {premise} Hypothesis: {hypothesis}. Answer: ", ("Yes", "No", "Maybe")),
+    "BoolQ": _ActSpec(("super_glue", "boolq"), ("aps/super_glue", "boolq"), "train", "validation",
+                      "Read the text and answer the question by True or False.\n\n",
+                      "Text: {passage} Question: {question}? \nAnswer: ", (" False", " True")),
+}
+
+
+@dataclass(frozen=True)
+class ActDataset:
+    """One of ACT's classification datasets, with ACT's instruction, template and label words.
+
+    ``prompts[i]`` is ACT's zero-shot prompt (instruction + template); the model's prediction is the
+    argmax over the log-probabilities of the last token of each ``label_choices`` entry at the last
+    position; ``labels[i]`` indexes ``label_choices``.
+    """
+
+    name: str
+    split: str
+    instruction: str
+    template: str
+    label_choices: tuple[str, ...]
+    examples: tuple[Mapping[str, Any], ...] = field(repr=False)
+
+    @property
+    def labels(self) -> list[int]:
+        return [int(e["label"]) for e in self.examples]
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.instruction + self.template.format(**e) for e in self.examples]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def load_act_dataset(name: str, *, split: Optional[str] = None, root: Optional[PathLike] = None,
+                     n: Optional[int] = None, seed: int = 0) -> ActDataset:
+    """One of ACT's classification datasets (Yu et al. 2024, ``utils/data_utils.py``).
+
+    Args:
+        name: one of ``ACT_DATASETS``: sst2, sst5, MR, SUBJ, AGNews, TREC, CB, BoolQ, DBPedia.
+        split: ``"train"`` (ACT calibrates on 900 train samples) or the evaluation split (default:
+            ACT's — validation or test, per dataset).
+        root: a folder holding ``{name}/{split}.jsonl`` (or .json/.parquet/.csv) with the hub's columns.
+        n: keep a seeded random sample of n examples (``None``: all, in file order).
+
+    >>> ds = load_act_dataset("sst2", n=100)                       # doctest: +SKIP
+    >>> ds.prompts[0], ds.label_choices, ds.labels[0]              # doctest: +SKIP
+    """
+    if name not in ACT_DATASETS:
+        lowered = {k.lower(): k for k in ACT_DATASETS}
+        if name.lower() in lowered:
+            name = lowered[name.lower()]
+        else:
+            raise ValueError(f"name={name!r} is not one of ACT's classification datasets {sorted(ACT_DATASETS)}")
+    spec = ACT_DATASETS[name]
+    split = split or spec.eval_split
+    if split not in (spec.train_split, spec.eval_split):
+        raise ValueError(f"split={split!r}: ACT uses {spec.train_split!r} (calibration) and {spec.eval_split!r} "
+                         f"(evaluation) for {name}")
+    cache = datasets_dir() / "act" / name
+    folders = ([Path(root).expanduser() / name, Path(root).expanduser()] if root is not None else []) + [cache]
+    path = next((p for p in (_find_table(f, split) for f in folders) if p), None)
+    cols = spec.fields + [spec.label_key]
+    place = (f"place {cache / f'{split}.jsonl'} (one JSON object per line with the fields {cols})"
+             + (f" or {Path(root) / name / f'{split}.jsonl'}" if root is not None else ", or pass root= a folder "
+                f"holding {name}/{split}.jsonl") + f"; with the network it is read from the hub ({spec.hub_id[0]})")
+    if path is not None:
+        rows = _read_records(path)
+    else:
+        rows = _hub_rows(spec.hub_id[0], spec.hub_id[1], split, what=f"ACT dataset {name!r} ({split})", place=place)
+        _cache_rows(cache / f"{split}.jsonl", rows)
+        path = cache / f"{split}.jsonl"
+    for k, r in enumerate(rows):
+        absent = [c for c in cols if c not in r]
+        if absent:
+            raise ValueError(f"{path}: row {k} lacks {absent}; ACT's {name} rows need {cols}")
+    examples = [{**{f: r[f] for f in spec.fields}, "label": int(r[spec.label_key])} for r in rows]
+    if n is not None:
+        if n > len(examples):
+            raise ValueError(f"n={n} but {path} has {len(examples)} examples")
+        examples = random.Random(seed).sample(examples, n)
+    return ActDataset(name=name, split=split, instruction=spec.instruction, template=spec.template,
+                      label_choices=spec.labels, examples=tuple(examples))
+
+
+# (hub repo, config, split, text column, joiner, documents kept, local file names)
+_PPL = {
+    "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "test", "text", "\n\n", None,
+                  ("wiki.test.raw", "wikitext-2-raw/wiki.test.raw", "wikitext-2-raw-v1/wiki.test.raw")),
+    "c4": ("NeelNanda/c4-10k", None, "train", "text", " ", 5000,
+           tuple(f"c4-10k{e}" for e in _TABLE_EXTS)),
+    "c4-validation": ("allenai/c4", "en", "validation", "text", " ", 1100,
+                      ("c4-validation.00000-of-00008.json.gz", "en/c4-validation.00000-of-00008.json.gz")),
+}
+
+
+def load_perplexity_text(name: str = "wikitext2", *, root: Optional[PathLike] = None) -> str:
+    """The evaluation text of a perplexity benchmark, joined as Sun et al.'s ``lib/load_data.py`` does.
+
+    * ``"wikitext2"``: WikiText-2 (raw) test, rows joined with ``"\\n\\n"`` (Sun et al.; also the
+      SparseGPT/Wanda convention). Local file: ``wiki.test.raw`` (from ``wikitext-2-raw-v1.zip``),
+      read line by line.
+    * ``"c4"``: the first 5,000 documents of ``NeelNanda/c4-10k`` joined with ``" "`` (Sun et al.'s C4).
+    * ``"c4-validation"``: the first 1,100 documents of C4's validation shard
+      ``en/c4-validation.00000-of-00008.json.gz`` joined with ``" "`` (the SparseGPT/Wanda C4).
+
+    Tokenize the result without special tokens and cut it into fixed-length windows (Sun et al.:
+    4,096 tokens for Llama-2).
+
+    >>> text = load_perplexity_text("wikitext2")                   # doctest: +SKIP
+    """
+    if name not in _PPL:
+        raise ValueError(f"name={name!r} is not one of {sorted(_PPL)}")
+    hub, config, split, col, joiner, keep, files = _PPL[name]
+    cache = datasets_dir() / "text" / name
+    folders = ([Path(root).expanduser()] if root is not None else []) + [cache]
+    path = _first_existing(f / fn for f in folders for fn in files)
+    place = (f"place {files[0]} in {cache}" + (f" or in root={str(root)!r}" if root is not None else " or pass root= "
+             "a folder holding it") + f"; with the network it is read from the hub ({hub})")
+    if path is not None:
+        if path.name.endswith(".raw") or path.suffix == ".txt":
+            rows = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        else:
+            rows = [r[col] for r in _read_records(path)]
+    else:
+        rows = [r[col] for r in _hub_rows(hub, config, split, what=f"the {name} text", place=place)]
+        _cache_rows(cache / f"{files[0].split('/')[-1].split('.')[0]}.jsonl", [{col: r} for r in rows])
+    if keep is not None:
+        rows = rows[:keep]
+    return joiner.join(rows)
+
+
+REWARDBENCH_REASONING = ("math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust")
+
+
+def load_rewardbench(*, subsets: Union[str, Sequence[str]] = "reasoning", root: Optional[PathLike] = None) -> list[dict]:
+    """RewardBench pairs (Lambert et al. 2024; PINE evaluates LM-as-a-judge on its reasoning subsets).
+
+    Args:
+        subsets: ``"reasoning"`` (math-prm and the six HumanEvalPack languages), ``"all"``, or a
+            list of subset names.
+        root: a folder holding ``filtered.jsonl`` (or .json/.parquet): the ``filtered`` split of
+            ``allenai/reward-bench`` with columns prompt, chosen, rejected, subset, id.
+
+    Returns:
+        ``[{"id", "subset", "prompt", "chosen", "rejected"}]`` in file order.
+
+    >>> pairs = load_rewardbench()                                  # doctest: +SKIP
+    """
+    if subsets == "reasoning":
+        wanted: Optional[set] = set(REWARDBENCH_REASONING)
+    elif subsets == "all":
+        wanted = None
+    elif isinstance(subsets, str):
+        raise ValueError(f"subsets={subsets!r}: use 'reasoning', 'all' or a list of subset names")
+    else:
+        wanted = set(subsets)
+    cache = datasets_dir() / "rewardbench"
+    folders = ([Path(root).expanduser()] if root is not None else []) + [cache]
+    path = next((p for p in (_find_table(f, "filtered") for f in folders) if p), None)
+    place = (f"place {cache / 'filtered.jsonl'} (columns prompt, chosen, rejected, subset, id)"
+             + (f" or {Path(root) / 'filtered.jsonl'}" if root is not None else ", or pass root= a folder holding it")
+             + "; with the network it is read from the hub (allenai/reward-bench, split 'filtered')")
+    if path is not None:
+        rows = _read_records(path)
+    else:
+        rows = _hub_rows("allenai/reward-bench", None, "filtered", what="RewardBench", place=place)
+        _cache_rows(cache / "filtered.jsonl", rows)
+    cols = ("prompt", "chosen", "rejected", "subset")
+    out = []
+    for k, r in enumerate(rows):
+        absent = [c for c in cols if c not in r]
+        if absent:
+            raise ValueError(f"RewardBench row {k} lacks {absent}; rows need {list(cols) + ['id']}")
+        if wanted is None or r["subset"] in wanted:
+            out.append({"id": r.get("id", k), "subset": r["subset"], "prompt": r["prompt"],
+                        "chosen": r["chosen"], "rejected": r["rejected"]})
+    if wanted is not None:
+        unknown = wanted - {r["subset"] for r in rows}
+        if unknown and not out:
+            raise ValueError(f"no RewardBench rows in subsets {sorted(unknown)}")
+    return out
+
+
+__all__ = ["load_coco", "CocoRecord", "load_act_dataset", "ActDataset", "ACT_DATASETS", "load_perplexity_text",
+           "load_rewardbench", "REWARDBENCH_REASONING", "DatasetNotAvailable", "datasets_dir", "online"]
