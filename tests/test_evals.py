@@ -340,3 +340,51 @@ def test_opera_rules_need_nltk_data_and_say_so():
         assert "nltk" in str(e) and "download" in str(e)
     else:
         assert objs == ("dog",)  # OPERA adds "train track" as a compound, so no train
+
+
+def test_load_coco_download_path_with_local_urls(no_network, monkeypatch, tmp_path):
+    """The download branch (zip of annotations, images one by one, atomic writes), fed file:// URLs."""
+    import zipfile
+
+    from mechlib.evals import datasets as ds
+
+    z = tmp_path / "annotations_trainval2014.zip"
+    with zipfile.ZipFile(z, "w") as f:
+        for n in ("captions_val2014.json", "instances_val2014.json"):
+            f.write(COCO / "annotations" / n, f"annotations/{n}")
+    monkeypatch.setattr(ds, "online", lambda *a, **k: True)
+    monkeypatch.setattr(ds, "COCO_ANNOTATIONS_URL", z.as_uri())
+    monkeypatch.setattr(ds, "COCO_IMAGE_URL", "file://" + str(COCO.resolve()) + "/{split}/{file_name}")
+    recs = evals.load_coco(2, seed=1)
+    coco = no_network / "datasets" / "coco"
+    assert sorted(p.name for p in (coco / "annotations").iterdir()) == ["captions_val2014.json", "instances_val2014.json"]
+    assert sorted(p.name for p in (coco / "val2014").iterdir()) == sorted(r.file_name for r in recs)
+    assert all(r.path.parent == coco / "val2014" and r.image().size[0] == 96 for r in recs)
+    assert not (coco / "annotations_trainval2014.zip").exists()
+    monkeypatch.setattr(ds, "online", lambda *a, **k: False)       # now cached: works offline
+    assert evals.load_coco(2, seed=1) == recs
+
+
+def test_hub_path_caches_a_plain_copy(no_network, monkeypatch):
+    """With the network, rows come from `datasets.load_dataset` and are cached for offline use."""
+    import importlib.machinery
+    import types
+
+    from mechlib.evals import datasets as ds
+
+    calls = []
+    fake = types.ModuleType("datasets")
+    fake.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
+
+    def load_dataset(path, name=None, split=None, cache_dir=None):
+        calls.append((path, name, split))
+        return [{"sentence": "good .", "label": 1, "idx": 0}, {"sentence": "bad .", "label": 0, "idx": 1}]
+
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setattr(ds, "online", lambda *a, **k: True)
+    a = evals.load_act_dataset("sst2")
+    assert calls == [("nyu-mll/glue", "sst2", "validation")] and a.labels == [1, 0]
+    monkeypatch.setattr(ds, "online", lambda *a, **k: False)
+    assert evals.load_act_dataset("sst2") == a and len(calls) == 1
+    assert (no_network / "datasets" / "act" / "sst2" / "validation.jsonl").is_file()
