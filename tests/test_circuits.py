@@ -119,6 +119,47 @@ def test_candidate_prefilter_matches_exhaustive_discovery(tiny3):
     assert hooks.active_hooks(model) == []
 
 
+def test_top_selection_defaults_are_the_papers_exhaustive_search():
+    """``selection="top"`` path-patches every head (the paper's exhaustive search) and walks all four
+    stages. On this 26-layer model (104 heads; top 2% = 3 per stage) the third-strongest direct path
+    belongs to a head that attribution patching ranks far below 24th, so a 24-candidate pre-filter
+    (the old default) would miss a top head."""
+    import math
+
+    model = mechlib.tiny_model("llama", seed=1, n_layers=26)
+    cs = tasks.ioi(model, n=6, seed=0, templates=[2])
+    ld = metrics.logit_diff(cs)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    k = math.ceil(0.02 * L * H)
+    # reference: exhaustive path patching of every head to the logits (stage 1), ranked by |effect|
+    r = mechlib.path_patching(model, cs, ld, receivers="logits")
+    gap = r.baselines["clean"] - r.baselines["corrupted"]
+    effect = ((r.baselines["clean"] - r.values) / gap).flatten()
+    top = [divmod(i, H) for i in torch.argsort(effect.abs(), descending=True)[:k].tolist()]
+    attr = mechlib.attribution_patching(model, cs, ld, site="head_out")
+    ranking = torch.argsort((attr.values - attr.baselines["corrupted"]).abs().flatten(), descending=True).tolist()
+    missed = [h for h in top if ranking.index(h[0] * H + h[1]) >= 24]
+    assert missed, "the model no longer has a top head outside the attribution top 24"
+    c = mechlib.find_circuit(model, cs, ld, selection="top", edges=False)
+    assert c.metadata["exhaustive"] and c.metadata["candidates"] is None
+    assert c.metadata["stages"] == [st.name for st in IOI_STAGES]
+    assert len(c.stages[0].candidates) == L * H  # every head searched in stage 1
+    assert [h for h in c.heads if c.classes[h].endswith("name mover")] == top  # strongest first
+    assert set(missed) <= set(c.heads)
+    # the 24-candidate pre-filter is still there when asked for, and misses it
+    pre = mechlib.find_circuit(model, cs, ld, selection="top", candidates=24, stages=IOI_STAGES[:1], edges=False)
+    assert not pre.metadata["exhaustive"] and not set(missed) & set(pre.heads)
+    assert hooks.active_hooks(model) == []
+
+
+def test_threshold_selection_keeps_its_defaults(tiny3):
+    model, cs, ld = tiny3
+    c = mechlib.find_circuit(model, cs, ld, edges=False)
+    assert c.metadata["candidates"] == 24 and c.metadata["stages"] == [st.name for st in IOI_STAGES[:3]]
+    with pytest.raises(ValueError, match="candidates='all'"):
+        mechlib.find_circuit(model, cs, ld, candidates="all")
+
+
 def test_find_circuit_rejects_bad_options(tiny3):
     model, cs, ld = tiny3
     with pytest.raises(ValueError, match="via='logits'"):

@@ -219,13 +219,13 @@ def find_circuit(
     contrast: ContrastSet,
     metric: Metric,
     *,
-    stages: Sequence[Stage] = IOI_STAGES[:3],
+    selection: str = "threshold",
+    stages: Optional[Sequence[Stage]] = None,
     threshold: float = 0.05,
     min_z: float = 2.0,
     max_heads: int = 6,
-    candidates: Optional[int] = 24,
+    candidates: Union[int, None, str] = "auto",
     edges: bool = True,
-    selection: str = "threshold",
     top_fraction: float = 0.02,
     sender_positions: str = "all",
     batch_size: Optional[int] = None,
@@ -233,34 +233,53 @@ def find_circuit(
 ) -> Circuit:
     """Find a circuit by path patching backwards from the logits (IOI-style).
 
-    ====================  ==========================  ===========================  ===========================
-    choice                Merullo et al. (paper)      released code                mechlib default
-    ====================  ==========================  ===========================  ===========================
-    heads per stage       top 2% by importance         (selection not released)     |effect| ≥ threshold, |z| ≥ 2,
-                                                                                    ≤ ``max_heads``
-                          (``selection="top"``)
-    senders searched      all heads                   all heads                    top ``candidates`` by
-                                                                                    attribution (``None``: all)
-    sender positions      —                           END only (``position=-1``)   all (Wang et al.);
+    ====================  ===========================  ===========================  ===============================
+    choice                Merullo et al. (paper)       released code                mechlib
+    ====================  ===========================  ===========================  ===============================
+    heads per stage       top 2% by |importance|       (selection not released)     ``selection="top"``: top
+                                                                                    ``top_fraction`` (2%) by |mean
+                                                                                    effect|; ``"threshold"``:
+                                                                                    |effect| ≥ ``threshold``,
+                                                                                    |z| ≥ 2, ≤ ``max_heads``
+    senders searched      every head below the         every head below the         ``"top"``: every head;
+                          receivers                    receivers                    ``"threshold"``: the top 24 by
+                                                                                    attribution patching
+                                                                                    (``candidates=``)
+    stages                Wang et al.'s walk back      one run per receiver set     ``"top"``: all four
+                          from the logits (29/28       (configs not released)       ``IOI_STAGES``; ``"threshold"``:
+                          heads on GPT-2 Medium: more                               the first three (``stages=``)
+                          than 3 stages of 8)
+    sender positions      —                            END only (``position=-1``)   all (Wang et al.);
                                                                                     ``sender_positions="last"``
-    receiver positions    —                           END only                     per stage (``Stage.positions``)
-    score                 (patched − clean)/(corr −   same                         (clean − patched)/gap (same,
-                          clean)                                                    sign flipped: + = helps)
-    ====================  ==========================  ===========================  ===========================
+    receiver positions    —                            END only                     per stage (``Stage.positions``)
+    score                 (patched − clean)/(corr −    same                         (clean − patched)/(clean −
+                          clean)                                                    corr): the same quantity,
+                                                                                    same sign (+ = the path
+                                                                                    carries the clean behaviour)
+    ====================  ===========================  ===========================  ===============================
 
-    ``selection="top"`` reproduces the paper's rule: exhaustive (``candidates=None``), the top
+    ``selection="top"`` is the paper's rule, and its defaults are the paper's: exhaustive path
+    patching (every head is a sender), all four stages of :data:`IOI_STAGES` (name movers,
+    S-inhibition, induction / duplicate token, previous token), the top
     ``ceil(top_fraction · n_layers · n_heads)`` heads of each stage by |mean effect|, no threshold.
+    Passing ``candidates=K`` or ``stages=`` there is a deliberate departure (e.g. a CPU compromise);
+    ``metadata["exhaustive"]`` and ``metadata["stages"]`` record what ran. ``"threshold"`` is mechlib's
+    rule (significance over prompts), with a 24-head attribution pre-filter and three stages.
 
     Args:
         contrast: clean/corrupted pairs; ``metric`` their metric (e.g. ``metrics.logit_diff``).
-        stages: the stages to walk (default: name movers, S-inhibition, induction/duplicate-token;
-            ``IOI_STAGES`` adds previous-token heads). Stage 1 must be ``via="logits"``.
+        selection: ``"threshold"`` (mechlib) or ``"top"`` (Merullo et al.: the top fraction per stage).
+        stages: the stages to walk (default: all of ``IOI_STAGES`` with ``"top"``, the first three —
+            name movers, S-inhibition, induction/duplicate-token — with ``"threshold"``). Stage 1
+            must be ``via="logits"``.
         threshold: minimum |mean normalized path effect| (share of the clean − corrupted gap).
         min_z: minimum |mean / standard error| over prompts.
         max_heads: at most this many heads per stage (strongest first).
-        candidates: path-patch only the top-K heads by attribution patching (``None``: all heads).
+        candidates: path-patch only the top-K heads by attribution patching; ``None``: every head
+            (exhaustive). ``"auto"`` (default): ``None`` with ``"top"``, 24 with ``"threshold"``.
         edges: measure each in-circuit sender's path through each receiver head separately
             (weights for :func:`mechlib.viz.circuit_diagram`).
+        top_fraction: the share of all heads kept per stage with ``selection="top"``.
         batch_size: prompts per forward (default all); the circuit does not depend on it.
 
     Returns:
@@ -271,7 +290,17 @@ def find_circuit(
         >>> ioi = mechlib.tasks.ioi(model, n=8)                              # doctest: +SKIP
         >>> c = mechlib.find_circuit(model, ioi, mechlib.metrics.logit_diff(ioi))
         >>> c.by_class()["name mover"]
+        >>> paper = mechlib.find_circuit(model, ioi, mechlib.metrics.logit_diff(ioi), selection="top")
     """
+    if selection not in ("threshold", "top"):
+        raise ValueError(f"selection={selection!r}: choose 'threshold' (mechlib) or 'top' (Merullo et al.'s top "
+                         "fraction per stage)")
+    if stages is None:
+        stages = IOI_STAGES if selection == "top" else IOI_STAGES[:3]
+    if isinstance(candidates, str):
+        if candidates != "auto":
+            raise ValueError(f"candidates={candidates!r}: give a number of heads, None (exhaustive) or 'auto'")
+        candidates = None if selection == "top" else 24
     stages = tuple(stages)
     if not stages or stages[0].via != "logits":
         raise ValueError("stages must start with a via='logits' stage (the heads that write the answer)")
@@ -280,9 +309,6 @@ def find_circuit(
             raise ValueError(f"{st}: via must be 'logits'|'q'|'k'|'v' and positions 'all'|'last'")
     if any(st.via == "logits" for st in stages[1:]):
         raise ValueError("only the first stage can be via='logits'")
-    if selection not in ("threshold", "top"):
-        raise ValueError(f"selection={selection!r}: choose 'threshold' (mechlib) or 'top' (Merullo et al.'s top "
-                         "fraction per stage)")
     L, H = model.cfg.n_layers, model.cfg.n_heads
     if selection == "top":
         if not 0 < top_fraction <= 1:
@@ -351,6 +377,7 @@ def find_circuit(
         heads=tuple(heads), classes=classes, scores=scores, zscores=zs, edges=tuple(edge_list),
         task=contrast.task, model=str(name), n_layers=L, n_heads=H, stages=tuple(records),
         metadata=dict(threshold=threshold, min_z=min_z, max_heads=max_heads, candidates=candidates,
+                      exhaustive=candidates is None,
                       selection=selection, top_fraction=top_fraction if selection == "top" else None,
                       sender_positions=sender_positions,
                       n_prompts=len(contrast), gap=gap, stages=[s.name for s in stages],
