@@ -4,8 +4,16 @@ Known answers are computed by hand from the definitions (Rohrbach et al. 2018 an
 Li et al. 2023 and RUCAIBox/POPE). The singulariser is checked against pattern 3.6's output
 (tests/fixtures/pattern_singularize.json). No test touches the network: ``MECHLIB_OFFLINE=1`` and
 a patched ``socket.create_connection`` make any attempt fail loudly.
+
+CHAIR's published synonym list is not in the repository (it is fetched at run time): every test
+reads the hand-written stand-in tests/fixtures/chair_synonyms_standin.txt (26 categories, our own
+synonyms) through ``$MECHLIB_CHAIR_SYNONYMS``, so a developer's cached copy never changes a result.
+The download branch is tested on a file:// URL serving the stand-in.
 """
 
+import doctest
+import hashlib
+import importlib
 import json
 import math
 import os
@@ -20,12 +28,25 @@ import pytest
 
 from mechlib import evals
 from mechlib.evals import _text
+from mechlib.evals import datasets as ds
 from mechlib.evals.chair import caption_objects, vocabulary
 from mechlib.evals.datasets import DatasetNotAvailable, online
 
 FIX = Path(__file__).parent / "fixtures"
 COCO = FIX / "mini_coco"
 TEXT = FIX / "text"
+chair_module = importlib.import_module("mechlib.evals.chair")  # `mechlib.evals.chair` the attribute is the function
+STANDIN = FIX / "chair_synonyms_standin.txt"   # hand-written stand-in for CHAIR's synonym list
+STANDIN_CATEGORIES = [
+    "person", "bicycle", "car", "motorcycle", "bus", "train", "horse", "dog", "cat", "elephant", "stop sign",
+    "bench", "bottle", "wine glass", "cup", "spoon", "orange", "hot dog", "chair", "couch", "bed",
+    "dining table", "toilet", "tv", "tie", "teddy bear"]
+
+
+@pytest.fixture(autouse=True)
+def standin_synonyms(monkeypatch):
+    """Every test reads the stand-in list (never a cached copy of the published one)."""
+    monkeypatch.setenv("MECHLIB_CHAIR_SYNONYMS", str(STANDIN))
 
 
 @pytest.fixture
@@ -43,19 +64,48 @@ def no_network(monkeypatch, tmp_path):
 # --- the synonym list and the text rules ---------------------------------------------------------
 
 
-def test_synonym_list_is_chair_py_as_read_by_chair_py():
+def test_synonym_list_is_read_as_chair_py_reads_it():
     vocab = vocabulary()
     inst = json.loads((COCO / "annotations" / "instances_val2014.json").read_text())
-    assert sorted(vocab.categories) == sorted(c["name"] for c in inst["categories"])  # the 80 COCO names
+    assert list(vocab.categories) == STANDIN_CATEGORIES                       # file order, comments skipped
+    assert set(vocab.categories) <= {c["name"] for c in inst["categories"]}   # all COCO names
     assert vocab.synonyms["puppy"] == "dog" and vocab.synonyms["sofa"] == "couch" and vocab.synonyms["people"] == "person"
-    # chair.py's quirks survive its own parsing: a leading space makes " motor bike" unmatchable
+    assert vocab.synonyms["dining table"] == "dining table" and vocab.synonyms["table"] == "dining table"
+    # chair.py's parsing keeps a leading space: " motor bike" (after ",  ") can never match a word
     assert vocab.synonyms[" motor bike"] == "motorcycle" and "motor bike" not in vocab.synonyms
-    assert "iphone" not in vocab.synonyms
+    assert not any(w.startswith("#") for w in vocab.synonyms)
+    assert vocab.source == str(STANDIN.resolve()) and not vocab.published
+    assert vocab.sha256 == hashlib.sha256(STANDIN.read_bytes()).hexdigest()
+    assert vocabulary(synonyms=STANDIN) is vocab                              # parsed once per file
+
+
+def test_synonym_files_in_the_list_format(tmp_path):
+    """Any list in chair.py's format works (later lines win, as in chair.py's dict); bad files say so."""
+    f = tmp_path / "mine.txt"
+    f.write_text("# my list\n\ndog, puppy, pup\ncat, kitten, pup\n")
+    v = vocabulary(synonyms=f)
+    assert v.categories == ("dog", "cat") and v.synonyms["pup"] == "cat" and v.synonyms["puppy"] == "dog"
+    assert caption_objects("Two pups and a puppy.", synonyms=f).objects == ("cat", "dog")
+    f.write_text("horse, pony\n")                                               # an edited file is re-read
+    os.utime(f, ns=(1, 1))
+    assert vocabulary(synonyms=f).categories == ("horse",)
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    with pytest.raises(ValueError, match=r"empty\.txt.*no category"):
+        vocabulary(synonyms=tmp_path / "empty.txt")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00dog")
+    with pytest.raises(ValueError, match=r"bin\.txt.*UTF-8"):
+        vocabulary(synonyms=tmp_path / "bin.txt")
+    with pytest.raises(DatasetNotAvailable, match=r"synonyms=.*nowhere\.txt.*no file.*LisaAnne/Hallucination"):
+        evals.chair(["a dog"], [["dog"]], synonyms=tmp_path / "nowhere.txt")
 
 
 def test_singularize_equals_pattern_36_on_every_word_that_matters():
     ref = json.loads((FIX / "pattern_singularize.json").read_text())["pairs"]
-    assert len(ref) > 800
+    # the table covers every entry of the stand-in list and its regular plurals, and the tests' words
+    entries = {w for line in STANDIN.read_text().splitlines() if line and not line.startswith("#")
+               for w in line.strip().split(", ")}
+    plurals = {w + "s" for w in entries} | {w + "es" for w in entries if w.endswith(("s", "x", "z", "ch", "sh"))}
+    assert entries | plurals <= set(ref) and len(ref) > 300
     wrong = {w: (_text.singularize(w), s) for w, s in ref.items() if _text.singularize(w) != s}
     assert not wrong
     # the quirks CHAIR's numbers depend on
@@ -117,7 +167,7 @@ def test_chair_known_answers_from_the_definition():
 
 
 def test_chair_errors_name_the_input():
-    with pytest.raises(ValueError, match=r"objects\[1\].*'tree'.*80 COCO"):
+    with pytest.raises(ValueError, match=r"objects\[1\].*'tree'.*26 COCO categories.*chair_synonyms_standin"):
         evals.chair(["a dog", "a tree"], [["dog"], ["tree"]])
     with pytest.raises(ValueError, match="2 entries for 1 captions"):
         evals.chair(["a dog"], [["dog"], ["cat"]])
@@ -142,6 +192,24 @@ def test_coco_ground_truth_is_instances_plus_caption_mentions():
     assert set(evals.coco_ground_truth(ann / "instances_val2014.json", image_ids=[102, 999])) == {102, 999}
     r = evals.chair(["A cat on a couch.", "A man with an orange."], gt, image_ids=[102, 101])
     assert r.per_caption[0].hallucinated_objects == ("couch",) and r.per_caption[1].hallucinated == ()
+
+
+def test_coco_ground_truth_needs_every_annotated_category(tmp_path):
+    no_spoon = tmp_path / "no_spoon.txt"
+    no_spoon.write_text("\n".join(ln for ln in STANDIN.read_text().splitlines() if not ln.startswith("spoon")))
+    ann = COCO / "annotations"
+    with pytest.raises(ValueError, match=r"image 103.*'spoon'.*no_spoon\.txt"):
+        evals.coco_ground_truth(ann / "instances_val2014.json", synonyms=no_spoon)
+    gt = evals.coco_ground_truth(ann / "instances_val2014.json", image_ids=[101, 102], synonyms=no_spoon)
+    assert gt == {101: {"person"}, 102: {"cat"}}
+    with pytest.raises(ValueError, match=r"image 103.*'spoon'.*no_spoon\.txt"):
+        evals.load_coco(root=COCO, image_ids=[103], images=False, synonyms=no_spoon)
+
+
+def test_docstring_examples_hold_on_the_stand_in():
+    """The examples in chair.py's docstrings use only words of the stand-in list."""
+    res = doctest.testmod(chair_module, optionflags=doctest.ELLIPSIS)
+    assert res.attempted >= 4 and res.failed == 0
 
 
 def test_chair_result_saves_atomically_and_tabulates(tmp_path):
@@ -363,6 +431,80 @@ def test_load_coco_download_path_with_local_urls(no_network, monkeypatch, tmp_pa
     assert not (coco / "annotations_trainval2014.zip").exists()
     monkeypatch.setattr(ds, "online", lambda *a, **k: False)       # now cached: works offline
     assert evals.load_coco(2, seed=1) == recs
+
+
+# --- CHAIR's synonym list: argument, environment, cache, download ---------------------------------
+
+
+def test_synonym_list_offline_names_the_file_and_where_to_place_it(no_network, monkeypatch):
+    monkeypatch.delenv("MECHLIB_CHAIR_SYNONYMS")
+    cache = no_network / "datasets" / "chair" / "synonyms.txt"
+    assert ds.chair_synonyms_cache() == cache
+    t = time.perf_counter()
+    for call in (lambda: evals.chair(["a dog"], [["dog"]]), lambda: evals.caption_objects("a dog"),
+                 lambda: evals.coco_ground_truth(COCO / "annotations" / "instances_val2014.json"),
+                 lambda: evals.load_coco(None, root=COCO, images=False), evals.chair_synonyms_path):
+        with pytest.raises(DatasetNotAvailable) as e:
+            call()
+        msg = str(e.value)
+        assert "offline" in msg and "data/synonyms.txt of github.com/LisaAnne/Hallucination" in msg
+        assert "6e4d33c4bedf6dfcd24c61bf527f40714717be47" in msg and ds.CHAIR_SYNONYMS_URL in msg
+        assert str(cache) in msg and "synonyms=" in msg and "MECHLIB_CHAIR_SYNONYMS" in msg
+    assert time.perf_counter() - t < 5
+    with pytest.raises(DatasetNotAvailable, match=r"download=False.*" + str(cache)):
+        ds.chair_synonyms_path(download=False)
+    assert not (no_network / "datasets" / "chair").exists()
+    assert ds.CHAIR_SYNONYMS_URL == ("https://raw.githubusercontent.com/LisaAnne/Hallucination/"
+                                     "6e4d33c4bedf6dfcd24c61bf527f40714717be47/data/synonyms.txt")
+
+
+def test_synonym_list_lookup_order(no_network, monkeypatch, tmp_path):
+    """synonyms= beats $MECHLIB_CHAIR_SYNONYMS, which beats the cache; the cache must be the published file."""
+    mine = tmp_path / "mine.txt"
+    mine.write_text("dog, puppy\n")
+    assert ds.chair_synonyms_path() == STANDIN                               # the environment (autouse)
+    assert ds.chair_synonyms_path(mine) == mine                              # the argument first
+    assert evals.chair(["a puppy and a cat"], [["dog"]], synonyms=mine).n_mentions == 1   # no cat in mine
+    with pytest.raises(DatasetNotAvailable, match=r"\$MECHLIB_CHAIR_SYNONYMS=.*missing\.txt.*no file"):
+        monkeypatch.setenv("MECHLIB_CHAIR_SYNONYMS", str(tmp_path / "missing.txt"))
+        ds.chair_synonyms_path()
+    monkeypatch.delenv("MECHLIB_CHAIR_SYNONYMS")
+    cache = ds.chair_synonyms_cache()
+    cache.parent.mkdir(parents=True)
+    shutil.copy(STANDIN, cache)                                               # not the published list
+    with pytest.raises(DatasetNotAvailable, match=r"synonyms\.txt is not CHAIR's published synonym list.*sha256"):
+        ds.chair_synonyms_path()
+    monkeypatch.setattr(ds, "CHAIR_SYNONYMS_SHA256", hashlib.sha256(STANDIN.read_bytes()).hexdigest())
+    assert ds.chair_synonyms_path() == cache                                  # the cache, checked, offline
+    r = evals.chair(["A puppy on a sofa."], [["dog"]])
+    assert r.metadata["synonyms"] == str(cache.resolve()) and r.metadata["synonyms_published"] is True
+    assert "published" not in repr(r) and r.chair_s == 1.0
+
+
+def test_synonym_list_download_is_checked_and_cached(no_network, monkeypatch, tmp_path):
+    """The download branch on a file:// URL serving the stand-in: sha256-checked, atomic, then offline."""
+    monkeypatch.delenv("MECHLIB_CHAIR_SYNONYMS")
+    cache = ds.chair_synonyms_cache()
+    monkeypatch.setattr(ds, "online", lambda *a, **k: True)
+    monkeypatch.setattr(ds, "CHAIR_SYNONYMS_URL", STANDIN.resolve().as_uri())
+    # the real hash: the stand-in is not the published file -> a clear error, nothing cached
+    with pytest.raises(DatasetNotAvailable, match=r"sha256 5626f958.*not b685537b.*nothing was cached.*Place data/synonyms"):
+        evals.chair(["a dog"], [["dog"]])
+    assert not cache.parent.exists() or not list(cache.parent.iterdir())
+    # an unreachable URL while "online": the error names the URL and what to place
+    monkeypatch.setattr(ds, "CHAIR_SYNONYMS_URL", (tmp_path / "gone.txt").as_uri())
+    with pytest.raises(DatasetNotAvailable, match=r"gone\.txt failed.*" + str(cache)):
+        ds.chair_synonyms_path()
+    assert not cache.parent.exists() or not list(cache.parent.iterdir())
+    # with the hash of the served file: downloaded once, cached byte for byte, no temp file left
+    monkeypatch.setattr(ds, "CHAIR_SYNONYMS_URL", STANDIN.resolve().as_uri())
+    monkeypatch.setattr(ds, "CHAIR_SYNONYMS_SHA256", hashlib.sha256(STANDIN.read_bytes()).hexdigest())
+    assert ds.chair_synonyms_path() == cache
+    assert cache.read_bytes() == STANDIN.read_bytes() and [p.name for p in cache.parent.iterdir()] == ["synonyms.txt"]
+    fetched = []
+    monkeypatch.setattr(ds, "online", lambda *a, **k: fetched.append(1) or False)   # now offline
+    r = evals.chair(["Two puppies on a sofa."], [["dog"]])
+    assert r.n_mentions == 2 and r.per_caption[0].hallucinated_objects == ("couch",) and not fetched
 
 
 def test_hub_path_caches_a_plain_copy(no_network, monkeypatch):

@@ -5,6 +5,12 @@
 * :func:`pope_questions` / :func:`pope_scores` — POPE (Li et al. 2023): balanced yes/no questions
   "Is there a {object} in the image?" with random / popular / adversarial negatives, scored by
   accuracy, precision, recall, F1 and the yes-ratio.
+* :func:`chair_synonyms_path` — CHAIR's COCO synonym list (Rohrbach et al.'s ``data/synonyms.txt``
+  of github.com/LisaAnne/Hallucination, pinned commit). Not shipped with mechlib: every CHAIR
+  function takes ``synonyms=`` (a path), else reads ``$MECHLIB_CHAIR_SYNONYMS``, else the cached
+  copy ``<$MECHLIB_CACHE>/datasets/chair/synonyms.txt``, else downloads the published file once
+  (sha256-checked, written atomically to that cache). A notebook run offline needs the file placed
+  there once; the error names the file, its URL and the folder.
 * :mod:`mechlib.evals.datasets` — COCO val2014 (annotations and a seeded sample of images), ACT's
   classification sets, WikiText-2 / C4 text for perplexity, RewardBench's reasoning subsets. Cached
   under ``$MECHLIB_CACHE/datasets``; a local folder works (``root=``); offline they fail at once and
@@ -27,6 +33,7 @@ from mechlib.evals.datasets import (
     ActDataset,
     CocoRecord,
     DatasetNotAvailable,
+    chair_synonyms_path,
     load_act_dataset,
     load_coco,
     load_perplexity_text,
@@ -38,5 +45,5 @@ __all__ = [
     "chair", "ChairResult", "CaptionChair", "caption_objects", "CaptionObjects", "coco_ground_truth", "vocabulary",
     "pope_questions", "pope_scores", "pope_answer", "PopeQuestion", "PopeScores",
     "load_coco", "CocoRecord", "load_act_dataset", "ActDataset", "ACT_DATASETS", "load_perplexity_text",
-    "load_rewardbench", "DatasetNotAvailable",
+    "load_rewardbench", "DatasetNotAvailable", "chair_synonyms_path",
 ]

@@ -9,10 +9,21 @@ detail."::
     CHAIR_S = (# captions with >= 1 hallucinated object) / (# captions)
 
 A *mention* is a caption word (or two-word compound) that is one of the 80 COCO categories or one
-of their synonyms (``data/coco_synonyms.txt``: "puppy" → dog, "sofa" → couch, "people" → person);
-it is *hallucinated* when its category is not in the image's ground truth. The ground truth of an
-image is the union of its COCO instance categories and the COCO objects mentioned in its five
-reference captions (:func:`coco_ground_truth`).
+of their synonyms ("puppy" → dog, "sofa" → couch); it is *hallucinated* when its category is not in
+the image's ground truth. The ground truth of an image is the union of its COCO instance categories
+and the COCO objects mentioned in its five reference captions (:func:`coco_ground_truth`).
+
+**The synonym list.** The synonyms are Rohrbach et al.'s file ``data/synonyms.txt`` of
+github.com/LisaAnne/Hallucination (pinned at commit 6e4d33c4; OPERA's copy of chair.py embeds the
+same 80 lines). mechlib does not ship it; every function here takes ``synonyms=`` (a path) and
+otherwise finds the list as :func:`mechlib.evals.datasets.chair_synonyms_path` does:
+``$MECHLIB_CHAIR_SYNONYMS``, else the cached copy ``<$MECHLIB_CACHE>/datasets/chair/synonyms.txt``,
+else a download of the published file (sha256-checked, written atomically to that cache), once. A
+notebook run offline therefore needs the file placed there once (the error says which file and
+where). It is read exactly as chair.py reads it (``line.strip().split(", ")``; mechlib also skips
+blank lines and ``#`` comments, which the published file has none of). Another list in the same
+format works too (``synonyms=``); results record which one was used (``metadata["synonyms"]``,
+``["synonyms_sha256"]``, ``["synonyms_published"]``).
 
 How chair.py reads a caption, reproduced exactly (see :mod:`mechlib.evals._text` for the tokeniser
 and pattern's singulariser, quirks included):
@@ -37,6 +48,7 @@ Defaults — paper | released code | mechlib:
 
 | choice | Rohrbach et al. (chair.py) | OPERA's copy (used by VCD/VISTA/VHR) | mechlib |
 |---|---|---|---|
+| synonym list | ``data/synonyms.txt`` (80 categories) | the same 80 lines, embedded | that file at the pinned commit, fetched once (``synonyms=`` for another) |
 | tokeniser | nltk ``word_tokenize`` | same | a re-implementation (same tokens on 20,000 model captions) |
 | normalisation | ``pattern.en.singularize`` | nltk POS tags + WordNet lemmatizer | pattern's rules (``rules="rohrbach"``); ``rules="opera"`` needs nltk and its data |
 | compounds | 28 listed | the same + "train track" | as the chosen rules |
@@ -47,17 +59,19 @@ Defaults — paper | released code | mechlib:
 
 from __future__ import annotations
 
+import html
 import json
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
+from mechlib.evals import datasets as _datasets
 from mechlib.evals._text import singularize, word_tokenize
+from mechlib.evals.datasets import chair_synonyms_path
 
-SYNONYMS_FILE = "coco_synonyms.txt"
+PathLike = Union[str, os.PathLike]
 
 # chair.py's hard-coded compounds ("hot dog" and "teddy bear" appear twice there).
 _DOUBLE_WORDS = (
@@ -75,34 +89,74 @@ RULES = ("rohrbach", "opera")
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """The COCO object vocabulary of CHAIR: every synonym → its category, and the compound rules."""
+    """The COCO object vocabulary of CHAIR: every synonym → its category, and the compound rules.
+
+    ``source`` is the synonym file read, ``sha256`` its hash, and ``published`` whether it is
+    Rohrbach et al.'s published list (``CHAIR_SYNONYMS_SHA256``) rather than another list.
+    """
 
     synonyms: Mapping[str, str]          # word or compound -> category (the line's first entry)
-    categories: tuple[str, ...]          # the 80 category names, in file order
+    categories: tuple[str, ...]          # the category names, in file order (80 in the published list)
     double_words: Mapping[str, str]      # two-word compound -> the word it stands for
+    source: str = ""
+    sha256: str = ""
+
+    @property
+    def published(self) -> bool:
+        """Whether this is Rohrbach et al.'s published list (its sha256 is ``CHAIR_SYNONYMS_SHA256``)."""
+        return self.sha256 == _datasets.CHAIR_SYNONYMS_SHA256
 
     def category(self, word: str) -> Optional[str]:
         """The COCO category of ``word`` (a synonym or a category name), or None."""
         return self.synonyms.get(word)
 
+    @property
+    def metadata(self) -> dict:
+        """Which list was used, for results' metadata."""
+        return {"synonyms": self.source, "synonyms_sha256": self.sha256, "synonyms_published": self.published}
 
-@lru_cache(maxsize=None)
-def vocabulary(rules: str = "rohrbach") -> Vocabulary:
-    """The synonym table and compound rules, read from ``mechlib/data/coco_synonyms.txt`` as chair.py does."""
+
+def vocabulary(rules: str = "rohrbach", *, synonyms: Optional[PathLike] = None, download: bool = True) -> Vocabulary:
+    """CHAIR's synonym table and compound rules, read from the synonym list as chair.py reads it.
+
+    Args:
+        rules: ``"rohrbach"`` (chair.py's compounds) or ``"opera"`` (adds "train track").
+        synonyms: the synonym list's path; default: found or downloaded by
+            :func:`~mechlib.evals.datasets.chair_synonyms_path` (``$MECHLIB_CHAIR_SYNONYMS``, the
+            cache, or the published file at its pinned commit).
+        download: allow that download when the list is nowhere on this machine.
+
+    Parsed once per file (and again if the file changes).
+    """
     if rules not in RULES:
         raise ValueError(f"rules={rules!r} is not one of {RULES}")
-    text = resources.files("mechlib.data").joinpath(SYNONYMS_FILE).read_text()
+    path = chair_synonyms_path(synonyms, download=download).resolve()
+    st = path.stat()
+    return _read_vocabulary(str(path), st.st_mtime_ns, st.st_size, rules)
+
+
+@lru_cache(maxsize=16)
+def _read_vocabulary(path: str, mtime_ns: int, size: int, rules: str) -> Vocabulary:
+    import hashlib
+
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"synonyms={path!r} is not a UTF-8 text file ({e}); CHAIR's synonym list is one "
+                         "category per line, 'name, synonym, synonym, ...'") from None
     synonyms: dict[str, str] = {}
     categories = []
     for line in text.splitlines():
-        if line.startswith("#") or not line.strip():
+        if line.startswith("#") or not line.strip():  # mechlib's tolerance; the published file has neither
             continue
         words = line.strip().split(", ")  # exactly chair.py's parsing (leading spaces survive)
         categories.append(words[0])
         for w in words:
             synonyms[w] = words[0]
-    if len(categories) != 80:
-        raise RuntimeError(f"{SYNONYMS_FILE} has {len(categories)} categories, expected the 80 of COCO")
+    if not categories:
+        raise ValueError(f"synonyms={path!r} holds no category: CHAIR's synonym list is one category per line, "
+                         "'name, synonym, synonym, ...'")
     double = {w: w for w in _DOUBLE_WORDS + (("train track",) if rules == "opera" else ())}
     for a in _ANIMAL_WORDS:
         double[f"baby {a}"] = a
@@ -112,7 +166,8 @@ def vocabulary(rules: str = "rohrbach") -> Vocabulary:
     double["bow tie"] = "tie"
     double["toilet seat"] = "toilet"
     double["wine glas"] = "wine glass"
-    return Vocabulary(synonyms=synonyms, categories=tuple(categories), double_words=double)
+    sha = hashlib.sha256(data).hexdigest()
+    return Vocabulary(synonyms=synonyms, categories=tuple(categories), double_words=double, source=path, sha256=sha)
 
 
 def _normalise_tokens(tokens: list[str], rules: str) -> list[str]:
@@ -150,15 +205,20 @@ class CaptionObjects:
     tokens: tuple[str, ...]
 
 
-def caption_objects(caption: str, *, rules: str = "rohrbach") -> CaptionObjects:
+def caption_objects(caption: str, *, rules: str = "rohrbach", synonyms: Optional[PathLike] = None) -> CaptionObjects:
     """The COCO object mentions of one caption (chair.py's ``caption_to_words``).
+
+    ``synonyms``: the synonym list's path (default: :func:`~mechlib.evals.datasets.chair_synonyms_path`).
 
     >>> caption_objects("Two hot dogs and a puppy near a toilet seat.").objects
     ('hot dog', 'dog', 'toilet')
     """
     if not isinstance(caption, str):
         raise TypeError(f"caption must be a string, got {type(caption).__name__}")
-    vocab = vocabulary(rules)
+    return _caption_objects(caption, vocabulary(rules, synonyms=synonyms), rules)
+
+
+def _caption_objects(caption: str, vocab: Vocabulary, rules: str) -> CaptionObjects:
     words = _normalise_tokens(word_tokenize(caption.lower()), rules)
     merged, i = [], 0
     while i < len(words):
@@ -177,11 +237,15 @@ def caption_objects(caption: str, *, rules: str = "rohrbach") -> CaptionObjects:
                           tokens=tuple(merged))
 
 
-def to_categories(objects: Iterable[str], *, where: str = "objects", rules: str = "rohrbach") -> frozenset[str]:
+def to_categories(objects: Iterable[str], *, where: str = "objects", rules: str = "rohrbach",
+                  synonyms: Optional[PathLike] = None) -> frozenset[str]:
     """Map ground-truth object names (COCO category names or synonyms) to COCO categories."""
+    return _to_categories(objects, vocabulary(rules, synonyms=synonyms), where=where)
+
+
+def _to_categories(objects: Iterable[str], vocab: Vocabulary, *, where: str) -> frozenset[str]:
     if isinstance(objects, str):
         raise TypeError(f"{where} must be a collection of object names, got the string {objects!r}")
-    vocab = vocabulary(rules)
     out = set()
     for o in objects:
         if not isinstance(o, str):
@@ -189,11 +253,21 @@ def to_categories(objects: Iterable[str], *, where: str = "objects", rules: str 
         cat = vocab.category(o) or vocab.category(o.lower().strip())
         if cat is None:
             raise ValueError(
-                f"{where} holds {o!r}, which is not one of the 80 COCO categories or their synonyms "
-                f"(mechlib/data/{SYNONYMS_FILE}); CHAIR only scores COCO objects. Use the COCO name "
+                f"{where} holds {o!r}, which is not one of the {len(vocab.categories)} COCO categories or their "
+                f"synonyms in the synonym list {vocab.source}; CHAIR only scores COCO objects. Use the COCO name "
                 f"(e.g. 'dining table', 'cell phone', 'tv') or build ground truth with coco_ground_truth().")
         out.add(cat)
     return frozenset(out)
+
+
+def _category_of_instance(vocab: Vocabulary, name: str, *, where: str) -> str:
+    """The category of a COCO instance annotation's category name, or an error naming the list."""
+    cat = vocab.category(name)
+    if cat is None:
+        raise ValueError(f"{where}: the COCO category {name!r} is not in the synonym list {vocab.source} "
+                         f"({len(vocab.categories)} categories); CHAIR needs a list with every category of "
+                         "the annotations (the published list has all 80)")
+    return cat
 
 
 @dataclass(frozen=True)
@@ -269,19 +343,30 @@ class ChairResult:
         atomic_write_bytes(path, json.dumps(doc, indent=1, default=str).encode())
         return Path(path)
 
+    def _list_note(self) -> str:
+        """A note when the synonym list was not the published one (numbers not comparable to papers')."""
+        if self.metadata.get("synonyms_published", True):
+            return ""
+        name = Path(str(self.metadata.get("synonyms", "?"))).name
+        return f"synonym list {name!r} (not CHAIR's published list)"
+
     def __repr__(self) -> str:
+        note = self._list_note()
         return (f"ChairResult(CHAIR_S={100 * self.chair_s:.2f}, CHAIR_I={100 * self.chair_i:.2f}, "
                 f"recall={100 * self.recall:.2f}, captions={self.n_captions}, mentions={self.n_mentions}, "
-                f"mean_length={self.mean_length:.1f})")
+                f"mean_length={self.mean_length:.1f}" + (f"; {note}" if note else "") + ")")
 
     def _repr_html_(self) -> str:
+        note = self._list_note()
         return (f"<b>CHAIR</b> over {self.n_captions} captions: CHAIR<sub>S</sub> = {100 * self.chair_s:.2f}, "
                 f"CHAIR<sub>I</sub> = {100 * self.chair_i:.2f} ({self.n_hallucinated}/{self.n_mentions} "
-                f"mentions), recall = {100 * self.recall:.2f}, mean length = {self.mean_length:.1f} tokens")
+                f"mentions), recall = {100 * self.recall:.2f}, mean length = {self.mean_length:.1f} tokens"
+                + (f"; <i>{html.escape(note)}</i>" if note else ""))
 
 
 def coco_ground_truth(instances: Union[Mapping, str, os.PathLike], captions: Union[Mapping, str, os.PathLike, None] = None,
-                      *, image_ids: Optional[Iterable[int]] = None, rules: str = "rohrbach") -> dict[int, frozenset[str]]:
+                      *, image_ids: Optional[Iterable[int]] = None, rules: str = "rohrbach",
+                      synonyms: Optional[PathLike] = None) -> dict[int, frozenset[str]]:
     """CHAIR's ground truth per image: instance categories ∪ objects named in the reference captions.
 
     Args:
@@ -290,13 +375,15 @@ def coco_ground_truth(instances: Union[Mapping, str, os.PathLike], captions: Uni
             CHAIR's definition — the papers use both).
         image_ids: restrict to these images (others are skipped; an id with no annotation gets an
             empty set).
+        rules: as in :func:`chair` (how the reference captions are read).
+        synonyms: the synonym list's path (default: :func:`~mechlib.evals.datasets.chair_synonyms_path`).
 
     Returns:
         ``{image_id: frozenset of COCO categories}``.
 
     >>> gt = coco_ground_truth("instances_val2014.json", "captions_val2014.json")  # doctest: +SKIP
     """
-    vocab = vocabulary(rules)
+    vocab = vocabulary(rules, synonyms=synonyms)
     inst = _read_json(instances, "instances")
     if "annotations" not in inst or "categories" not in inst:
         raise ValueError("instances must be a COCO instances file (with 'annotations' and 'categories')")
@@ -307,7 +394,8 @@ def coco_ground_truth(instances: Union[Mapping, str, os.PathLike], captions: Uni
         imid = ann["image_id"]
         if wanted is not None and imid not in wanted:
             continue
-        gt.setdefault(imid, set()).add(vocab.synonyms[id_to_name[ann["category_id"]]])
+        gt.setdefault(imid, set()).add(_category_of_instance(vocab, id_to_name[ann["category_id"]],
+                                                             where=f"instances (image {imid})"))
     if captions is not None:
         caps = _read_json(captions, "captions")
         if "annotations" not in caps:
@@ -316,7 +404,7 @@ def coco_ground_truth(instances: Union[Mapping, str, os.PathLike], captions: Uni
             imid = ann["image_id"]
             if wanted is not None and imid not in wanted:
                 continue
-            gt.setdefault(imid, set()).update(caption_objects(ann["caption"], rules=rules).objects)
+            gt.setdefault(imid, set()).update(_caption_objects(ann["caption"], vocab, rules).objects)
     return {k: frozenset(v) for k, v in gt.items()}
 
 
@@ -331,7 +419,8 @@ def _read_json(x, what: str) -> Mapping:
 
 
 def chair(captions: Sequence[str], objects: Union[Sequence[Iterable[str]], Mapping[Any, Iterable[str]]], *,
-          image_ids: Optional[Sequence[Any]] = None, count: str = "mentions", rules: str = "rohrbach") -> ChairResult:
+          image_ids: Optional[Sequence[Any]] = None, count: str = "mentions", rules: str = "rohrbach",
+          synonyms: Optional[PathLike] = None) -> ChairResult:
     """CHAIR_S and CHAIR_I of generated captions against ground-truth objects (Rohrbach et al. 2018).
 
     Args:
@@ -344,6 +433,10 @@ def chair(captions: Sequence[str], objects: Union[Sequence[Iterable[str]], Mappi
             category once per caption).
         rules: ``"rohrbach"`` (chair.py: pattern's singulariser) or ``"opera"`` (OPERA's copy used
             by VCD/VISTA/VHR: WordNet lemmas, needs nltk with its data).
+        synonyms: the COCO synonym list's path. Default: Rohrbach et al.'s published list, from
+            ``$MECHLIB_CHAIR_SYNONYMS``, the cache or a one-time download
+            (:func:`~mechlib.evals.datasets.chair_synonyms_path`); offline, place it once as the
+            error says. Only the published list gives the papers' numbers.
 
     Returns:
         :class:`ChairResult` with ``chair_s``, ``chair_i``, ``recall``, ``mean_length`` and
@@ -358,6 +451,8 @@ def chair(captions: Sequence[str], objects: Union[Sequence[Iterable[str]], Mappi
     """
     if count not in ("mentions", "unique"):
         raise ValueError(f"count={count!r} must be 'mentions' (chair.py) or 'unique'")
+    if rules not in RULES:
+        raise ValueError(f"rules={rules!r} is not one of {RULES}")
     if isinstance(captions, str):
         raise TypeError("captions must be a list of strings, got one string")
     captions = list(captions)
@@ -366,6 +461,7 @@ def chair(captions: Sequence[str], objects: Union[Sequence[Iterable[str]], Mappi
     for i, c in enumerate(captions):
         if not isinstance(c, str):
             raise TypeError(f"captions[{i}] is {type(c).__name__}, expected a string")
+    vocab = vocabulary(rules, synonyms=synonyms)
     if isinstance(objects, Mapping):
         if image_ids is None:
             raise ValueError("objects is a mapping image_id -> objects: pass image_ids=[...] (one per caption)")
@@ -376,13 +472,13 @@ def chair(captions: Sequence[str], objects: Union[Sequence[Iterable[str]], Mappi
         if missing:
             raise KeyError(f"no ground truth for image ids {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                            f"({len(missing)} of {len(image_ids)}); build it for these images")
-        gts = [to_categories(objects[i], where=f"objects[{i!r}]", rules=rules) for i in image_ids]
+        gts = [_to_categories(objects[i], vocab, where=f"objects[{i!r}]") for i in image_ids]
     else:
         objects = list(objects)
         if len(objects) != len(captions):
             raise ValueError(f"objects has {len(objects)} entries for {len(captions)} captions "
                              "(one collection of ground-truth objects per caption)")
-        gts = [to_categories(o, where=f"objects[{k}]", rules=rules) for k, o in enumerate(objects)]
+        gts = [_to_categories(o, vocab, where=f"objects[{k}]") for k, o in enumerate(objects)]
         image_ids = list(image_ids) if image_ids is not None else list(range(len(captions)))
         if len(image_ids) != len(captions):
             raise ValueError(f"image_ids has {len(image_ids)} entries for {len(captions)} captions")
@@ -390,7 +486,7 @@ def chair(captions: Sequence[str], objects: Union[Sequence[Iterable[str]], Mappi
     per, n_mentions, n_hall, n_hall_caps = [], 0, 0, 0
     recalled, n_gt, total_len = 0, 0, 0
     for cap, imid, gt in zip(captions, image_ids, gts):
-        found = caption_objects(cap, rules=rules)
+        found = _caption_objects(cap, vocab, rules)
         pairs = list(zip(found.words, found.objects))
         if count == "unique":  # the first mention of each category only
             seen: set = set()
@@ -414,7 +510,7 @@ def chair(captions: Sequence[str], objects: Union[Sequence[Iterable[str]], Mappi
         mean_length=total_len / n,
         n_captions=n, n_mentions=n_mentions, n_hallucinated=n_hall,
         per_caption=tuple(per),
-        metadata={"rules": rules, "count": count, "synonyms": SYNONYMS_FILE},
+        metadata={"rules": rules, "count": count, **vocab.metadata},
     )
 
 

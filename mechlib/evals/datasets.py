@@ -16,6 +16,12 @@ naming the exact file to place and the folder to place it in.
 | :func:`load_act_dataset` | ACT (Yu et al. 2024) classification: SST-2, SST-5, MR, SUBJ, AGNews, TREC, CB, BoolQ, DBPedia | the hub ids ACT loads (``utils/data_utils.py``) |
 | :func:`load_perplexity_text` | Sun et al. 2024 perplexity: WikiText-2 test, C4 | the hub (``Salesforce/wikitext``, ``NeelNanda/c4-10k``, ``allenai/c4``) |
 | :func:`load_rewardbench` | PINE (Wang et al.): RewardBench's reasoning subsets | ``allenai/reward-bench``, split ``filtered`` |
+| :func:`chair_synonyms_path` | CHAIR's COCO synonym list (every CHAIR function, :func:`load_coco`'s ``objects``) | ``data/synonyms.txt`` of github.com/LisaAnne/Hallucination at a pinned commit, sha256-checked |
+
+CHAIR's synonym list is not shipped with mechlib (it is Rohrbach et al.'s file): it is found as
+``synonyms=`` (a path, on every function that needs it), else ``$MECHLIB_CHAIR_SYNONYMS``, else the
+cached copy ``<datasets_dir()>/chair/synonyms.txt``, else downloaded once from
+raw.githubusercontent.com. A notebook run offline needs the file placed there once.
 """
 
 from __future__ import annotations
@@ -121,6 +127,100 @@ def _first_existing(paths: Iterable[Path]) -> Optional[Path]:
         if p.is_file():
             return p
     return None
+
+
+# --- CHAIR's COCO synonym list -------------------------------------------------------------------
+
+# Rohrbach et al.'s list, fetched at run time (mechlib does not redistribute it): the file chair.py reads.
+CHAIR_SYNONYMS_REPO = "LisaAnne/Hallucination"
+CHAIR_SYNONYMS_COMMIT = "6e4d33c4bedf6dfcd24c61bf527f40714717be47"
+CHAIR_SYNONYMS_URL = (f"https://raw.githubusercontent.com/{CHAIR_SYNONYMS_REPO}/{CHAIR_SYNONYMS_COMMIT}"
+                      "/data/synonyms.txt")
+CHAIR_SYNONYMS_SHA256 = "b685537b36fe21b791c87151b96a991ceb582edff19f3da204dcc7a7905502f2"  # 3,577 bytes, 80 lines
+CHAIR_SYNONYMS_ENV = "MECHLIB_CHAIR_SYNONYMS"
+GITHUB_RAW_HOST = "raw.githubusercontent.com"
+
+
+def chair_synonyms_cache() -> Path:
+    """Where the downloaded list is kept: ``<datasets_dir()>/chair/synonyms.txt``."""
+    return datasets_dir() / "chair" / "synonyms.txt"
+
+
+def _chair_synonyms_described() -> str:
+    return (f"data/synonyms.txt of github.com/{CHAIR_SYNONYMS_REPO} at commit {CHAIR_SYNONYMS_COMMIT} "
+            f"({CHAIR_SYNONYMS_URL}, sha256 {CHAIR_SYNONYMS_SHA256})")
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def chair_synonyms_path(synonyms: Optional[PathLike] = None, *, download: bool = True) -> Path:
+    """The COCO synonym list CHAIR reads (Rohrbach et al.'s ``data/synonyms.txt``), found or fetched.
+
+    mechlib does not ship the list: it is Rohrbach et al.'s file, obtained at run time like COCO's
+    annotations. Looked for, in order:
+
+    1. ``synonyms=`` — a path you pass (any file in the list's format: your own copy of the
+       published list, or another vocabulary such as the tests' stand-in);
+    2. ``$MECHLIB_CHAIR_SYNONYMS`` — the same, from the environment;
+    3. the cache, :func:`chair_synonyms_cache` (``<$MECHLIB_CACHE>/datasets/chair/synonyms.txt``),
+       which must be the published file (its sha256 is checked);
+    4. the network, once: ``CHAIR_SYNONYMS_URL`` (the file at the pinned commit
+       ``CHAIR_SYNONYMS_COMMIT``), checked against ``CHAIR_SYNONYMS_SHA256`` and written atomically
+       to the cache, so later calls work offline.
+
+    Offline with nothing found (or ``download=False``) it raises :class:`DatasetNotAvailable` at
+    once, naming the file, its URL and where to place it: on a machine without the network, place
+    the file there once (or pass ``synonyms=``).
+
+    >>> chair_synonyms_path()                                       # doctest: +SKIP
+    PosixPath('/home/me/.cache/mechlib/datasets/chair/synonyms.txt')
+    """
+    for given, where in ((synonyms, "synonyms"), (os.environ.get(CHAIR_SYNONYMS_ENV) or None, f"${CHAIR_SYNONYMS_ENV}")):
+        if given is None:
+            continue
+        p = Path(given).expanduser()
+        if not p.is_file():
+            raise DatasetNotAvailable(f"{where}={str(given)!r}: no file there. Pass the path of a CHAIR synonym "
+                                      f"list ({_chair_synonyms_described()}), or leave it unset to use the cached "
+                                      f"copy at {chair_synonyms_cache()}")
+        return p
+    cache = chair_synonyms_cache()
+    if cache.is_file():
+        got = _sha256(cache.read_bytes())
+        if got != CHAIR_SYNONYMS_SHA256:
+            raise DatasetNotAvailable(
+                f"{cache} is not CHAIR's published synonym list (sha256 {got}, expected {CHAIR_SYNONYMS_SHA256}): "
+                f"replace it with {_chair_synonyms_described()} unchanged, or delete it to download it again; "
+                f"to use another list on purpose, pass synonyms= its path (or set ${CHAIR_SYNONYMS_ENV})")
+        return cache
+    place = (f"place {_chair_synonyms_described()} at {cache} once, or pass synonyms= its path "
+             f"(or set ${CHAIR_SYNONYMS_ENV})")
+    if not download:
+        raise DatasetNotAvailable(f"CHAIR's COCO synonym list is not on this machine (download=False): {place}")
+    if not online(GITHUB_RAW_HOST):
+        raise DatasetNotAvailable(f"CHAIR's COCO synonym list is not on this machine and {GITHUB_RAW_HOST} is "
+                                  f"unreachable (offline): {place}")
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(CHAIR_SYNONYMS_URL, timeout=30) as r:
+            data = r.read()
+    except OSError as e:  # URLError, HTTPError and timeouts are OSErrors
+        raise DatasetNotAvailable(f"downloading CHAIR's COCO synonym list from {CHAIR_SYNONYMS_URL} failed ({e}): "
+                                  f"{place}") from e
+    got = _sha256(data)
+    if got != CHAIR_SYNONYMS_SHA256:
+        raise DatasetNotAvailable(f"the file downloaded from {CHAIR_SYNONYMS_URL} has sha256 {got}, not "
+                                  f"{CHAIR_SYNONYMS_SHA256} (the published list at commit {CHAIR_SYNONYMS_COMMIT}); "
+                                  f"nothing was cached. {place[0].upper() + place[1:]}")
+    from mechlib.results import atomic_write_bytes
+
+    atomic_write_bytes(cache, data)
+    return cache
 
 
 # --- COCO ----------------------------------------------------------------------------------------
@@ -239,7 +339,8 @@ def _coco_image_path(root: Optional[PathLike], split: str, file_name: str) -> Op
 
 
 def load_coco(n: Optional[int] = 500, *, root: Optional[PathLike] = None, split: str = "val2014", seed: int = 0,
-              image_ids: Optional[Sequence[int]] = None, images: bool = True, download: bool = True) -> list[CocoRecord]:
+              image_ids: Optional[Sequence[int]] = None, images: bool = True, download: bool = True,
+              synonyms: Optional[PathLike] = None) -> list[CocoRecord]:
     """A seeded sample of COCO images with their CHAIR ground truth, POPE objects and captions.
 
     Args:
@@ -252,18 +353,22 @@ def load_coco(n: Optional[int] = 500, *, root: Optional[PathLike] = None, split:
         image_ids: load exactly these images instead of sampling.
         images: also locate (and if needed download) the image files; ``False`` loads annotations only.
         download: allow downloading missing files when the network answers.
+        synonyms: the CHAIR synonym list that maps categories and caption words to ``objects``
+            (a path; default: :func:`chair_synonyms_path` — ``$MECHLIB_CHAIR_SYNONYMS``, the
+            cached published list, or a download of it).
 
     Returns:
         ``[CocoRecord]`` in sample order.
 
     Raises:
         DatasetNotAvailable: a file is missing and cannot be downloaded (offline); the message
-            names the file and the folder to place it in.
+            names the file and the folder to place it in. The synonym list is looked for after the
+            annotations and before any image is downloaded.
 
     >>> recs = load_coco(500, seed=0)                      # doctest: +SKIP
     >>> recs[0].objects, recs[0].image().size              # doctest: +SKIP
     """
-    from mechlib.evals.chair import caption_objects, vocabulary
+    from mechlib.evals.chair import _caption_objects, _category_of_instance, vocabulary
 
     cap_path, inst_path = _coco_annotations(root, split, download)
     idx = _coco_index(cap_path, inst_path, split)["images"]
@@ -280,7 +385,7 @@ def load_coco(n: Optional[int] = 500, *, root: Optional[PathLike] = None, split:
             raise ValueError(f"n={n} but COCO {split} ({inst_path}) has {len(all_ids)} images")
         else:
             ids = random.Random(seed).sample(all_ids, n)
-    vocab = vocabulary()
+    vocab = vocabulary(synonyms=synonyms, download=download)
     paths: dict[int, Optional[Path]] = {}
     if images:
         missing = []
@@ -309,9 +414,9 @@ def load_coco(n: Optional[int] = 500, *, root: Optional[PathLike] = None, split:
     out = []
     for i in ids:
         e = idx[str(i)]
-        gt = {vocab.synonyms[c] for c in e["categories"]}
+        gt = {_category_of_instance(vocab, c, where=f"COCO {split} image {i} ({inst_path})") for c in e["categories"]}
         for c in e["captions"]:
-            gt.update(caption_objects(c).objects)
+            gt.update(_caption_objects(c, vocab, "rohrbach").objects)
         out.append(CocoRecord(image_id=i, file_name=e["file_name"], path=paths.get(i), categories=tuple(e["categories"]),
                               objects=frozenset(gt), captions=tuple(e["captions"])))
     return out
@@ -607,4 +712,6 @@ def load_rewardbench(*, subsets: Union[str, Sequence[str]] = "reasoning", root: 
 
 
 __all__ = ["load_coco", "CocoRecord", "load_act_dataset", "ActDataset", "ACT_DATASETS", "load_perplexity_text",
-           "load_rewardbench", "REWARDBENCH_REASONING", "DatasetNotAvailable", "datasets_dir", "online"]
+           "load_rewardbench", "REWARDBENCH_REASONING", "DatasetNotAvailable", "datasets_dir", "online",
+           "chair_synonyms_path", "chair_synonyms_cache", "CHAIR_SYNONYMS_URL", "CHAIR_SYNONYMS_SHA256",
+           "CHAIR_SYNONYMS_COMMIT", "CHAIR_SYNONYMS_ENV"]
