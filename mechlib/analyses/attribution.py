@@ -4,7 +4,8 @@
 Divergence"): how far each head's output moves when the visual context is taken away — the L2
 distance between the head's output (``hook_z``, at the answer position) with and without the
 image, same text. Heads with high VHD are "vision-aware"; VHR reinforces them
-(:func:`mechlib.scale_heads`). On a text model the "image" is a context span (a passage the
+(:func:`mechlib.vhr`, per prompt and layer as the paper's Algorithm 1; :func:`mechlib.scale_heads`
+is the static ablation with fixed heads). On a text model the "image" is a context span (a passage the
 answer should come from); removing it tests which heads read the context.
 
 **DLA**: the final residual stream is a sum of component outputs (embedding, each head, each
@@ -55,6 +56,25 @@ def head_divergence(
 ) -> HeadScores:
     """VHD: per head, ``‖z_with − z_without‖₂`` of its output at the last token, with the span
     present vs removed (same text otherwise).
+
+    ===============  ================================  ======================  ================================
+    choice           paper (He et al., Eq. 4)          released code           mechlib
+                                                       (jinghan1he/VHR)
+    ===============  ================================  ======================  ================================
+    head output      A_{l,i} = softmax(QKᵀ/√d_k)V,     not public              ``hook_z`` (before W_O)
+                     before W_O
+    distance d       Euclidean, not normalised         —                       ‖z_with − z_without‖₂;
+                                                                               ``relative=True`` divides by
+                                                                               ‖z_with‖₂ (mechlib's option)
+    position         the generation step t (the first  —                       each prompt's last token (the
+                     generated token in Fig. 2)                                first generation step)
+    without image    the image tokens removed          —                       ``span`` removed; ``"image"``
+                                                                               also drops ``pixel_values``
+    over inputs      per sample (VHR chooses heads     —                       mean over prompts, per-prompt
+                     per sample)                                               values kept (:func:`~mechlib.vhr`
+                                                                               chooses per prompt)
+    T-VHD            Σ_l top-k_i VHD (Eq. 5)           —                       not computed
+    ===============  ================================  ======================  ================================
 
     Args:
         prompts: strings, a :class:`PromptBatch`, or a :class:`ContrastSet` (its clean prompts, and

@@ -112,6 +112,24 @@ def exact_null(n_units: int, size_a: int, size_b: int) -> tuple[Tensor, dict[str
 def circuit_overlap(a, b, *, n_boot: int = 500, seed: int = 0, units: str = "auto") -> OverlapResult:
     """How much two circuits share, against exact chance.
 
+    ===============  ================================  ======================  ================================
+    choice           paper (Merullo et al., §4)        released code           mechlib
+                                                       (jmerullo/
+                                                       circuit_reuse)
+    ===============  ================================  ======================  ================================
+    units            heads: the top 2% of each path-   path patching only      heads (:class:`Circuit`); edge
+                     patching stage, per task          (overlap not released)  graphs: edges, nodes or heads
+                                                                               (``units=``)
+    figure           25/32 = 78%: shared / union       —                       ``values[0]`` = IoU (``.iou``,
+                     (IoU)                                                     ``.overlap``); shared/|A|,
+                                                                               shared/|B| next to it
+    chance           —                                 —                       exact: hypergeometric |A∩B|,
+                                                                               expected IoU, ``p_value()``
+    uncertainty      —                                 —                       bootstrap over each task's
+                                                                               prompts (heads re-selected),
+                                                                               ``interval()``
+    ===============  ================================  ======================  ================================
+
     Args:
         a, b: two :class:`Circuit` (heads) or two edge :class:`~mechlib.analyses.edges.Graph`
             circuits on the same model (A is the reference, e.g. IOI; B e.g. Colored Objects).

@@ -129,7 +129,27 @@ def massive_activations(
     batch_size: Optional[int] = None,
     cache=None,
 ) -> MassiveActivations:
-    """The largest residual-stream entries per layer (``blocks.{l}.hook_resid_post``).
+    """The largest residual-stream entries per layer (``blocks.{l}.hook_resid_post``), and which of
+    them are massive (Sun et al. 2024).
+
+    ===============  ================================  ================================  ===========================
+    choice           paper (Sun et al., §2)            released code                     mechlib
+                                                       (locuslab/massive-activations)
+    ===============  ================================  ================================  ===========================
+    hidden state     each layer's output               ``feat`` = the decoder layer's    ``hook_resid_post`` of
+                                                       output (``--exp2``)               every layer (``layers=``)
+    massive          |a| > 100 and "at least or        top entries against the median    |a| > ``abs_threshold``
+                     around" 1,000 × the median         (figures)                         (100) and > 1000 × median
+                     magnitude                                                           (``ratio_threshold``)
+    median           of the hidden state               median |a| over the [T, d] state  over each prompt's real
+                                                       of one sequence                   tokens × dims
+    entries listed   top 3 per layer                   top 3 over [T, d]                 ``top_k=4`` (only how many
+                                                                                         are listed)
+    data             10 RedPajama sequences, 4,096     ``add_special_tokens=False``      any prompts; the paper's
+                     tokens (Llama-2)                                                    protocol: BOS-free chunks,
+                                                                                         ``tasks.natural_text(model,
+                                                                                         bos="never")``
+    ===============  ================================  ================================  ===========================
 
     Args:
         prompts: strings, a ``[batch, pos]`` token tensor, or a ``PromptBatch``.
@@ -262,6 +282,24 @@ def attention_sinks(
 ) -> AttentionSinks:
     """Gu et al.'s sink scores for every layer and head, hidden sinks, and value norms.
 
+    ===============  ================================  ================================  ===========================
+    choice           paper (Gu et al. 2024)            released code                     mechlib
+                                                       (sail-sg/Attention-Sink)
+    ===============  ================================  ================================  ===========================
+    α_k              mean attention to key k from      ``compute_attention_sink``:       same, from ``hook_pattern``;
+                     queries t ≥ k (t = k included)    ``(A / arange(T, 0, −1))``        padding rows excluded
+                                                       ``.sum(−2)``
+    sink             α_k > ε, ε = 0.3                  same                              ``epsilon=0.3``
+    metric           Sink_k^ε: % of (sample, layer,    ``(importance > ε).mean() ·       ``sink_rate(k)`` as a share;
+                     head) with α_k > ε; Sink_1 = the  100``                             k = 0 is the paper's Sink_1
+                     first token
+    protocol         100 sequences of 64 tokens, HF    same (``probe_valid`` text,       any prompts; the paper's:
+                     tokenizer defaults (BOS when the  truncated to 64 incl. BOS)        ``tasks.natural_text(model)``
+                     tokenizer adds it)                                                  (100 × 64 tokens, HF BOS)
+    value norms      small sink values ("a key bias")  ``eval_activations``: mean ‖v‖     ``value_norm_ratio``: ‖v‖ of
+                                                       per token                         the first token / the rest
+    ===============  ================================  ================================  ===========================
+
     Args:
         prompts: strings, a ``[batch, pos]`` token tensor, or a ``PromptBatch``.
         epsilon: a head has a sink at ``k`` when ``α_k > epsilon``.
@@ -356,6 +394,24 @@ def sink_dimensions(
 ) -> SinkDimensions:
     """Discover the sink dimensions (VAR's ``D_sink``) and flag sink tokens.
 
+    ===============  ================================  ================================  ===========================
+    choice           paper (Kang et al. 2025)          released code                     mechlib
+                                                       (seilk/VisAttnSink)
+    ===============  ================================  ================================  ===========================
+    sink dims        the LLM's massive dimensions      hard-coded: [2533, 1415]          discovered: the first
+                                                       (Llama-2-7B), [2100, 4743] (13B)  token > τ in ≥ ``min_share``
+                                                                                         of (prompt, layer) pairs
+    score φ(x)       max over sink dims of             ``DimProspector``: h / rms(h) of  same (``hook_resid_pre``,
+                     |RMSNorm(h)_d|                    the layer input, no weight,       no weight, eps 1e-6, fp32)
+                                                       eps 1e-6
+    τ                20                                20                                ``tau=20`` (mind the scale
+                                                                                         on small models, below)
+    sink tokens      per layer                         per layer from 2 on, every        one set: the score averaged
+                                                       forward (prefill)                 over ``layers`` (2..L−2);
+                                                                                         per-layer sinks are
+                                                                                         :func:`~mechlib.var`'s
+    ===============  ================================  ================================  ===========================
+
     The RMS-normalised hidden state is ``h / rms(h)`` of the block's input ``blocks.{l}.hook_resid_pre``
     (no norm weight, eps 1e-6: VAR's ``DimProspector``), whatever norm the model itself uses. A
     dimension is a sink dimension when the first token's |value| exceeds ``tau`` in at least ``min_share`` of the (prompt, layer) pairs; a token is a sink when its
@@ -444,6 +500,24 @@ def act_head_search(
     calibrate one head at a time (β = 0.4, sink threshold α_k > 0.1 as in the authors' script) and
     measure the calibration set's accuracy; keep the heads that raise it, best first (ties broken
     by the mean logit difference).
+
+    ===============  ================================  ================================  ===========================
+    choice           paper (Yu et al. 2024)            released code (GATECH-EIC/ACT)    mechlib
+    ===============  ================================  ================================  ===========================
+    search           calibrate one head at a time,     ``calibration.sh``: one run per   one head at a time (stacked
+                     keep the heads that help          (HEAD_NUM, LAYER_NUM)             copies of a resumed forward;
+                                                                                         equal to one run per head)
+    layers           —                                 2..30 of 32 (``range(2, 31)``):   2..L−2 (``layers=``)
+                                                       the last excluded
+    β, ε             0.4, 0.1                          ``BETA=0.4``, ``THRES=0.1``       ``beta=0.4``,
+                                                                                         ``epsilon=0.1``
+    calibration set  a held-out set per task           900 samples per dataset           ``calib`` (any size)
+    score            accuracy                          classification: argmax over the   accuracy among the
+                                                       label tokens                      contrast set's answers
+    kept             heads that raise accuracy         lists in ``augment_index.py``     gain > 0, best first (ties:
+                                                       (184 heads, Llama-2-7B-chat)      logit difference);
+                                                                                         ``max_heads`` caps them
+    ===============  ================================  ================================  ===========================
 
     Every head of a layer is tried in one resumed forward: the calibration batch is stacked once per
     head, copy ``k`` calibrates head ``k``, and the model restarts at that layer from recorded

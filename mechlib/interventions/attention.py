@@ -127,6 +127,24 @@ def redistribute_attention(
     inside ``span = (start, end)`` (end exclusive), proportionally to their attention — ``p`` with
     ``variant="paper"``, ``1 − p`` with ``"code"`` (the released code's semantics). ``queries``
     restricts the edit to query rows ``[start, end)`` (default all).
+
+    ===============  ==================================  ===================================  ==================
+    choice           paper (Kang et al. 2025)            released code (seilk/VisAttnSink)    mechlib (this
+                                                                                              ablation)
+    ===============  ==================================  ===================================  ==================
+    heads            image-centric, per input and        ``HeadFork``: per (head, query),     fixed ``heads``
+                     query (summ ≥ 0.2, sink share ≤ ρ)  every forward
+    sink tokens      φ(x) ≥ τ = 20, per layer            ``DimProspector``, per layer from 2  fixed
+                                                                                              ``sink_positions``
+    receivers        the non-sink image tokens           same                                 non-sink tokens of
+                                                                                              ``span``
+    share moved      p = 0.6                             keeps p, moves 1 − p                 ``"paper"``: p;
+                                                                                              ``"code"``: 1 − p
+    rows             text queries after the image        same in prefill                      ``queries`` (default
+                                                                                              all)
+    ===============  ==================================  ===================================  ==================
+
+    The paper's method is :func:`var`; this is its control with the heads and sinks held fixed.
     """
     if variant not in ("paper", "code"):
         raise ValueError(f"variant={variant!r}: choose 'paper' (p moved) or 'code' (1 - p moved)")
@@ -285,8 +303,9 @@ def var(
     sink dims        the LLM's massive dims, hard-coded   ``[2533, 1415]`` (Llama-2-7B)        ``dims=`` (discover
                                                                                               them with
                                                                                               :func:`~mechlib.sink_dimensions`)
-    sink tokens      φ(x) ≥ τ = 20, per layer            > 20, every layer from 2, per        same, per layer and
-                                                         forward (prefill)                    forward
+    sink tokens      φ(x) ≥ τ = 20, per layer            > 20, every layer from 2, per        per layer and
+                                                         forward, in prefill only (generated  forward, generated
+                                                         tokens are never sinks)              tokens included
     heads            image-centric per head and query:   same, on the unedited attention     same
                      summ ≥ 0.2, sink share ≤ ρ = 0.5
     rows             text queries after the image         same in prefill; the new row when   rows after the image
@@ -294,8 +313,9 @@ def var(
     p                the share **moved** (p = 0.6)        keeps p, moves 1 − p (0.4)           ``variant="paper"``
                                                                                               moves p; ``"code"``
                                                                                               moves 1 − p
-    layers           2 .. L−2 (first two and the last     2 .. L−1 (``except_last_layer`` is   ``"paper"``: 2..L−2,
-                     excluded)                            overridden)                          ``"code"``: 2..L−1
+    layers           2 .. L−2: the intended config        2 .. L−1 (``except_last_layer`` is   ``"paper"``: 2..L−2,
+                     (``except_last_layer: 1``; not       overridden)                          ``"code"``: 2..L−1
+                     stated in the paper text)
     ===============  ==================================  ===================================  ==================
 
     Args:

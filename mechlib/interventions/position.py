@@ -155,6 +155,23 @@ def position_invariant(
             :class:`~mechlib.tasks.segments.SegmentedPrompts` (its ``segments``).
         layers: layers to edit (default all).
 
+    ===============  ==================================  ===================================  ==================
+    choice           paper (Wang et al. 2024)            released code (wzq016/PINE)          mechlib
+    ===============  ==================================  ===================================  ==================
+    attention        bidirectional between segments,     same (``LlamaAttentionWithPS``)      same
+                     causal inside each; prefix causal
+    importance       attention computed without          un-rotated q·k/√d over the other     same, in float32
+                     position                            segments' tokens, softmax, mean per  (the code: the
+                                                         segment                              model's dtype)
+    positions        segments re-ordered by importance,  stable descending sort; a segment    same
+                     the most important closest to the   is shifted by the lengths of those
+                     query                               ranked before it
+    where            all layers and heads                all layers and heads                 ``layers`` (default
+                                                                                              all), all heads
+    segments         documents / options                 tokenised one by one (``ps_call``)   contiguous spans of
+                                                                                              one tokenisation
+    ===============  ==================================  ===================================  ==================
+
     Yields ``{hook name: times fired}``. Works on bridges that re-implement rotate-half RoPE
     attention (Llama, Qwen2, Mistral, SmolLM); otherwise :class:`UnsupportedBridgeError`.
     The cost is ``O(T² · d_head)`` per head and prompt on top of the forward.

@@ -126,8 +126,10 @@ def steer_residual(
     positions: Optional[Sequence[int]] = None,
 ) -> Iterator[dict[str, int]]:
     """Add ``scale * vectors[layer]`` (``[d_model]``) to the residual stream after each block
-    ``layer`` (``hook_resid_post``), at ``positions`` (default all) — VISTA's visual steering
-    vector, or any activation-addition steering.
+    ``layer`` (``hook_resid_post``), at ``positions`` (default all): plain activation addition
+    with one fixed vector, un-normalised. This is not VISTA's edit — :func:`vista` steers each
+    prompt with its own vector and keeps each token's norm (the paper), or edits the MLP output
+    (the released code).
     """
     if not vectors:
         raise ValueError("vectors is empty: give {layer: [d_model] tensor}")
@@ -165,8 +167,14 @@ def steering_vectors(model, prompts, *, span=None, extras: Optional[dict] = None
                      batch_size: Optional[int] = None) -> SteeringVectors:
     """Per-input VSVs (VISTA, ``obtain_vsv`` with one positive/negative pair): for each prompt and
     layer, the difference of the layer's output (``hook_resid_post``) at the last token with the
-    image (or context ``span``) and with it removed. With a single pair the authors' rank-1 PCA
-    reduces to this difference."""
+    image (or context ``span``) and with it removed: v, the paper's vector.
+
+    The released code does not return exactly v for one pair: ``obtain_vsv`` fits a rank-1 PCA
+    (``myutils.PCA``) to the pair's difference flattened over layers and returns
+    ``components_ + mean_``. Centring a single row leaves a zero matrix, whose SVD on the CPU gives
+    the unit vector e₀ as the component, so the code's vector is v + e₀ (+1 in dimension 0 of the
+    first layer's vector). mechlib follows the paper (v); the two differ by a unit bump, negligible
+    when ‖v‖ ≫ 1."""
     from mechlib.tasks.contrast import ContrastSet, PromptBatch
 
     contrast = prompts if isinstance(prompts, ContrastSet) else None
@@ -208,8 +216,9 @@ def vista(
     ==============  ================================  ===================================  ===================
     choice          paper                             released code (LzVv123456/VISTA)     mechlib
     ==============  ================================  ===================================  ===================
-    vector          v^l = h^l(image) − h^l(no image),  same (``obtain_vsv``; rank-1 PCA of   :func:`steering_vectors`
-                    last token, per input, each layer  one pair = the difference)
+    vector          v^l = h^l(image) − h^l(no image),  ``obtain_vsv``: v + e₀ (rank-1 PCA    :func:`steering_vectors`:
+                    last token, per input, each layer  of one centred pair is degenerate:  v, the paper's
+                                                       a unit vector e₀ is added)
     edited state    layer output h (residual)          MLP output m                         ``variant``
     injection       h̃ = h + λv, rescaled to ‖h‖       m̃ = ‖m‖·norm(norm(m) + λ(1 +         ``"paper"`` / ``"code"``
                                                        max(0, cos(m, −v)))·norm(v))
