@@ -5,6 +5,8 @@ prompts and whose ``per_prompt`` keeps the prompt axis first. The base gives:
 
 * ``to_dataframe()`` — one row per cell (axis labels + value, and stderr when per-prompt values exist),
 * ``top(k)`` — the k largest (or largest-|value|) cells,
+* ``locate(axis, key)`` / ``select(axis, key)`` — a cell by its label; on a ``layer`` axis by the
+  layer number (a result over ``layers=[15]`` has one entry, labelled ``L15``: ask for 15),
 * ``ci()`` — bootstrap confidence intervals over prompts,
 * ``plot()`` — a matplotlib figure (heatmap for 2-D, line for 1-D), returned, never shown,
 * ``save(path)`` / ``Result.load(path)`` — one safetensors file (tensors + JSON metadata), written
@@ -19,8 +21,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
+import re
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
@@ -73,6 +78,13 @@ def bootstrap_ci(x: Tensor, *, level: float = 0.95, n_boot: int = 9999, seed: in
     from mechlib.stats import bootstrap_ci as _ci
 
     return _ci(torch.as_tensor(x).float().flatten(), level=level, n_resamples=n_boot, seed=seed)
+
+
+def layer_number(label: str) -> Optional[int]:
+    """The layer a ``layer``-axis label names (``"L15"`` or ``"15"`` → 15), or ``None`` (e.g. the
+    logit lens's ``"15_pre"``, which is a point of the residual stream, not a layer's output)."""
+    m = re.fullmatch(r"L?(\d+)", str(label))
+    return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True)
@@ -151,14 +163,19 @@ class Result:
 
     # ------------------------------------------------------------------ tables
     def to_dataframe(self):
-        """Long format: one row per cell, axis label columns, ``value`` (and ``stderr``)."""
+        """Long format: one row per cell, axis label columns, ``value`` (and ``stderr``).
+
+        Each axis gives a column of positions and one of labels (``head``, ``head_label``); a
+        ``layer`` axis labelled by layer gives the layer number itself (``layer`` 15 for the entry
+        ``L15``, whatever its position), so a result over a few layers names them right."""
         import pandas as pd
 
         grids = torch.meshgrid(*[torch.arange(n) for n in self.values.shape], indexing="ij")
         data: dict[str, Any] = {}
         for ax, g in zip(self.axis_names, grids):
             flat = g.flatten().tolist()
-            data[ax] = flat
+            numbers_ = self._layer_numbers(ax)
+            data[ax] = flat if numbers_ is None else [numbers_[i] for i in flat]
             data[f"{ax}_label"] = [self.labels[ax][i] for i in flat]
         data["value"] = self.values.flatten().float().tolist()
         se = self.stderr()
@@ -235,18 +252,74 @@ class Result:
         fig.update_layout(title=title)
         return fig
 
-    def select(self, axis: str, index: int) -> "Result":
-        """A plain :class:`Result` with one axis fixed at ``index``."""
+    def _layer_numbers(self, axis: str) -> Optional[list[int]]:
+        """The layer numbers of a ``layer`` axis whose labels name layers (else ``None``)."""
+        if axis != "layer":
+            return None
+        found = [layer_number(lab) for lab in self.labels[axis]]
+        return None if any(n is None for n in found) else found
+
+    def locate(self, axis: str, key: Union[int, str]) -> int:
+        """The position along ``axis`` of ``key``.
+
+        ``key`` is a label (``"L15"``, ``"H3"``, a token) or an integer. On a ``layer`` axis an
+        integer is the **layer number**: a probe over ``layers=[15]`` has one entry, and
+        ``locate("layer", 15)`` is 0. An integer that is not one of the result's layers but is a
+        valid position still reads as the position, with a warning (it is ambiguous); on other
+        axes an integer is the position (negative counts from the end).
+
+        Raises:
+            ValueError: naming the axis and its labels, when ``key`` is neither.
+
+        Example:
+            >>> r = mechlib.probe(model, prompts, labels, layers=[15])       # doctest: +SKIP
+            >>> r.locate("layer", 15), r.locate("layer", "L15")
+            (0, 0)
+        """
         if axis not in self.axis_names:
             raise ValueError(f"no axis {axis!r}; axes are {self.axis_names}")
+        labels = list(self.labels[axis])
+        n = len(labels)
+        shown = ", ".join(labels[:12]) + (f", … ({n} in all)" if n > 12 else "")
+        layers = self._layer_numbers(axis)
+        if isinstance(key, str):
+            if key in labels:
+                return labels.index(key)
+            if layers is not None and layer_number(key) in layers:  # "15" or "L15" for a layer labelled otherwise
+                return layers.index(layer_number(key))
+            raise ValueError(f"{type(self).__name__} has no {axis} {key!r}; its {axis} labels are {shown}")
+        if isinstance(key, bool) or not isinstance(key, numbers.Integral):
+            raise TypeError(f"{axis}={key!r}: give a label (e.g. {labels[0]!r}) or an integer")
+        key = int(key)
+        if layers is not None:
+            if key in layers:
+                return layers.index(key)
+            if 0 <= key < n:
+                warnings.warn(f"{type(self).__name__} has no layer {key} (its layers: {shown}); reading {key} as the "
+                              f"position of {labels[key]} — pass the layer number ({layers[key]}) instead",
+                              stacklevel=3)
+                return key
+            if -n <= key < 0:
+                return key % n
+            raise ValueError(f"{type(self).__name__} has no layer {key}: its layers are {shown} (pass one of "
+                             f"these layer numbers or labels)")
+        if -n <= key < n:
+            return key % n
+        raise ValueError(f"{axis} position {key} is out of range: {type(self).__name__} has {n} along {axis!r} "
+                         f"({shown}); pass a position or a label")
+
+    def select(self, axis: str, key: Union[int, str]) -> "Result":
+        """A plain :class:`Result` with one axis fixed at ``key``: a label, or on a ``layer`` axis
+        the layer number (see :meth:`locate`)."""
+        i = self.locate(axis, key)
         d = self.axis_names.index(axis)
         return Result(
-            values=self.values.select(d, index),
+            values=self.values.select(d, i),
             axis_names=tuple(a for a in self.axis_names if a != axis),
             labels={a: l for a, l in self.labels.items() if a != axis},
-            per_prompt=None if self.per_prompt is None else self.per_prompt.select(d + 1, index),
+            per_prompt=None if self.per_prompt is None else self.per_prompt.select(d + 1, i),
             baselines=self.baselines,
-            metadata={**self.metadata, "selected": {axis: index}},
+            metadata={**self.metadata, "selected": {axis: self.labels[axis][i]}},
         )
 
     # ------------------------------------------------------------------ persistence

@@ -69,6 +69,39 @@ def test_result_table_top_and_ci():
     assert "head=4" in repr(r) and "<b>" in r._repr_html_()
 
 
+def test_results_over_some_layers_are_addressed_by_layer_number():
+    per = torch.arange(6 * 3 * 2, dtype=torch.float32).reshape(6, 3, 2)
+    r = Result(values=per.mean(0), axis_names=("layer", "head"), per_prompt=per,
+               labels={"layer": ["L3", "L5", "L9"], "head": ["H0", "H1"]})
+    assert torch.equal(r.select("layer", 5).values, r.values[1])  # layer 5 is the second entry
+    assert torch.equal(r.select("layer", "L9").values, r.values[2]) and r.locate("layer", -1) == 2
+    assert r.select("layer", 9).metadata["selected"] == {"layer": "L9"}
+    assert torch.equal(r.select("head", 1).per_prompt, per[:, :, 1]) and r.locate("head", "H1") == 1
+    df = r.to_dataframe()
+    assert df["layer"].tolist() == [3, 3, 5, 5, 9, 9] and df["layer_label"].tolist()[2] == "L5"
+    assert r.top(1)["layer"].tolist() == [9]  # the largest value sits in layer 9, not "layer 2"
+    with pytest.raises(ValueError, match="no layer 4: its layers are L3, L5, L9"):
+        r.select("layer", 4)
+    with pytest.warns(UserWarning, match="reading 1 as the position of L5"):
+        assert torch.equal(r.select("layer", 1).values, r.values[1])
+    with pytest.raises(ValueError, match="head position 2 is out of range"):
+        r.select("head", 2)
+    with pytest.raises(ValueError, match="no axis 'pos'"):
+        r.select("pos", 0)
+    with pytest.raises(TypeError, match="label"):
+        r.locate("layer", 1.5)
+    # labels that are not layer numbers (the logit lens's residual points): integers are positions
+    lens = Result(values=torch.zeros(3), axis_names=("layer",), labels={"layer": ["0_pre", "1_pre", "final_post"]})
+    assert lens.locate("layer", 2) == 2 and lens.to_dataframe()["layer"].tolist() == [0, 1, 2]
+
+
+def test_a_verb_over_chosen_layers_reports_layer_numbers(tiny_llama):
+    prompts = ["When Mary and John went to the store, John gave a drink to", "Mary gave a drink to John"]
+    r = mechlib.attention_sinks(tiny_llama, prompts, layers=[1])
+    assert r.select("layer", 1).values.shape == (tiny_llama.cfg.n_heads,)
+    assert set(r.to_dataframe()["layer"]) == {1}
+
+
 def test_result_validates_shapes():
     with pytest.raises(ValueError, match="axis_names"):
         Result(values=torch.zeros(2, 2), axis_names=("layer",))

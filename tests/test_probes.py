@@ -30,6 +30,25 @@ def test_probe_finds_a_planted_direction_and_controls_stay_at_chance(tiny_llama)
     r.plot()
 
 
+def test_probe_accessors_take_the_layer_number_not_its_position(tiny_llama):
+    """A probe over ``layers=[1]`` has one entry, labelled L1: ``top_dims(1)`` is that probe (it
+    raised IndexError when accessors indexed by position); a layer the probe does not hold is a
+    clear error; a bare position still reads, with a warning."""
+    toks, labels, cache = _planted(tiny_llama)
+    cache = {"blocks.1.hook_resid_post": cache["blocks.0.hook_resid_post"]}  # the direction at layer 1
+    r = mechlib.probe(tiny_llama, toks, labels, layers=[1], method="l1", C=0.1, cache=cache)
+    assert r.labels["layer"] == ("L1",)
+    assert r.top_dims(1, 1) == [7] and r.top_dims("L1", 1) == [7]
+    X = cache["blocks.1.hook_resid_post"][:, -1]
+    assert float(((r.decision_function(1, X) > 0).long() == labels).float().mean()) > 0.9
+    with pytest.raises(ValueError, match="no layer 5: its layers are L1"):
+        r.top_dims(5)
+    with pytest.raises(ValueError, match="no layer 'L0'"):  # a label is never read as a position
+        r.decision_function("L0", X)
+    with pytest.warns(UserWarning, match="pass the layer number \\(1\\)"):
+        assert r.top_dims(0, 1) == [7]
+
+
 def test_token_level_probe_groups_folds_by_prompt(tiny_llama):
     toks, _, cache = _planted(tiny_llama)
     lab = torch.full((N, T), -1)

@@ -146,15 +146,18 @@ class ProbeResult(Result):
     intercept: Optional[Tensor] = None
     oof: Optional[Tensor] = None
 
-    def decision_function(self, layer: int, X: Tensor) -> Tensor:
-        """The probe of ``layer`` (its index in the result) applied to activations ``X`` ``[n, d]``
-        (refit on all examples; positive = label 1)."""
-        return X.float() @ self.coef[layer] + self.intercept[layer]
+    def decision_function(self, layer: Union[int, str], X: Tensor) -> Tensor:
+        """The probe of ``layer`` (the layer number, e.g. 15 for a probe over ``layers=[15]``, or its
+        label ``"L15"``) applied to activations ``X`` ``[n, d]`` (refit on all examples; positive =
+        label 1)."""
+        i = self.locate("layer", layer)
+        return X.float() @ self.coef[i] + self.intercept[i]
 
-    def top_dims(self, layer: int, k: int = 5) -> list[int]:
-        """The dimensions with the largest |weight| in the probe of ``layer`` (its index in the
-        result's layers)."""
-        return torch.argsort(self.coef[layer].abs(), descending=True)[:k].tolist()
+    def top_dims(self, layer: Union[int, str], k: int = 5) -> list[int]:
+        """The dimensions with the largest |weight| in the probe of ``layer`` (the layer number, e.g.
+        15 for a probe over ``layers=[15]``, or its label ``"L15"``)."""
+        i = self.locate("layer", layer)
+        return torch.argsort(self.coef[i].abs(), descending=True)[:k].tolist()
 
     def table(self):
         import pandas as pd
