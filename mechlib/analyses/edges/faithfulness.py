@@ -19,21 +19,9 @@ from torch import Tensor
 
 from mechlib import hooks
 from mechlib.analyses.circuits import Circuit
+from mechlib.analyses.edges import wiring
 from mechlib.analyses.edges.graph import EdgeGraphError, Graph
 from mechlib.analyses.edges.scoring import EdgeScores
-from mechlib.analyses.edges.wiring import (
-    _check_additive,
-    _check_inputs,
-    _chunk,
-    _masked_logits,
-    _metric_name,
-    _record,
-    _rows,
-    _split_qkv,
-    _tile,
-    _Wiring,
-    _wiring,
-)
 from mechlib.memory import peak_memory
 from mechlib.metrics import Metric, MetricError, check_metric_values
 from mechlib.provenance import records
@@ -109,7 +97,7 @@ class FaithfulnessResult(Result):
                 f"{m.get('units')}, {m.get('ablation')} ablation, {self.n_prompts} prompts)")
 
 
-def _ablation_sources(model, w: _Wiring, contrast: ContrastSet, ablation: str, batch_size, seed: int,
+def _ablation_sources(model, w: wiring._Wiring, contrast: ContrastSet, ablation: str, batch_size, seed: int,
                       z_only: bool = False):
     """A function ``idx -> [b, p, F, d] writers`` (or per-layer ``hook_z``) of the ablated run."""
     B = len(contrast)
@@ -133,8 +121,8 @@ def _ablation_sources(model, w: _Wiring, contrast: ContrastSet, ablation: str, b
         for s in range(0, B, size):
             idx = list(range(s, min(s + size, B)))
             toks = contrast.corrupted_tokens[idx]
-            ex = _rows(contrast.forward_extras("corrupted"), idx)
-            a = _z_record(model, w, toks, ex) if z_only else _record(model, w, toks, ex)[1]
+            ex = wiring._rows(contrast.forward_extras("corrupted"), idx)
+            a = _z_record(model, w, toks, ex) if z_only else wiring._record(model, w, toks, ex)[1]
             msk = (torch.arange(contrast.n_pos)[None, :] < contrast.lengths[idx][:, None]).to(a.device)
             part = (a * msk.reshape(*msk.shape, *([1] * (a.ndim - 2))).to(a.dtype)).sum(0)
             tot = part if tot is None else tot + part
@@ -146,23 +134,23 @@ def _ablation_sources(model, w: _Wiring, contrast: ContrastSet, ablation: str, b
             toks, ex = sub.corrupted_tokens, sub.forward_extras("corrupted")
         elif ablation == "resample":
             src = perm[list(idx)].tolist()
-            toks, ex = contrast.clean_tokens[src], _rows(contrast.forward_extras("clean"), src)
+            toks, ex = contrast.clean_tokens[src], wiring._rows(contrast.forward_extras("clean"), src)
         elif ablation == "mean":
             return mean[None].expand(len(idx), *mean.shape)
         else:
             return None  # zero: built by the caller with the right shape
-        return _z_record(model, w, toks, ex) if z_only else _record(model, w, toks, ex)[1]
+        return _z_record(model, w, toks, ex) if z_only else wiring._record(model, w, toks, ex)[1]
 
     return get
 
 
-def _z_record(model, w: _Wiring, tokens: Tensor, extras) -> Tensor:
+def _z_record(model, w: wiring._Wiring, tokens: Tensor, extras) -> Tensor:
     """``hook_z`` of every layer, stacked: ``[b, p, L, H, d_head]``."""
     _, cache = hooks.run_with_cache(model, tokens, w.z, extras=extras)
     return torch.stack([cache[n] for n in w.z], 2)
 
 
-def _circuit_masks(w: _Wiring, circuits: Sequence) -> tuple[Tensor, str, list[int]]:
+def _circuit_masks(w: wiring._Wiring, circuits: Sequence) -> tuple[Tensor, str, list[int]]:
     """Stacked ablation masks for Graphs (``[C, F, Bk]`` edges not in the circuit) or head
     Circuits (``[C, L, H]`` heads not in it); plus the unit kind and each circuit's size."""
     spec = w.spec
@@ -187,7 +175,7 @@ def _circuit_masks(w: _Wiring, circuits: Sequence) -> tuple[Tensor, str, list[in
                     + ", ".join(type(c).__name__ for c in circuits))
 
 
-def _head_ablated_logits(model, w: _Wiring, tokens: Tensor, extras, z_abl: Optional[Tensor], masks: Tensor) -> Tensor:
+def _head_ablated_logits(model, w: wiring._Wiring, tokens: Tensor, extras, z_abl: Optional[Tensor], masks: Tensor) -> Tensor:
     """Logits of ``C`` stacked copies; copy ``c`` replaces heads ``masks[c]`` at ``hook_z`` by ``z_abl``."""
     C, b = masks.shape[0], tokens.shape[0]
 
@@ -200,7 +188,7 @@ def _head_ablated_logits(model, w: _Wiring, tokens: Tensor, extras, z_abl: Optio
         return torch.where(m[:, None, None, :, None], src[None], xs).reshape(x.shape)
 
     hk = [(w.z[l], lambda x, hook, l=l: patch(x, hook, l)) for l in range(w.spec.n_layers) if bool(masks[:, l].any())]
-    return hooks.forward(model, tokens.repeat(C, 1), hooks=hk, extras=_tile(extras, C))
+    return hooks.forward(model, tokens.repeat(C, 1), hooks=hk, extras=wiring._tile(extras, C))
 
 
 def _evaluate(model, contrast: ContrastSet, metric, circuits: Sequence, *, ablation: str, batch_size, seed: int,
@@ -210,8 +198,8 @@ def _evaluate(model, contrast: ContrastSet, metric, circuits: Sequence, *, ablat
 
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation={ablation!r}: choose one of {', '.join(ABLATIONS)}")
-    _check_inputs(model, contrast, metric, desc)
-    w = _wiring(model)
+    wiring._check_inputs(model, contrast, metric, desc)
+    w = wiring._wiring(model)
     masks, units, sizes = _circuit_masks(w, circuits)
     C, B = len(circuits), len(contrast)
     heads = units == "heads"
@@ -219,10 +207,10 @@ def _evaluate(model, contrast: ContrastSet, metric, circuits: Sequence, *, ablat
     full_masks = torch.cat([masks, empty])
     values = torch.empty(C + 1, B)
     clean_vals, corr_vals = torch.empty(B), torch.empty(B)
-    name = _metric_name(metric)
-    with torch.no_grad(), _split_qkv(model), peak_memory(model.cfg.device) as mem:
+    name = wiring._metric_name(metric)
+    with torch.no_grad(), wiring._split_qkv(model), peak_memory(model.cfg.device) as mem:
         if not heads:
-            _check_additive(model, w, contrast.clean_tokens[:1], _rows(contrast.forward_extras("clean"), [0]))
+            wiring._check_additive(model, w, contrast.clean_tokens[:1], wiring._rows(contrast.forward_extras("clean"), [0]))
         sources = _ablation_sources(model, w, contrast, ablation, batch_size, seed, z_only=heads)
         n_batches = -(-B // (batch_size or B))
         with _progress(n_batches, desc, progress) as bar:
@@ -235,7 +223,7 @@ def _evaluate(model, contrast: ContrastSet, metric, circuits: Sequence, *, ablat
                     m(hooks.forward(model, sub.corrupted_tokens, extras=sub.forward_extras("corrupted"))),
                     b, name=name).cpu()
                 abl = sources(idx, sub)
-                chunk = _chunk(model, b, sub.n_pos, 0 if heads else _per_copy_floats(w))
+                chunk = wiring._chunk(model, b, sub.n_pos, 0 if heads else _per_copy_floats(w))
                 for c0 in range(0, C + 1, chunk):
                     part = full_masks[c0:c0 + chunk]
                     if heads:
@@ -244,7 +232,7 @@ def _evaluate(model, contrast: ContrastSet, metric, circuits: Sequence, *, ablat
                         if abl is None:
                             abl = torch.zeros(b, sub.n_pos, w.spec.n_forward, model.cfg.d_model,
                                               dtype=model.cfg.dtype, device=model.cfg.device)
-                        logits = _masked_logits(model, w, sub.clean_tokens, ex, abl, part)
+                        logits = wiring._masked_logits(model, w, sub.clean_tokens, ex, abl, part)
                     vals = check_metric_values(m(logits), len(part) * b, name=name).cpu()
                     values[c0:c0 + len(part), idx] = vals.reshape(len(part), b)
                 bar.update(1)
@@ -252,7 +240,7 @@ def _evaluate(model, contrast: ContrastSet, metric, circuits: Sequence, *, ablat
                 sizes=sizes, peak_memory=mem, metric=name)
 
 
-def _per_copy_floats(w: _Wiring) -> int:
+def _per_copy_floats(w: wiring._Wiring) -> int:
     return 2 * w.spec.n_forward * int(w.W_O[0].shape[-1])
 
 
