@@ -288,6 +288,8 @@ class Result:
             if layers is not None and layer_number(key) in layers:  # "15" or "L15" for a layer labelled otherwise
                 return layers.index(layer_number(key))
             raise ValueError(f"{type(self).__name__} has no {axis} {key!r}; its {axis} labels are {shown}")
+        if isinstance(key, Tensor) and key.ndim == 0 and not key.is_floating_point() and key.dtype != torch.bool:
+            key = int(key)
         if isinstance(key, bool) or not isinstance(key, numbers.Integral):
             raise TypeError(f"{axis}={key!r}: give a label (e.g. {labels[0]!r}) or an integer")
         key = int(key)

@@ -75,7 +75,7 @@ def test_results_over_some_layers_are_addressed_by_layer_number():
                labels={"layer": ["L3", "L5", "L9"], "head": ["H0", "H1"]})
     assert torch.equal(r.select("layer", 5).values, r.values[1])  # layer 5 is the second entry
     assert torch.equal(r.select("layer", "L9").values, r.values[2]) and r.locate("layer", -1) == 2
-    assert r.select("layer", 9).metadata["selected"] == {"layer": "L9"}
+    assert r.select("layer", 9).metadata["selected"] == {"layer": "L9"} and r.locate("layer", torch.tensor(9)) == 2
     assert torch.equal(r.select("head", 1).per_prompt, per[:, :, 1]) and r.locate("head", "H1") == 1
     df = r.to_dataframe()
     assert df["layer"].tolist() == [3, 3, 5, 5, 9, 9] and df["layer_label"].tolist()[2] == "L5"
