@@ -102,9 +102,9 @@ def test_pine_bad_inputs_and_cleanup(tiny_llama, tiny_gpt2):
     with pytest.raises(ValueError, match="out of range"):
         with interventions.position_invariant(tiny_llama, [(4, 7), (7, 99)]):
             tiny_llama(toks)
-    with pytest.raises(ValueError, match="batch 2"):
-        with interventions.position_invariant(tiny_llama, [spans]):
-            tiny_llama(toks.repeat(2, 1))
+    with pytest.raises(ValueError, match="2 prompts; this forward has batch 3"):
+        with interventions.position_invariant(tiny_llama, [spans, spans]):
+            tiny_llama(toks.repeat(3, 1))
     with pytest.raises(interventions.UnsupportedBridgeError):
         with interventions.position_invariant(tiny_gpt2, spans):
             pass

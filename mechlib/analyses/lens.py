@@ -312,12 +312,20 @@ def self_logits_augmentation(
     out = []
     for sub in PromptBatch.from_prompts(model, prompts).batches(batch_size):
         logits, acts = hooks.run_with_cache(model, sub.tokens, names, extras=sub.extras)
-        final = sub.at_last(logits)
-        with torch.no_grad():
-            h = torch.stack([sub.at_last(acts[n]) for n in names])  # [layers, b, d]
-            if variant == "paper":
-                early = hooks._logits_from_resid(model, h.transpose(0, 1)).mean(1)
-            else:
-                early = model.unembed(h).mean(0)
-        out.append(((1 - gamma) * final + gamma * early.to(final.device)).detach())
+        h = torch.stack([sub.at_last(acts[n]) for n in names], 1)  # [b, layers, d]
+        out.append(sla_logits(model, sub.at_last(logits), h, gamma=gamma, variant=variant).detach())
     return torch.cat(out)
+
+
+def sla_logits(model, final: Tensor, hidden: Tensor, *, gamma: float = 0.3, variant: str = "paper") -> Tensor:
+    """SLA's mix for one position per row: ``(1 − γ) · final + γ · mean_l H(h^l)``, with ``final``
+    ``[b, vocab]`` the model's logits and ``hidden`` ``[b, layers, d_model]`` the window's block
+    outputs; ``H`` is the final norm + unembedding (``"paper"``) or the raw unembedding
+    (``"code"``). Used by :func:`self_logits_augmentation` and as a decoding rule by
+    ``mechlib.generate(..., sla=...)``."""
+    with torch.no_grad():
+        if variant == "paper":
+            early = hooks._logits_from_resid(model, hidden).mean(1)
+        else:
+            early = model.unembed(hidden.transpose(0, 1)).mean(0)
+    return (1 - gamma) * final + gamma * early.to(final.device, final.dtype)

@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from mechlib import hooks
+from mechlib import hooks, layout
 from mechlib.sites import check_head, check_layer
 
 
@@ -40,11 +40,12 @@ def _heads_by_layer(model, heads: Sequence[tuple[int, int]]) -> dict[int, list[i
 
 
 @contextmanager
-def _editing_patterns(model, by_layer: dict[int, list[int]], edit) -> Iterator[dict[str, int]]:
-    """Attach ``edit(pattern, hook, heads)`` at each layer's ``hook_pattern`` for its heads."""
-    hk = [(f"blocks.{l}.attn.hook_pattern", lambda A, hook, hs=hs: edit(A, hook, hs))
+def _editing_patterns(model, by_layer: dict[int, list[int]], edit, name: str, **supports) -> Iterator[dict[str, int]]:
+    """Attach ``edit(pattern, hook, heads, layer)`` at each layer's ``hook_pattern`` for its heads,
+    declared to :mod:`mechlib.layout` as the edit ``name`` (``supports``: what it can run on)."""
+    hk = [(f"blocks.{l}.attn.hook_pattern", lambda A, hook, hs=hs, l=l: edit(A, hook, hs, l))
           for l, hs in by_layer.items()]
-    with hooks.attach(model, hk, must_fire=False) as fired:
+    with layout.editing(model, name, **supports), hooks.attach(model, hk, must_fire=False) as fired:
         yield fired
 
 
@@ -58,3 +59,13 @@ def _move_mass(A: Tensor, take: Tensor, recipients: Tensor) -> Tensor:
     ok = rec_sum > 1e-12
     out = A - take + torch.where(ok, rec / rec_sum.clamp(min=1e-12) * moved, torch.zeros_like(A))
     return torch.where(ok, out, A)
+
+
+def _positions_mask(positions, pos: Tensor) -> Tensor:
+    """``pos`` (prompt positions, any shape) ∈ ``positions`` (a list of prompt positions)."""
+    positions = list(positions)
+    if any(int(p) < 0 for p in positions):
+        raise ValueError(f"positions {positions} must be prompt positions >= 0 (counted from each prompt's first "
+                         "token; -1 is not 'the last one' here)")
+    want = torch.as_tensor(positions, dtype=torch.long, device=pos.device)
+    return (pos[..., None] == want).any(-1)

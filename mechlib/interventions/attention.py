@@ -9,8 +9,14 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from mechlib import hooks
-from mechlib.interventions._common import _check_pattern_editable, _editing_patterns, _heads_by_layer, _move_mass
+from mechlib import hooks, layout
+from mechlib.interventions._common import (
+    _check_pattern_editable,
+    _editing_patterns,
+    _heads_by_layer,
+    _move_mass,
+    _positions_mask,
+)
 from mechlib.sites import check_layer
 
 ACT_VARIANTS = ("paper", "code")
@@ -18,43 +24,48 @@ ACT_VARIANTS = ("paper", "code")
 
 def act_sinks(sub: Tensor, *, epsilon: float, min_queries: int = 1,
               sink_positions: Optional[Sequence[int]] = None, lengths: Optional[Tensor] = None,
-              variant: str = "paper") -> Tensor:
+              variant: str = "paper", qpos: Optional[Tensor] = None, kpos: Optional[Tensor] = None) -> Tensor:
     """ACT's sinks of patterns ``sub`` ``[b, h, q, k]`` → bool ``[b, h, k]``: keys whose α_k (mean
     attention from the real queries ``t ≥ k``, ``t = k`` included) exceeds ``epsilon`` — an absolute
     rule, so late keys (the answer row's own key among them) can be sinks — with at least
     ``min_queries`` such queries; or the fixed ``sink_positions``. The initial sink is excluded:
     position 0 (``variant="paper"``), or the *first flagged* key (``variant="code"``, the authors'
     ``indices[1:]``; the same when position 0 is flagged). ``lengths`` ``[b]`` (right padding)
-    keeps padding queries and keys out."""
+    keeps padding queries and keys out. ``qpos``/``kpos`` (``[b, q]``/``[b, k]``) are the prompt
+    positions of the queries and keys (default ``0..``; negative on left padding, which never
+    counts), from :func:`mechlib.layout.view`."""
     if variant not in ACT_VARIANTS:
         raise ValueError(f"variant={variant!r}: choose 'paper' or 'code'")
     b, h, Q, K = sub.shape
+    dev = sub.device
+    qpos = torch.arange(K - Q, K, device=dev).expand(b, Q) if qpos is None else qpos.to(dev)
+    kpos = torch.arange(K, device=dev).expand(b, K) if kpos is None else kpos.to(dev)
     if sink_positions is not None:
-        sink = torch.zeros(K, dtype=torch.bool, device=sub.device)
-        sink[list(sink_positions)] = True
-        return sink.expand(b, h, K)
-    t = torch.arange(Q, device=sub.device)
-    n_real = torch.full((b,), Q, device=sub.device) if lengths is None else lengths.to(sub.device)
-    valid = (t[None, :, None] >= t[None, None, :K]) & (t[None, :, None] < n_real[:, None, None])  # [b, q, k]
+        return _positions_mask(sink_positions, kpos)[:, None, :].expand(b, h, K)
+    n_real = torch.full((b,), K, device=dev) if lengths is None else lengths.to(dev)
+    valid = ((qpos[:, :, None] >= kpos[:, None, :]) & (qpos[:, :, None] < n_real[:, None, None])
+             & (kpos[:, None, :] >= 0))  # [b, q, k]
     n = valid.sum(1)  # [b, k] queries per key (0 on padding keys)
     alpha = (sub * valid[:, None].to(sub.dtype)).sum(-2) / n.clamp(min=1)[:, None]  # [b, h, k]
     sink = (alpha > epsilon) & (n[:, None] >= max(min_queries, 1))
     if variant == "paper":
-        sink[..., 0] = False
+        sink &= (kpos != 0)[:, None, :]
     else:
         first = sink.int().argmax(-1, keepdim=True)  # the first flagged key (0 when none is flagged)
         sink = sink.scatter(-1, first, False)
     return sink
 
 
-def act_calibrate(sub: Tensor, sink: Tensor, beta: float) -> Tensor:
+def act_calibrate(sub: Tensor, sink: Tensor, beta: float, *, keep_rows: Optional[Tensor] = None) -> Tensor:
     """Scale the attention on ``sink`` keys (``[b, h, k]``) by ``beta`` in every query row and give
     the removed mass to the other keys of each row, proportionally to their attention (the first
-    token included). Row 0 keeps its single key, as the authors reset it."""
-    sink = sink[..., None, :]  # broadcast over queries
-    out = _move_mass(sub, sub * sink * (1 - beta), ~sink)
-    out[..., 0, :] = sub[..., 0, :]
-    return out
+    token included). The first token's row keeps its single key, as the authors reset it
+    (``keep_rows`` ``[b, q]``: the rows left as they are; default the first row)."""
+    out = _move_mass(sub, sub * sink[..., None, :] * (1 - beta), ~sink[..., None, :])
+    if keep_rows is None:
+        out[..., 0, :] = sub[..., 0, :]
+        return out
+    return torch.where(keep_rows[:, None, :, None].to(sub.device), sub, out)
 
 
 @contextmanager
@@ -96,18 +107,31 @@ def calibrate_attention(
     by_layer = _heads_by_layer(model, heads)
     _check_pattern_editable(model, list(by_layer))
 
-    def edit(A, hook, hs):
-        A = A.clone()
+    state = object()  # this block's key in a generation's scratch space
+
+    def edit(A, hook, hs, layer):
+        b, _, Q, K = A.shape
+        v = layout.view(b, q=Q, k=K, device=A.device)
         sub = A[:, hs]  # [b, h, q, k]
-        if lengths is not None and A.shape[0] % len(lengths):
-            raise ValueError(f"lengths has {len(lengths)} entries; this forward has batch {A.shape[0]}")
-        lens = None if lengths is None else lengths.repeat(A.shape[0] // len(lengths))
-        sink = act_sinks(sub, epsilon=epsilon, min_queries=min_queries, sink_positions=sink_positions, lengths=lens,
-                         variant=variant)
-        A[:, hs] = act_calibrate(sub, sink, beta)
+        if v.generating:  # sinks found on the prompt's rows (the first step) and kept for every new token
+            d, key = v.decoding, (state, layer)
+            if d.cached and d.step > 0:
+                sink = torch.nn.functional.pad(d.state[key], (0, K - d.state[key].shape[-1]))
+            else:
+                sink = act_sinks(sub, epsilon=epsilon, min_queries=min_queries, sink_positions=sink_positions,
+                                 lengths=v.prompt_len, variant=variant, qpos=v.qpos, kpos=v.kpos)
+                d.state[key] = sink
+        else:
+            if lengths is not None and b % len(lengths):
+                raise ValueError(f"lengths has {len(lengths)} entries; this forward has batch {b}")
+            lens = None if lengths is None else lengths.repeat(b // len(lengths))
+            sink = act_sinks(sub, epsilon=epsilon, min_queries=min_queries, sink_positions=sink_positions, lengths=lens,
+                             variant=variant, qpos=v.qpos, kpos=v.kpos)
+        A = A.clone()
+        A[:, hs] = act_calibrate(sub, sink, beta, keep_rows=v.qpos == 0)
         return A
 
-    with _editing_patterns(model, by_layer, edit) as fired:
+    with _editing_patterns(model, by_layer, edit, "calibrate_attention") as fired:
         yield fired
 
 
@@ -158,28 +182,27 @@ def redistribute_attention(
     by_layer = _heads_by_layer(model, heads)
     _check_pattern_editable(model, list(by_layer))
 
-    def edit(A, hook, hs):
-        K = A.shape[-1]
-        if end > K or max(sink_positions) >= K:
+    share = p if variant == "paper" else 1 - p
+
+    def edit(A, hook, hs, layer):
+        b, _, Q, K = A.shape
+        v = layout.view(b, q=Q, k=K, device=A.device)
+        if not v.generating and (end > K or max(sink_positions) >= K):
             raise IndexError(f"span {span} / sink positions {list(sink_positions)} exceed the "
                              f"{K} tokens of this input")
         A = A.clone()
         sub = A[:, hs]
-        sink = torch.zeros(K, dtype=torch.bool, device=A.device)
-        sink[list(sink_positions)] = True
-        rec = torch.zeros(K, dtype=torch.bool, device=A.device)
-        rec[start:end] = True
-        rec &= ~sink
-        take = sub * sink * (p if variant == "paper" else 1 - p)
-        new = _move_mass(sub, take, rec)
+        sink = _positions_mask(sink_positions, v.kpos)  # [b, K]
+        rec = (v.kpos >= start) & (v.kpos < end) & ~sink
+        take = sub * sink[:, None, None, :] * share
+        new = _move_mass(sub, take, rec[:, None, None, :])
         if queries is not None:
-            rows = torch.zeros(A.shape[-2], dtype=torch.bool, device=A.device)
-            rows[queries[0]:queries[1]] = True
-            new = torch.where(rows[:, None], new, sub)
+            rows = (v.qpos >= queries[0]) & (v.qpos < queries[1])  # [b, Q]
+            new = torch.where(rows[:, None, :, None], new, sub)
         A[:, hs] = new
         return A
 
-    with _editing_patterns(model, by_layer, edit) as fired:
+    with _editing_patterns(model, by_layer, edit, "redistribute_attention") as fired:
         yield fired
 
 
@@ -217,23 +240,23 @@ def steer_attention(
     by_layer = _heads_by_layer(model, heads)
     _check_pattern_editable(model, list(by_layer))
 
-    def edit(A, hook, hs):
+    P = keys.shape[0]
+
+    def edit(A, hook, hs, layer):
         b, _, Q, K = A.shape
-        if b % keys.shape[0] or (K < keys.shape[1] and keys[:, K:].any()):
-            raise ValueError(f"steer_attention was set up for {keys.shape[0]} prompts of "
-                             f"{keys.shape[1]} tokens; this forward has batch {b}, {K} tokens")
-        m = keys[:, :K].to(A.device).repeat(b // keys.shape[0], 1).to(A.dtype)  # [b, K]
-        if K > keys.shape[1]:
-            m = torch.nn.functional.pad(m, (0, K - keys.shape[1]))
-        target = m / m.sum(-1, keepdim=True)
-        rows = torch.arange(b, device=A.device)
-        qp = query_pos.to(A.device).repeat(b // keys.shape[0])
+        v = layout.view(b, q=Q, k=K, n_prompts=P, device=A.device, what="steer_attention")
+        if not v.generating and K < keys.shape[1] and keys[:, K:].any():
+            raise ValueError(f"steer_attention was set up for {P} prompts of {keys.shape[1]} tokens; this "
+                             f"forward has batch {b}, {K} tokens")
+        m = v.gather(keys, v.kpos).to(A.dtype)  # [b, K]: the keys to attend to, per row
+        target = m / m.sum(-1, keepdim=True).clamp(min=1e-12)
+        at = (v.qpos == query_pos.to(A.device)[v.rows][:, None])[:, None, :, None]  # [b, 1, Q, 1]: the edited row
         A = A.clone()
         for h in hs:
-            A[rows, h, qp] = (1 - weight) * A[rows, h, qp] + weight * target
+            A[:, h] = torch.where(at[:, 0], (1 - weight) * A[:, h] + weight * target[:, None, :], A[:, h])
         return A
 
-    with _editing_patterns(model, by_layer, edit) as fired:
+    with _editing_patterns(model, by_layer, edit, "steer_attention") as fired:
         yield fired
 
 
@@ -251,15 +274,15 @@ def ablate_sink_values(
     if not pos:
         raise ValueError("positions is empty")
 
-    def edit(v, hook):
-        if max(pos) >= v.shape[1]:
-            raise IndexError(f"sink positions {pos} exceed the {v.shape[1]} tokens of this input")
-        v = v.clone()
-        v[:, pos] = 0.0
-        return v
+    def edit(x, hook):  # x [b, pos, kv_head, d_head]
+        v = layout.view(x.shape[0], q=x.shape[1], device=x.device)
+        if not v.generating and max(pos) >= x.shape[1]:
+            raise IndexError(f"sink positions {pos} exceed the {x.shape[1]} tokens of this input")
+        at = _positions_mask(pos, v.qpos)  # [b, pos]
+        return x * (~at)[:, :, None, None].to(x.dtype)
 
     hk = [(f"blocks.{l}.attn.hook_v", edit) for l in layers]
-    with hooks.attach(model, hk, must_fire=False) as fired:
+    with layout.editing(model, "ablate_sink_values"), hooks.attach(model, hk, must_fire=False) as fired:
         yield fired
 
 
@@ -353,27 +376,35 @@ def var(
     P = len(batch)
     record: dict = {"sinks": {}, "rows": {}}
     sinks_now: dict[int, Tensor] = {}
+    state = object()  # this block's key in a generation's scratch space
+    prompts = (batch.tokens, batch.lengths)
 
-    def tile(mask: Tensor, b: int, T: int, device, later: bool) -> Tensor:
-        """``mask`` for a forward of batch ``b`` and ``T`` tokens (tokens beyond the prompts, e.g.
-        generated ones, get ``later``)."""
-        if b % P:
-            raise ValueError(f"VAR was set up for {P} prompts; this forward has batch {b}")
-        m = mask[:, :T] if T <= mask.shape[1] else torch.nn.functional.pad(mask, (0, T - mask.shape[1]), value=later)
-        return m.repeat(b // P, 1).to(device)
-
-    def find_sinks(h, hook, layer):
-        sinks_now[layer] = rms_sink_scores(h, dims) > tau
-        record["sinks"][layer] = sinks_now[layer].cpu()
+    def find_sinks(h, hook, layer):  # h [b, q, d]: the layer's input at this forward's positions
+        v = layout.view(h.shape[0], q=h.shape[1], n_prompts=P, prompts=prompts, device=h.device, what="VAR")
+        s = rms_sink_scores(h, dims) > tau  # [b, q]
+        if v.generating:
+            # as the released code: sinks are found on the prompt (prefill); a generated token never is one
+            s &= (v.qpos >= 0) & (v.qpos < v.prompt_len[:, None])
+            d, key = v.decoding, (state, layer)
+            if d.cached and d.step > 0:
+                s = torch.cat([d.state[key].to(s.device), s], 1)
+            if d.cached:
+                d.state[key] = s
+        sinks_now[layer] = s
+        record["sinks"][layer] = s.cpu()
 
     def edit(A, hook, layer):
-        b, H, T, _ = A.shape
-        img, rows_ok = tile(image, b, T, A.device, False), tile(after, b, T, A.device, True)  # [b, T]
+        b, H, Q, K = A.shape
+        v = layout.view(b, q=Q, k=K, n_prompts=P, device=A.device, what="VAR")
+        img = v.gather(image, v.kpos)  # [b, K] image keys
+        rows_ok = v.gather(after, v.qpos, after=True)  # [b, Q] real rows after the image (generated ones too)
         sinks = sinks_now.pop(layer).to(A.device)
+        if sinks.shape[1] != K:
+            raise ValueError(f"VAR found sinks on {sinks.shape[1]} positions but layer {layer} attends over {K} keys")
         vis = sinks & img
         has_vis = vis.any(-1)  # a sample whose layer has no visual sink is skipped
         Af = A.float()
-        on_img = (Af * img[:, None, None]).sum(-1)  # [b, H, T]
+        on_img = (Af * img[:, None, None]).sum(-1)  # [b, H, Q]
         share = (Af * vis[:, None, None]).sum(-1) / (on_img + img.sum(-1)[:, None, None] * 1e-6)
         chosen = (on_img >= summ) & (share <= rho) & rows_ok[:, None, :] & has_vis[:, None, None]
         record["rows"][layer] = chosen.cpu()
@@ -385,5 +416,5 @@ def var(
     for l in layers:
         hk += [(f"blocks.{l}.hook_resid_pre", lambda h, hook, l=l: find_sinks(h, hook, l)),
                (f"blocks.{l}.attn.hook_pattern", lambda A, hook, l=l: edit(A, hook, l))]
-    with hooks.attach(model, hk, must_fire=False):
+    with layout.editing(model, "var"), hooks.attach(model, hk, must_fire=False):
         yield record

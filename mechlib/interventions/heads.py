@@ -11,8 +11,8 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from mechlib import hooks
-from mechlib.interventions._common import _heads_by_layer
+from mechlib import hooks, layout
+from mechlib.interventions._common import _heads_by_layer, _positions_mask
 from mechlib.results import Result
 from mechlib.sites import check_layer
 
@@ -37,17 +37,16 @@ def scale_heads(
     by_layer = _heads_by_layer(model, heads)
     if not math.isfinite(alpha):
         raise ValueError(f"alpha={alpha} must be finite")
-    pos = slice(None) if positions is None else list(positions)
 
-    def edit(z, hook, hs):
-        z = z.clone()
-        sub = z[:, pos]
-        sub[:, :, hs] = sub[:, :, hs] * alpha
-        z[:, pos] = sub
-        return z
+    def edit(z, hook, hs):  # z [b, pos, head, d_head]
+        f = torch.ones(z.shape[0], z.shape[1], z.shape[2], dtype=z.dtype, device=z.device)
+        at = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device) if positions is None else \
+            _positions_mask(positions, layout.view(z.shape[0], q=z.shape[1], device=z.device).qpos)
+        f[:, :, hs] = torch.where(at[..., None], torch.tensor(float(alpha), dtype=z.dtype, device=z.device), f[:, :, hs])
+        return z * f[..., None]
 
     hk = [(f"blocks.{l}.attn.hook_z", lambda z, hook, hs=hs: edit(z, hook, hs)) for l, hs in by_layer.items()]
-    with hooks.attach(model, hk, must_fire=False) as fired:
+    with layout.editing(model, "scale_heads"), hooks.attach(model, hk, must_fire=False) as fired:
         yield fired
 
 
@@ -190,26 +189,28 @@ def vhr(
         per_prompt=selected, vhd=vhd_all, logits=first_step,
         metadata=dict(method="vhr", alpha=alpha, layers=chosen, outliers=outliers, n_prompts=B,
                       span="image" if span == "image" else "context", title="VHR: share of prompts reinforcing each head"))
-    with reinforce_heads(model, selected.bool(), alpha):
+    with reinforce_heads(model, selected.bool(), alpha, prompts=(batch.tokens, batch.lengths)):
         yield sel
 
 
 @contextmanager
-def reinforce_heads(model, mask: Tensor, alpha: float) -> Iterator[dict[str, int]]:
+def reinforce_heads(model, mask: Tensor, alpha: float, *, prompts=None) -> Iterator[dict[str, int]]:
     """Scale each row's own heads: ``mask[prompt, layer, head]`` (bool) marks the heads multiplied by
-    ``alpha`` (``hook_z``, all positions) in row ``prompt`` of every forward (whose batch must be a
-    multiple of the number of prompts, copy-major)."""
+    ``alpha`` (``hook_z``, all positions) in the rows of prompt ``prompt`` — stacked copies of the
+    prompts (copy-major), or :func:`mechlib.generate`'s rows, which :mod:`mechlib.layout` maps to
+    their prompts. ``prompts`` (``(tokens, lengths)`` of the prompts the mask was chosen for) lets
+    generation check it runs on those prompts."""
     if mask.ndim != 3 or mask.shape[1:] != (model.cfg.n_layers, model.cfg.n_heads):
         raise ValueError(f"mask must be [prompt, {model.cfg.n_layers}, {model.cfg.n_heads}], got {tuple(mask.shape)}")
     P = mask.shape[0]
 
     def edit(z, hook, layer):
-        if z.shape[0] % P:
-            raise ValueError(f"the heads were chosen for {P} prompts; this forward has batch {z.shape[0]}")
-        f = torch.where(mask[:, layer], alpha, 1.0).repeat(z.shape[0] // P, 1).to(z.device, z.dtype)  # [b, H]
+        v = layout.view(z.shape[0], q=z.shape[1], n_prompts=P, prompts=prompts, device=mask.device,
+                        what="the heads VHR chose")
+        f = torch.where(mask[v.rows, layer], alpha, 1.0).to(z.device, z.dtype)  # [b, H]
         return z * f[:, None, :, None]
 
     layers = [l for l in range(model.cfg.n_layers) if bool(mask[:, l].any())]
     hk = [(f"blocks.{l}.attn.hook_z", lambda z, hook, l=l: edit(z, hook, l)) for l in layers]
-    with hooks.attach(model, hk, must_fire=False) as fired:
+    with layout.editing(model, "reinforce_heads"), hooks.attach(model, hk, must_fire=False) as fired:
         yield fired

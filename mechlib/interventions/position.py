@@ -9,7 +9,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from mechlib import hooks
+from mechlib import hooks, layout
 from mechlib.interventions._common import UnsupportedBridgeError, _check_pattern_editable
 from mechlib.sites import check_layer
 
@@ -222,9 +222,6 @@ def position_invariant(
         cos, sin = store.pop(f"cos{layer}"), store.pop(f"sin{layer}")
         qr, kr = rotated(layer, cos, sin)
         kr = kr.repeat_interleave(H // kr.shape[2], dim=2)
-        if per_prompt and len(segments) != b:
-            raise ValueError(f"position_invariant got segments for {len(segments)} prompts; "
-                             f"this forward has batch {b}")
         f = rope_frequencies(cos, sin).to(A.device)
         scale = float(getattr(model.blocks[layer].attn.original_component, "scaling", None) or model.cfg.d_head ** -0.5)
         cap, window = arch.attn_softcap, arch.windows[layer]
@@ -240,8 +237,13 @@ def position_invariant(
                     f"keys ({arch.family}, {arch.attention_bridge}; max error {err:.2g}): editing it would be wrong")
             checked.add(layer)
         A = A.clone()
+        v = layout.view(b, q=T, n_prompts=len(segments) if per_prompt else None, what="position_invariant")
+        if bool((v.kpos[:, 0] != 0).any()) or A.shape[-1] != T:
+            raise ValueError("position_invariant needs each prompt's whole sequence, unpadded, in every forward "
+                             "(mechlib.generate runs it one prompt at a time without a key/value cache)")
         for i in range(b):
-            spans = _check_spans(segments[i] if per_prompt else segments, T, f"prompt {i}")
+            p = int(v.rows[i])
+            spans = _check_spans(segments[p] if per_prompt else segments, T, f"prompt {p}")
             A[i] = _pine_pattern(qr[i].float(), kr[i].float(), spans, scale, f, cap, window).to(A.dtype)
         return A
 
@@ -253,8 +255,10 @@ def position_invariant(
                (f"blocks.{l}.attn.hook_cos", lambda x, hook, l=l: keep(x, hook, f"cos{l}")),
                (f"blocks.{l}.attn.hook_sin", lambda x, hook, l=l: keep(x, hook, f"sin{l}")),
                (f"blocks.{l}.attn.hook_pattern", lambda A, hook, l=l: edit(A, hook, l))]
+    why = "it re-positions every key for every query, so it needs the whole sequence, unpadded"
     try:
-        with hooks.attach(model, hk, must_fire=False) as fired:
+        with layout.editing(model, "position_invariant", cache=False, padding=False, reason=why), \
+                hooks.attach(model, hk, must_fire=False) as fired:
             yield fired
     finally:
         store.clear()

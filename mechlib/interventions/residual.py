@@ -10,21 +10,28 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from mechlib import hooks
+from mechlib import hooks, layout
+from mechlib.interventions._common import _positions_mask
 from mechlib.provenance import records
 from mechlib.results import Result
 from mechlib.sites import check_layer
 
 
-def massive_positions(h: Tensor, dims: Sequence[int], lengths: Optional[Tensor] = None) -> Tensor:
-    """Sun et al.'s edited positions per input: ``[b, 2]`` = (0, the position of the largest
-    |activation| in ``dims``), found in the residual ``h`` ``[b, pos, d]`` over real tokens; when that
-    largest entry is at position 0 the second column repeats 0."""
+def massive_positions(h: Tensor, dims: Sequence[int], lengths: Optional[Tensor] = None, *,
+                      real: Optional[Tensor] = None) -> Tensor:
+    """Sun et al.'s edited positions per input: ``[b, 2]`` = (the first token, the position of the
+    largest |activation| in ``dims``), found in the residual ``h`` ``[b, pos, d]`` over real tokens
+    (``lengths`` of right-padded prompts, or a ``real`` ``[b, pos]`` mask); when that largest entry
+    is the first token the second column repeats it."""
     mag = h[..., list(dims)].abs().amax(-1)  # [b, pos]
-    if lengths is not None:
+    if real is None and lengths is not None:
         real = torch.arange(h.shape[1], device=h.device)[None] < lengths.to(h.device)[:, None]
+    first = torch.zeros_like(mag[:, 0], dtype=torch.long)
+    if real is not None:
+        real = real.to(h.device)
         mag = mag.masked_fill(~real, -1.0)
-    return torch.stack([torch.zeros_like(mag[:, 0], dtype=torch.long), mag.argmax(-1)], 1)
+        first = real.int().argmax(-1)  # the first real token (left padding)
+    return torch.stack([first, mag.argmax(-1)], 1)
 
 
 @contextmanager
@@ -95,25 +102,33 @@ def ablate_massive(
         if positions is None:
             h[..., di] = fill if fill.ndim == 1 else fill[0]
             return h
+        v = layout.view(h.shape[0], q=h.shape[1], device=h.device)
         if positions == "paper":
-            if lengths is not None and h.shape[0] % len(lengths):
-                raise ValueError(f"lengths has {len(lengths)} entries; this forward has batch {h.shape[0]}")
-            lens = None if lengths is None else lengths.repeat(h.shape[0] // len(lengths))
-            pos = massive_positions(h, dims, lens)  # [b, 2]
+            if v.generating:  # the prompt's tokens: in a cached step there are none (edited with the prompt)
+                real = (v.qpos >= 0) & (v.qpos < v.prompt_len[:, None])
+            elif lengths is not None:
+                if h.shape[0] % len(lengths):
+                    raise ValueError(f"lengths has {len(lengths)} entries; this forward has batch {h.shape[0]}")
+                lens = lengths.repeat(h.shape[0] // len(lengths)).to(h.device)
+                real = (v.qpos < lens[:, None])
+            else:
+                real = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+            ok = real.any(-1)  # rows with no prompt token here are left alone
+            pos = massive_positions(h, dims, real=real)  # [b, 2]
+            at = torch.stack([(torch.arange(h.shape[1], device=h.device)[None] == pos[:, k:k + 1]) & ok[:, None]
+                              for k in range(2)])  # [2, b, pos]
         else:
-            if max(positions) >= h.shape[1]:
+            if not v.generating and max(positions) >= h.shape[1]:
                 raise IndexError(f"positions {list(positions)} exceed the {h.shape[1]} tokens of this input")
-            pos = torch.tensor(list(positions), device=h.device).expand(h.shape[0], -1)
-        rows = torch.arange(h.shape[0], device=h.device)
-        for k in reversed(range(pos.shape[1])):  # kind 0 (the first token) last, so it wins a tie
+            at = torch.stack([_positions_mask([p], v.qpos) for p in positions])  # [n, b, pos]
+        for k in reversed(range(at.shape[0])):  # kind 0 (the first token) last, so it wins a tie
             row_fill = fill if fill.ndim == 1 else fill[k]
-            sel = h[rows, pos[:, k]]
-            sel[:, di] = row_fill
-            h[rows, pos[:, k]] = sel
+            sel = at[k]
+            h[..., di] = torch.where(sel[..., None], row_fill.expand(*h.shape[:2], -1), h[..., di])
         return h
 
     hk = [(f"blocks.{l}.hook_resid_post", edit) for l in edit_layers]
-    with hooks.attach(model, hk, must_fire=False) as fired:
+    with layout.editing(model, "ablate_massive"), hooks.attach(model, hk, must_fire=False) as fired:
         yield fired
 
 
@@ -138,15 +153,16 @@ def steer_residual(
         check_layer(model, l)
         if v.shape != (d,):
             raise ValueError(f"vectors[{l}] has shape {tuple(v.shape)}; need [{d}] (d_model)")
-    pos = slice(None) if positions is None else list(positions)
 
     def edit(x, hook, v):
-        x = x.clone()
-        x[:, pos] = x[:, pos] + scale * v.to(x.device, x.dtype)
-        return x
+        add = scale * v.to(x.device, x.dtype)
+        if positions is None:
+            return x + add
+        at = _positions_mask(positions, layout.view(x.shape[0], q=x.shape[1], device=x.device).qpos)
+        return x + at[..., None].to(x.dtype) * add
 
     hk = [(f"blocks.{l}.hook_resid_post", lambda x, hook, v=v: edit(x, hook, v)) for l, v in vectors.items()]
-    with hooks.attach(model, hk, must_fire=False) as fired:
+    with layout.editing(model, "steer_residual"), hooks.attach(model, hk, must_fire=False) as fired:
         yield fired
 
 
@@ -157,9 +173,16 @@ def steer_residual(
 class SteeringVectors(Result):
     """VISTA's per-input steering vectors. ``vectors`` ``[prompt, layer, d_model]``: v^l = h^l(with the
     image/context) − h^l(without), at the last token of each layer's output; ``values[layer]`` /
-    ``per_prompt[prompt, layer]``: their norms."""
+    ``per_prompt[prompt, layer]``: their norms. ``prompt_tokens``/``prompt_lengths``: the prompts they
+    were made for (generation checks it runs on them)."""
 
     vectors: Optional[Tensor] = None
+    prompt_tokens: Optional[Tensor] = None
+    prompt_lengths: Optional[Tensor] = None
+
+    @property
+    def prompts(self):
+        return None if self.prompt_tokens is None else (self.prompt_tokens, self.prompt_lengths)
 
 
 @records
@@ -193,6 +216,7 @@ def steering_vectors(model, prompts, *, span=None, extras: Optional[dict] = None
     v = last_states(batch) - last_states(wo)
     norms = v.norm(dim=-1)
     return SteeringVectors(values=norms.mean(0), axis_names=("layer",), per_prompt=norms, vectors=v,
+                           prompt_tokens=batch.tokens.clone(), prompt_lengths=batch.lengths.clone(),
                            labels={"layer": [f"L{l}" for l in range(model.cfg.n_layers)]},
                            metadata=dict(method="vista_vsv", n_prompts=len(batch),
                                          span="image" if span == "image" else "context", title="‖VSV‖ per layer"))
@@ -242,9 +266,8 @@ def vista(
     V = vsv.vectors
 
     def rows(x, layer):
-        if x.shape[0] % P:
-            raise ValueError(f"the vectors were made for {P} prompts; this forward has batch {x.shape[0]}")
-        return V[:, layer].repeat(x.shape[0] // P, 1).to(x.device, torch.float32)[:, None, :]  # [b, 1, d]
+        v = layout.view(x.shape[0], q=x.shape[1], n_prompts=P, prompts=vsv.prompts, what="VISTA's vectors")
+        return V[v.rows, layer].to(x.device, torch.float32)[:, None, :]  # [b, 1, d]
 
     def paper(h, hook, layer):
         v = rows(h, layer)
@@ -263,5 +286,5 @@ def vista(
 
     site, fn = ("hook_resid_post", paper) if variant == "paper" else ("hook_mlp_out", code)
     hk = [(f"blocks.{l}.{site}", lambda x, hook, l=l: fn(x, hook, l)) for l in layers]
-    with hooks.attach(model, hk, must_fire=False) as fired:
+    with layout.editing(model, "vista"), hooks.attach(model, hk, must_fire=False) as fired:
         yield fired
