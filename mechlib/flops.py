@@ -55,6 +55,27 @@ def forward_flops(model, rows: int, queries: int, keys: Optional[int] = None, *,
     return int(total + n_out * 2 * cfg.d_model * cfg.d_vocab)
 
 
+def block_flops(model, layer: int, rows: int, queries: int, keys: int) -> int:
+    """Matmul FLOPs of block ``layer`` on ``rows`` sequences of ``queries`` positions attending to
+    ``keys`` positions each (the layer-major schedule runs each block on a different number of rows)."""
+    cfg = model.cfg
+    return int(rows * queries * (_linear_per_token(model)[layer] + 4 * cfg.n_heads * cfg.d_head * keys))
+
+
+def qkv_flops_per_token(model) -> int:
+    """Matmul FLOPs of one position's query, key and value projections (grouped-query models
+    project ``n_key_value_heads`` keys and values)."""
+    cfg = model.cfg
+    kv = int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)
+    return int(2 * cfg.d_model * cfg.d_head * (cfg.n_heads + 2 * kv))
+
+
+def unembed_flops(model, rows: int, columns: Optional[int] = None) -> int:
+    """Matmul FLOPs of unembedding ``rows`` positions, at every vocabulary entry or at ``columns``
+    entries per row (a metric that reads only a few logits, e.g. a logit difference)."""
+    return int(rows * 2 * model.cfg.d_model * (model.cfg.d_vocab if columns is None else columns))
+
+
 def matmul_peak(device=None, n: int = 2048, repeats: int = 5) -> float:
     """The machine's dense float32 matmul throughput (FLOP/s): best of ``repeats`` ``n x n`` products,
     measured now, in this process, with torch's current thread settings."""

@@ -403,9 +403,10 @@ class _RecordingCache:
 
 
 class _PrefixCache:
-    """A key/value cache holding positions ``< pos`` of a recorded run, tiled over ``copies``."""
+    """A key/value cache holding positions ``< pos`` of a recorded run, tiled over ``copies`` —
+    or, when ``copies`` is a tensor, one row per entry: the recorded prompt each row continues."""
 
-    def __init__(self, prefix: Prefix, pos: int, copies: int):
+    def __init__(self, prefix: Prefix, pos: int, copies):
         self.prefix, self.pos, self.copies = prefix, pos, copies
         self.calls = 0
 
@@ -415,6 +416,8 @@ class _PrefixCache:
 
         def head(t):
             t = t[..., :self.pos, :].to(k.device)
+            if isinstance(self.copies, Tensor):
+                return t.index_select(0, self.copies.to(t.device))
             return t.repeat(self.copies, *([1] * (t.ndim - 1))) if self.copies > 1 else t
 
         return torch.cat([head(pk), k], dim=-2), torch.cat([head(pv), v], dim=-2)

@@ -113,6 +113,10 @@ def logit_diff(contrast: ContrastSet) -> Metric:
             rows, _tile(contrast.wrong_ids, b, last.device)
         ]
 
+    # the only logits it reads, per prompt, and the value from them (rows in any prompt order):
+    # patching engines then unembed two columns instead of the whole vocabulary
+    metric.columns = torch.stack([contrast.answer_ids, contrast.wrong_ids], 1)
+    metric.from_columns = lambda cols: cols[:, 0] - cols[:, 1]
     return _finish(metric, "logit_diff", lambda idx: logit_diff(contrast.subset(idx)))
 
 

@@ -46,7 +46,7 @@ def test_activation_patching_equals_transformerlens_on_the_fast_path(family, sit
         warnings.simplefilter("error")  # a silent or announced fallback both fail here
         ours = mechlib.activation_patching(m, cs, ld, site=site, by_position=by_position)
     assert ours.metadata["path"] == "resumed" and ours.metadata["resumed"]
-    assert ours.metadata["prefix_reuse"] == ("pos" in ours.axis_names)  # by-position: causal prefix reused
+    assert ours.metadata["prefix_reuse"]  # causal prefix reused (from the patched or first changed position)
     _, clean_cache = m.run_with_cache(cs.clean_tokens)
     ref = TL[(site, by_position)](m, cs.corrupted_tokens, clean_cache, lambda lg: ld(lg).mean())
     torch.testing.assert_close(ours.values, ref.cpu(), atol=1e-4, rtol=1e-4)

@@ -74,7 +74,7 @@ def test_equals_transformerlens_on_the_embedded_model(model, site, activation, s
     ld = metrics.logit_diff(cs)
     layers = [0, 9, 29]
     ours = mechlib.activation_patching(model, cs, ld, site=site, layers=layers)
-    assert ours.metadata["prefix_reuse"] == ("pos" in ours.axis_names)
+    assert ours.metadata["prefix_reuse"] and ours.metadata["from_pos"] == 10  # S2, the first difference
     _, clean_cache = model.run_with_cache(cs.clean_tokens)
     second = range(ours.values.shape[1])
     idx = pd.DataFrame([(l, j) for l in layers for j in second], columns=list(axes))
@@ -147,35 +147,37 @@ def test_prefix_reuse_never_switches_off_silently(tiny_llama, tiny_ioi, monkeypa
 
 @pytest.mark.parametrize("site,kw", [("resid_pre", {}), ("head_out", {"by_position": True}), ("head_out", {})])
 def test_sweep_flops_are_what_the_forwards_do(tiny_llama, tiny_ioi, site, kw):
-    """metadata["flops"] (counted from the shapes each patched forward runs) equals torch's own
-    FLOP counter over the sweep, less the two baseline forwards and the key/value recording."""
+    """metadata["flops"] (counted from the shapes each forward runs: the clean and corrupted runs,
+    the key/value recording and every walk) equals torch's own FLOP counter over the sweep."""
     from torch.utils.flop_counter import FlopCounterMode
-
-    from mechlib.flops import forward_flops
 
     ld = metrics.logit_diff(tiny_ioi)
     mechlib.activation_patching(tiny_llama, tiny_ioi, ld, site=site, **kw)  # checks are made once per model
     with FlopCounterMode(display=False) as counter:
         r = mechlib.activation_patching(tiny_llama, tiny_ioi, ld, site=site, **kw)
-    B, T = len(tiny_ioi), tiny_ioi.n_pos
-    extra = 2 * forward_flops(tiny_llama, B, T)
-    if r.metadata["prefix_reuse"]:
-        extra += forward_flops(tiny_llama, B, T, unembedded=0)  # record_prefix from layer 0
-    assert counter.get_total_flops() == r.metadata["flops"] + extra
+    assert counter.get_total_flops() == r.metadata["flops"]
     assert r.metadata["flops"] < r.metadata["flops_one_forward_per_cell"]
+    assert r.metadata["read_row"] and r.metadata["readout"] == "columns"
 
 
-def test_prefix_groups_cover_every_cell_once():
-    from mechlib.analyses.patching import _prefix_groups
+def test_walks_cover_every_row_once():
+    from mechlib.analyses.patching import _Rows, _walks
 
-    pos = [p for p in (5, 0, 3, 3, 9, 1) for _ in range(4)]
+    g = torch.Generator().manual_seed(0)
+    n = 60
+    layer = torch.randint(0, 6, (n,), generator=g)
+    fp = torch.tensor([5, 0, 3, 3, 9, 1])[torch.randint(0, 6, (n,), generator=g)]
+    rows = _Rows(layer, torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), fp, layer)
     for overhead in (0, 16, 10**6):
-        groups = _prefix_groups(pos, batch=2, n_pos=10, chunk=5, overhead=overhead)
-        members = sorted(i for _, m in groups for i in m)
-        assert members == list(range(len(pos)))
-        assert all(len(m) <= 5 and all(pos[i] >= p0 for i in m) and p0 in [pos[i] for i in m] for p0, m in groups)
-    assert {p0 for p0, _ in _prefix_groups(pos, 2, 10, 100, overhead=0)} == set(pos)  # free forwards: one per position
-    assert {p0 for p0, _ in _prefix_groups(pos, 2, 10, 100, overhead=10**6)} == {0}  # costly forwards: one
+        for split_last in (False, True):
+            walks = _walks(rows, 6, 10, max_rows=7, overhead=overhead, split_last=split_last)
+            members = sorted(i for _, w in walks for i in w.tolist())
+            assert members == list(range(n))
+            for p0, w in walks:
+                assert len(w) <= 7 and bool((fp[w] >= p0).all()) and bool((layer[w].diff() >= 0).all())
+                assert not split_last or len(set((layer[w] == 5).tolist())) == 1  # last-layer rows walk alone
+    assert {p0 for p0, _ in _walks(rows, 6, 10, 1000, overhead=0)} == set(fp.tolist())  # free calls: one walk per position
+    assert {p0 for p0, _ in _walks(rows, 6, 10, 1000, overhead=10**6)} == {0}  # costly calls: one walk
 
 
 def test_position_sweeps_on_mixed_lengths_warn(tiny_llama):

@@ -29,6 +29,7 @@ several corruptions before naming a circuit.
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Union
 
@@ -36,7 +37,7 @@ import torch
 from torch import Tensor
 
 from mechlib import hooks
-from mechlib.flops import forward_flops
+from mechlib.flops import block_flops, forward_flops, qkv_flops_per_token, unembed_flops
 from mechlib.memory import peak_memory
 from mechlib.metrics import Metric, check_metric_values, on_prompts
 from mechlib.provenance import records
@@ -166,22 +167,9 @@ def _plan(model, contrast, site, by_position, layers, positions, heads) -> _Plan
     return _Plan(spec, layers, positions, head_list, by_position)
 
 
-def _cell_index(spec: SiteSpec, by_position: bool, cells: Sequence[tuple[int, ...]], B: int, device):
-    """Row-aligned index tensors for a chunk of cells (copy-major: rows k*B..(k+1)*B-1 = cell k)."""
-    C = len(cells)
-    rows = torch.arange(C * B, device=device)
-    src = rows % B
-    col = lambda i: torch.tensor([c[i] for c in cells], device=device).repeat_interleave(B)  # noqa: E731
-    if not spec.per_head:
-        return rows, src, col(0), None
-    if by_position:
-        return rows, src, col(0), col(1)
-    return rows, src, None, col(0)
-
-
 def _write_cells(spec: SiteSpec, act: Tensor, source: Tensor, idx, offset: int = 0) -> Tensor:
-    """Copy the chosen cells of ``source[src]`` into ``act[rows]`` (both stacked copy-major).
-    ``offset``: ``act`` holds positions ``offset..`` only (causal prefix reuse), ``source`` all."""
+    """Copy the chosen cells of ``source[src]`` into ``act[rows]``. ``offset``: ``act`` holds
+    positions ``offset..`` only (causal prefix reuse), ``source`` all of them."""
     rows, src, pos, head = idx
     at = None if pos is None else pos - offset
     act = act.clone()
@@ -189,47 +177,15 @@ def _write_cells(spec: SiteSpec, act: Tensor, source: Tensor, idx, offset: int =
         act[rows, at] = source[src, pos]
     elif spec.head_dim == 1:  # pattern [batch, head, q, k]; pos = destination (query) position
         if pos is None:
-            act[rows, head] = source[src, head]
+            act[rows, head] = source[src, head, offset:]
         else:
             act[rows, head, at] = source[src, head, pos]
     else:  # [batch, pos, head, d]
         if pos is None:
-            act[rows, :, head] = source[src, :, head]
+            act[rows, :, head] = source[src, offset:, head]
         else:
             act[rows, at, head] = source[src, pos, head]
     return act
-
-
-# Per-forward overhead in token-rows (one prompt position through every block), for grouping the
-# positions of a by-position sweep into forwards: small on the CPU, where the blocks' arithmetic
-# dominates, large on a GPU, where launching a forward costs more than a few hundred rows.
-_FORWARD_OVERHEAD_ROWS = {"cpu": 64, "cuda": 2048}
-
-
-def _prefix_groups(cell_pos: Sequence[int], batch: int, n_pos: int, chunk: int,
-                   overhead: int) -> list[tuple[int, list[int]]]:
-    """Split a by-position sweep's cells into forwards ``(from_pos, [cell index, ...])`` that
-    recompute positions ``from_pos..`` only: contiguous runs of positions chosen to minimise the
-    token-rows recomputed plus ``overhead`` per forward, each at most ``chunk`` cells."""
-    by_pos: dict[int, list[int]] = {}
-    for i, p in enumerate(cell_pos):
-        by_pos.setdefault(p, []).append(i)
-    ps = sorted(by_pos)
-    best, cut = [0.0] + [float("inf")] * len(ps), [0] * (len(ps) + 1)
-    for j in range(1, len(ps) + 1):
-        n = 0
-        for i in range(j - 1, -1, -1):
-            n += len(by_pos[ps[i]])
-            cost = best[i] + -(-n // chunk) * overhead + n * batch * (n_pos - ps[i])
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], len(ps)
-    while j > 0:
-        i = cut[j]
-        members = [c for p in ps[i:j] for c in by_pos[p]]
-        groups += [(cell_pos[members[k]], members[k:k + chunk]) for k in range(0, len(members), chunk)]
-        j = i
-    return groups[::-1]
 
 
 def _reduce_cells(spec: SiteSpec, prod: Tensor, by_position: bool) -> Tensor:
@@ -399,6 +355,11 @@ def activation_patching(
                       fallback_reason=reasons[0] if reasons else None, prefix_reuse=prefix_used,
                       prefix_reason=prefix_reasons[0] if prefix_reasons else None,
                       forwards=sum(o["forwards"] for o in parts), flops=sum(o["flops"] for o in parts),
+                      skipped_cells=sum(o["skipped_cells"] for o in parts),
+                      skipped_rows=sum(o["skipped_rows"] for o in parts),
+                      from_pos=min((o["from_pos"] for o in parts if o["from_pos"] is not None), default=None),
+                      walk_starts=sorted({p for o in parts for p in o["walk_starts"]}),
+                      read_row=all(o["read_row"] for o in parts), readout=parts[0]["readout"] if parts else None,
                       flops_one_forward_per_cell=sum(o["flops_one_forward_per_cell"] for o in parts),
                       chunk=chunk, batch_size=batch_size,
                       peak_memory=mem, positions=plan.positions, heads=plan.heads if spec.per_head else None),
@@ -424,30 +385,39 @@ def _sweep_result(model, contrast: ContrastSet, metric, plan: "_Plan", method: s
 def _patch_batch(model, contrast: ContrastSet, metric: Metric, plan: "_Plan", memory_budget_mb: float,
                  max_chunk: int, resume: bool, progress: Optional[bool], reuse_prefix: bool = True) -> dict:
     """The sweep of ``plan`` on one batch of prompts: per-prompt values ``[b, layer, cell]`` and
-    the baselines, with which path ran."""
+    the baselines, with which path ran (see "the sweep engine" above)."""
     spec = plan.spec
-    B = len(contrast)
-    device = model.cfg.device
+    B, T = len(contrast), contrast.n_pos
     name = _metric_name(metric)
     hook_names = [spec.hook_name(l) for l in plan.layers]
+    flops = 2 * forward_flops(model, B, T)  # the clean and corrupted runs
     # clean run: cache only the patched site at the swept layers
     clean_logits, clean_acts = hooks.run_with_cache(
         model, contrast.clean_tokens, hook_names, extras=contrast.forward_extras("clean"))
-    clean_vals = check_metric_values(metric(clean_logits), B, name=name)
+    clean_vals = check_metric_values(metric(clean_logits), B, name=name).detach()
     del clean_logits
-    # corrupted run: record each swept block's inputs so patched forwards can resume there
-    with hooks.record_block_inputs(model, plan.layers if resume else []) as starts:
+    # corrupted run: the same site (to find the cells whose patch changes nothing) and each swept
+    # block's inputs, so patched forwards can resume there
+    with hooks.record_block_inputs(model, plan.layers if resume else []) as starts, \
+            hooks.capture(model, hook_names) as corr_acts:
         corr_logits = hooks.forward(model, contrast.corrupted_tokens, extras=contrast.forward_extras("corrupted"))
-    corr_vals = check_metric_values(metric(corr_logits), B, name=name)
-    reason = hooks.resume_check(model, starts[min(plan.layers)], min(plan.layers), corr_logits) if resume else None
+    corr_vals = check_metric_values(metric(corr_logits), B, name=name).detach()
+    first = min(plan.layers)
+    reason = hooks.resume_check(model, starts[first], first, corr_logits) if resume else None
     resumed = resume and reason is None
+    changed = [_changed(spec, clean_acts[n], corr_acts[n]) for n in hook_names]
+    del corr_acts
 
-    cells = plan.cells()
     read_pos = contrast.last_pos if getattr(metric, "last_token_only", False) else None
-    chunk = _chunk_size(model, contrast, memory_budget_mb, max_chunk, read_pos is not None)
-    # causal prefix reuse: a by-position cell at position p leaves positions < p as in the corrupted run
-    prefix, prefix_reason = None, None
-    if reuse_prefix and "pos" in plan.axis_names:
+    last = read_pos.to(corr_logits.device) if read_pos is not None else None
+    rows_b = torch.arange(B, device=corr_logits.device)
+    corr_read = corr_logits[rows_b, last] if last is not None else None
+    # causal prefix reuse: a patch that changes nothing before position p leaves every earlier
+    # position as in the corrupted run, whose keys and values then stand in for them
+    prefix, prefix_reason, causal = None, None, False
+    would_reuse = bool(_select_rows(plan, changed, read_pos if read_pos is not None else contrast.last_pos,
+                                    True, model.cfg.n_layers).fp.gt(0).any())
+    if reuse_prefix and would_reuse:
         if not resumed:
             prefix_reason = "it needs the resumed path, which is off"
         elif read_pos is None:
@@ -455,66 +425,450 @@ def _patch_batch(model, contrast: ContrastSet, metric: Metric, plan: "_Plan", me
                              "if it reads only the last token)")
         else:
             try:
-                prefix = hooks.record_prefix(model, starts[min(plan.layers)])
+                prefix = hooks.record_prefix(model, starts[first])
+                flops += forward_flops(model, B, T, start_layer=first, unembedded=0)
             except hooks.PrefixUnsupported as e:
                 prefix_reason = str(e)
             if prefix is not None:
-                rows = torch.arange(B, device=corr_logits.device)
-                prefix_reason = hooks.prefix_check(model, starts[min(plan.layers)], prefix, read_pos,
-                                                   corr_logits[rows, read_pos.to(corr_logits.device)])
+                prefix_reason = hooks.prefix_check(model, starts[first], prefix, read_pos, corr_read)
                 prefix = None if prefix_reason else prefix
-    corr_last = None
-    if prefix is not None:
-        corr_last = corr_logits[torch.arange(B, device=corr_logits.device), read_pos.to(corr_logits.device)]
-    del corr_logits
-    if prefix is not None:
-        overhead = _FORWARD_OVERHEAD_ROWS.get(torch.device(device).type, 256)
-        groups = _prefix_groups([c[0] for c in cells], B, contrast.n_pos, chunk, overhead)
-    else:
-        groups = [(0, list(range(c0, min(c0 + chunk, len(cells))))) for c0 in range(0, len(cells), chunk)]
-    per_prompt = torch.empty((B, len(plan.layers), len(cells)))
-    corr_tokens = contrast.corrupted_tokens.to(device)
+            causal = prefix is not None
+    rows = _select_rows(plan, changed, read_pos, causal, model.cfg.n_layers)
+    n_rows_all = B * len(plan.layers) * len(plan.cells())
+
+    chunk = _chunk_size(model, contrast, memory_budget_mb, max_chunk, read_pos is not None)
+    engine = _Engine(model, plan, contrast, dict(starts), clean_acts, prefix, last, chunk * B)
+    if resumed and last is not None:
+        engine.check(corr_read, metric)
+    overhead = _BLOCK_OVERHEAD_ROWS.get(torch.device(model.cfg.device).type, 256) if resumed else 0
+    walks = _walks(rows, model.cfg.n_layers, T, chunk * B, overhead, split_last=engine.read_row)
+    fill = corr_read if last is not None else corr_logits
+    per_prompt = corr_vals.cpu().reshape(B, 1, 1).repeat(1, len(plan.layers), len(plan.cells()))
     extras = hooks.check_inputs(model, contrast.forward_extras("corrupted"), contrast.corrupted_tokens)
-    last = read_pos.to(device) if read_pos is not None else None
-    T, done = contrast.n_pos, 0  # done: matmul FLOPs of the patched forwards (mechlib.flops)
-    with _progress(len(plan.layers) * len(groups), f"patching {spec.kind}", progress) as bar:
-        for li, layer in enumerate(plan.layers):
-            source = clean_acts[spec.hook_name(layer)]
-            for p0, members in groups:
-                part = [cells[i] for i in members]
-                C = len(part)
-                if prefix is not None and p0 > int(last.max()):  # after every prompt's answer position
-                    per_prompt[:, li, members] = corr_vals.detach().cpu()[:, None]
-                    bar.update(1)
-                    continue
-                idx = _cell_index(spec, plan.by_position, part, B, source.device)
-                patch = [(spec.hook_name(layer),
-                          lambda act, hook, idx=idx, source=source, p0=p0: _write_cells(spec, act, source, idx, p0))]
-                out_rows = C * B if read_pos is not None else C * B * T
-                if prefix is not None:
-                    done += forward_flops(model, C * B, T - p0, T, start_layer=layer, unembedded=C * B)
-                elif resumed:
-                    done += forward_flops(model, C * B, T, start_layer=layer, unembedded=out_rows)
-                else:
-                    done += forward_flops(model, C * B, T, unembedded=C * B * T)
-                if prefix is not None:
-                    logits = hooks.run_from(model, starts[layer], layer, copies=C, hooks=patch,
-                                            read_pos=last.clamp(min=p0), prefix=prefix, from_pos=p0)
-                    before = (last < p0).repeat(C)  # answer read before the patch: the corrupted run's
-                    if bool(before.any()):
-                        logits[before] = corr_last.repeat(C, 1)[before].to(logits.device)
-                elif resumed:
-                    logits = hooks.run_from(model, starts[layer], layer, copies=C, hooks=patch, read_pos=read_pos)
-                else:
-                    tiled = {k: v.repeat(C, *([1] * (v.ndim - 1))) for k, v in extras.items()}
-                    logits = hooks.forward(model, corr_tokens.repeat(C, 1), hooks=patch, extras=tiled)
-                vals = check_metric_values(metric(logits), C * B, name=name)
-                per_prompt[:, li, members] = vals.reshape(C, B).T.cpu()
-                bar.update(1)
-    return dict(per_prompt=per_prompt, clean=clean_vals.detach().cpu(), corrupted=corr_vals.detach().cpu(),
-                reason=reason if resume else None, chunk=chunk, prefix=prefix is not None,
-                prefix_reason=prefix_reason, forwards=len(plan.layers) * len(groups), flops=done,
-                flops_one_forward_per_cell=len(plan.layers) * len(cells) * forward_flops(model, B, T))
+    with _progress(len(walks), f"patching {spec.kind}", progress) as bar:
+        for p0, idx in walks:
+            part = rows.take(idx)
+            out = engine.walk(part, p0) if resumed else engine.full(part, extras)
+            vals = engine.values(out, part.b, metric, name, fill)
+            per_prompt[part.b, part.li, part.ci] = vals.cpu()
+            bar.update(1)
+    del corr_logits
+    computed = torch.zeros(len(plan.layers), len(plan.cells()), dtype=torch.bool)
+    computed[rows.li, rows.ci] = True
+    return dict(per_prompt=per_prompt, clean=clean_vals.cpu(), corrupted=corr_vals.cpu(),
+                reason=reason if resume else None, chunk=chunk, prefix=prefix is not None and any(p > 0 for p, _ in walks),
+                prefix_reason=prefix_reason, forwards=len(walks), flops=flops + engine.flops,
+                flops_one_forward_per_cell=len(plan.layers) * len(plan.cells()) * forward_flops(model, B, T),
+                skipped_rows=n_rows_all - len(rows), skipped_cells=int((~computed).sum()),
+                from_pos=min((p for p, _ in walks), default=None), walk_starts=sorted({p for p, _ in walks}),
+                read_row=engine.read_row, readout="columns" if engine.columns is not None else "vocabulary")
+
+
+# ----------------------------------------------------------------------------------------------
+# the sweep engine
+# ----------------------------------------------------------------------------------------------
+#
+# A sweep is a table of (layer, cell, prompt) variants, and most of them need no forward:
+#   * a variant whose clean and corrupted activations at the patched site are exactly equal writes
+#     the value that is already there, so its value is the corrupted run's (and TL's);
+#   * with causal attention (verified once per model), a patch at position p cannot reach a read
+#     position before p; and at the last layer, a patch that acts on its own position only (head
+#     outputs and queries, pattern rows, attention/MLP outputs, resid_mid/post) reaches the read
+#     position only at the read position.
+# The others ("rows", one per variant) are grouped by the first position they change: everything
+# earlier is exactly the corrupted run, whose keys and values stand in for it (causal prefix
+# reuse). Each group runs layer-major: one walk over the blocks in which every row joins at its own
+# patched layer, so each block runs once per walk, on every row patched at or before it (large
+# matmuls, few calls). The final block computes the read row only (the other rows' keys and
+# values), and a metric that names the logits it reads (``columns``: a logit difference reads two)
+# is handed only those.
+
+# sites whose patch at position p changes, from that layer on, only position p's own residual
+_LOCAL_AFTER = frozenset({"resid_mid", "resid_post", "attn_out", "mlp_out", "head_out", "head_q", "pattern"})
+
+# Per block call, the overhead in token-rows (one position of one row through one block): the cost
+# model that groups rows into walks trades these against positions recomputed for nothing.
+_BLOCK_OVERHEAD_ROWS = {"cpu": 16, "cuda": 1024}
+
+
+def _changed(spec: SiteSpec, clean: Tensor, corr: Tensor) -> Tensor:
+    """Where the clean activation differs from the corrupted one (exact comparison):
+    ``[batch, pos]``, or ``[batch, pos, head]`` for per-head sites (``pos`` = query for patterns)."""
+    ne = clean.to(corr.device) != corr
+    if spec.per_head and spec.head_dim == 1:  # pattern [b, head, q, k]
+        return ne.any(-1).transpose(1, 2)
+    return ne.any(-1)
+
+
+@dataclass
+class _Rows:
+    """The variants that need a forward, one per row: the swept layer's index ``li`` and number
+    ``layer``, the cell's index ``ci`` in ``plan.cells()``, the prompt ``b``, and ``fp``, the first
+    position at which the patched run differs from the corrupted one."""
+
+    li: Tensor
+    ci: Tensor
+    b: Tensor
+    fp: Tensor
+    layer: Tensor
+
+    def __len__(self) -> int:
+        return int(self.b.numel())
+
+    def take(self, idx) -> "_Rows":
+        return _Rows(self.li[idx], self.ci[idx], self.b[idx], self.fp[idx], self.layer[idx])
+
+
+def _select_rows(plan: _Plan, changed: list[Tensor], last: Optional[Tensor], causal: bool, n_layers: int) -> _Rows:
+    """The rows of a sweep that need a forward (``causal``: the model's attention is verified
+    causal, so patches after the read position, or away from it at the last layer, are no-ops)."""
+    cells = plan.cells()
+    B = changed[0].shape[0]
+    last = last.cpu() if last is not None else None
+    parts = []
+    for li, layer in enumerate(plan.layers):
+        ch = changed[li].cpu()
+        if plan.spec.per_head and not plan.by_position:  # (head,) cells over all positions
+            m = ch[:, :, torch.tensor([c[0] for c in cells])]  # [b, pos, cell]
+            need = m.any(1)
+            fp = (m.cumsum(1) == 0).sum(1)  # first changed position (T where none)
+        else:  # (pos,) or (pos, head) cells
+            pos = torch.tensor([c[0] for c in cells])
+            need = ch[:, pos] if not plan.spec.per_head else ch[:, pos, torch.tensor([c[1] for c in cells])]
+            fp = pos.expand(B, -1)
+            if causal and layer == n_layers - 1 and plan.spec.kind in _LOCAL_AFTER:
+                need = need & (pos[None] == last[:, None])
+        if causal:
+            need = need & (fp <= last[:, None])
+        else:
+            fp = torch.zeros_like(fp)
+        b, c = need.nonzero(as_tuple=True)
+        parts.append((torch.full_like(b, li), c, b, fp[b, c], torch.full_like(b, layer)))
+    return _Rows(*(torch.cat(t) for t in zip(*parts)))
+
+
+def _walks(rows: _Rows, n_layers: int, n_pos: int, max_rows: int, overhead: int,
+           split_last: bool = False) -> list[tuple[int, Tensor]]:
+    """Group rows into layer-major walks ``(from_pos, row indices)``: contiguous runs of first
+    positions, chosen to minimise the token-rows recomputed (a row from ``from_pos`` on, through
+    every block from its layer) plus ``overhead`` per block call; each walk holds at most
+    ``max_rows`` rows, sorted by layer. ``split_last``: rows patched at the last layer walk
+    separately (the final block's read-row shortcut cannot patch)."""
+    if len(rows) == 0:
+        return []
+    ps = sorted(set(rows.fp.tolist()))
+    work = [int((n_layers - rows.layer[rows.fp == p]).sum()) for p in ps]
+    count = [int((rows.fp == p).sum()) for p in ps]
+    low = [int(rows.layer[rows.fp == p].min()) for p in ps]
+    best, cut = [0.0] + [float("inf")] * len(ps), [0] * (len(ps) + 1)
+    for j in range(1, len(ps) + 1):
+        w = n = 0
+        lo = n_layers
+        for i in range(j - 1, -1, -1):
+            w, n, lo = w + work[i], n + count[i], min(lo, low[i])
+            cost = best[i] + (n_pos - ps[i]) * w + overhead * (n_layers - lo) * -(-n // max_rows)
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    out, j = [], len(ps)
+    while j > 0:
+        i = cut[j]
+        sel = ((rows.fp >= ps[i]) & (rows.fp <= ps[j - 1])).nonzero().flatten()
+        sel = sel[torch.argsort(rows.layer[sel], stable=True)]
+        pieces = [sel]
+        if split_last:
+            at_last = rows.layer[sel] == n_layers - 1
+            pieces = [sel[~at_last], sel[at_last]]
+        for piece in pieces:
+            out += [(ps[i], piece[k:k + max_rows]) for k in range(0, len(piece), max_rows)]
+        j = i
+    return [w for w in out[::-1] if len(w[1])]
+
+
+class _KeyValueSeen(Exception):
+    """Raised by :class:`_KeyValueProbe` to end a block once its attention has its keys and values."""
+
+    def __init__(self, k: Tensor, v: Tensor, layer_idx: int):
+        super().__init__("keys and values recorded")
+        self.k, self.v, self.layer_idx = k, v, layer_idx
+
+
+class _KeyValueProbe:
+    """A key/value cache that stops the block at the first update: the keys and values of the
+    positions given, at the cost of the query/key/value projections only."""
+
+    def __init__(self, pos: int):
+        self.pos = pos
+
+    def update(self, k, v, layer_idx, *args, **kwargs):
+        raise _KeyValueSeen(k, v, layer_idx)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.pos
+
+
+class _FixedKeyValues:
+    """A key/value cache that hands the attention fixed keys and values (every position)."""
+
+    def __init__(self, k: Tensor, v: Tensor):
+        self.k, self.v = k, v
+
+    def update(self, k, v, layer_idx, *args, **kwargs):
+        return self.k.to(k.device), self.v.to(v.device)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.k.shape[-2]) - 1
+
+
+class _NotAtRows(Exception):
+    """A block input the read-row shortcut cannot cut to one query per row."""
+
+
+def _row_kwargs(kw: dict, src: Tensor, batch: int) -> dict:
+    """A block's recorded keyword arguments for rows continuing prompts ``src``."""
+
+    def pick(key, v):
+        if isinstance(v, Tensor) and key != "cache_position" and v.ndim >= 1 and v.shape[0] == batch:
+            return v.index_select(0, src.to(v.device))
+        if isinstance(v, tuple):
+            return tuple(pick(key, x) for x in v)
+        return v
+
+    return {k: pick(k, v) for k, v in kw.items()}
+
+
+def _at_rows(key: str, v, at: Tensor):
+    """Block keyword argument ``key`` for one query per row, at position ``at[row]``."""
+    if v is None or not isinstance(v, (Tensor, tuple)):
+        return v
+    n = at.shape[0]
+    r = torch.arange(n, device=at.device)
+    if key == "attention_mask":
+        if not isinstance(v, Tensor) or v.ndim != 4:
+            raise _NotAtRows("the attention mask is not [batch, 1, query, key]")
+        return v.expand(n, *v.shape[1:])[r, :, at][:, :, None]
+    if key == "position_ids":
+        return v.expand(n, v.shape[-1])[r, at][:, None]
+    if key == "cache_position":
+        if not bool((at == at[0]).all()):
+            raise _NotAtRows("cache_position cannot give each row its own query position")
+        return v[int(at[0]):int(at[0]) + 1]
+    if key == "position_embeddings":
+        if any(not isinstance(x, Tensor) or x.ndim != 3 for x in v):
+            raise _NotAtRows("the rotary embeddings are not [batch, pos, dim]")
+        return tuple(x.expand(n, *x.shape[1:])[r, at][:, None] for x in v)
+    return v
+
+
+_ENGINE_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class _Engine:
+    """Runs rows of one sweep batch (see "the sweep engine") and counts their matmul FLOPs."""
+
+    def __init__(self, model, plan: _Plan, contrast: ContrastSet, starts: dict, clean_acts, prefix,
+                 last: Optional[Tensor], max_rows: int):
+        self.model, self.plan, self.contrast, self.starts = model, plan, contrast, starts
+        self.clean, self.prefix, self.last, self.max_rows = clean_acts, prefix, last, max_rows
+        self.B, self.T, self.L = len(contrast), contrast.n_pos, model.cfg.n_layers
+        cells = plan.cells()
+        self.cell_pos = torch.tensor([c[0] for c in cells]) if "pos" in plan.axis_names else None
+        self.cell_head = torch.tensor([c[-1] for c in cells]) if plan.spec.per_head else None
+        self.flops = 0
+        self.read_row = False
+        self.columns = None
+
+    # ---------------------------------------------------------------- checks (once per model)
+    def check(self, corr_read: Tensor, metric) -> None:
+        """Turn on the read-row final block and the column readout where they reproduce the
+        corrupted run's logits at the read positions (checked once per model)."""
+        ok = _ENGINE_OK.get(self.model)
+        grad = torch.is_grad_enabled()
+        if ok is None:
+            ok = {"read_row": False, "columns": False}
+            rows = _Rows(*(torch.zeros(self.B, dtype=torch.long),) * 2, torch.arange(self.B),
+                         torch.zeros(self.B, dtype=torch.long), torch.full((self.B,), self.L - 1))
+            p0 = min(1, int(self.last.min())) if self.prefix is not None else 0
+            tol = 1e-4 + 1e-4 * float(corr_read.abs().max())
+            try:
+                self.read_row = True
+                torch.set_grad_enabled(False)
+                x = self.walk(rows, p0, patch=False, resid=True)
+                ok["read_row"] = float((hooks._logits_from_resid(self.model, x[:, None])[:, 0]
+                                        - corr_read.to(x.device)).abs().max()) <= tol
+                ids = torch.stack([self.contrast.answer_ids, self.contrast.wrong_ids], 1)
+                cols = self._columns(x, torch.arange(self.B), ids)
+                want = corr_read.gather(1, ids.to(corr_read.device))
+                ok["columns"] = float((cols - want.to(cols.device)).abs().max()) <= tol
+            except (_NotAtRows, hooks.PrefixUnsupported):
+                pass
+            finally:
+                self.flops = 0
+                torch.set_grad_enabled(grad)
+            if self.prefix is not None or not ok["read_row"]:
+                _ENGINE_OK[self.model] = ok
+        self.read_row = ok["read_row"]
+        cols = getattr(metric, "columns", None)
+        if ok["columns"] and cols is not None and callable(getattr(metric, "from_columns", None)):
+            self.columns = (cols, metric.from_columns)
+
+    # ---------------------------------------------------------------- patching
+    def _patch(self, layer: int, part: _Rows, first_row: int, p0: int):
+        """The hook that writes the clean values of ``part``'s cells into rows ``first_row..``."""
+        spec = self.plan.spec
+        source = self.clean[spec.hook_name(layer)]
+        dev = source.device
+        n = len(part)
+        idx = (torch.arange(first_row, first_row + n, device=dev), part.b.to(dev),
+               None if self.cell_pos is None else self.cell_pos[part.ci].to(dev),
+               None if self.cell_head is None else self.cell_head[part.ci].to(dev))
+        return (spec.hook_name(layer), lambda act, hook: _write_cells(spec, act, source, idx, p0))
+
+    def walk(self, rows: _Rows, p0: int, *, patch: bool = True, resid: bool = False) -> Tensor:
+        """Outputs of ``rows`` (sorted by layer) run layer-major from position ``p0`` on: logits at
+        the read position (``[row, vocab]``, or ``[row, k]`` for a column readout), or at every
+        position without a read position; ``resid``: the final residual at the read position."""
+        from mechlib.arch import block_device
+
+        model, L, T = self.model, self.L, self.T
+        layers = rows.layer.tolist()
+        first = layers[0]
+        kwl = self.starts[first].kwargs_by_layer
+        batch = self.starts[first].batch
+        q = T - p0
+        use_prefix = self.prefix is not None and p0 > 0
+        read_row = self.read_row and self.last is not None and layers[-1] < L - 1 and q > 1
+        bounds: dict[int, list[int]] = {}
+        for k, l in enumerate(layers):
+            bounds.setdefault(l, [k, k])[1] = k + 1
+        x, src, out = None, None, None
+        with torch.no_grad(), hooks._cache_reaches_attention(model, first, use_prefix or read_row):
+            for j in range(first, L):
+                dev = block_device(model, j)
+                patches = []
+                if j in bounds:
+                    a, b = bounds[j]
+                    part = rows.take(slice(a, b))
+                    new = self.starts[j].resid.index_select(0, part.b.to(self.starts[j].resid.device))[:, p0:]
+                    x = new.to(dev) if x is None else torch.cat([x.to(dev), new.to(dev)])
+                    src = part.b if src is None else torch.cat([src, part.b])
+                    if patch:
+                        patches.append(self._patch(j, part, a, p0))
+                kw = hooks._to_device(_row_kwargs(kwl[j], src, batch), dev)
+                if j == L - 1 and read_row:
+                    try:
+                        out = self._final_read_row(x.to(dev), kw, src, p0)
+                        break
+                    except _NotAtRows:
+                        if resid:
+                            raise
+                        read_row = False
+                if use_prefix:
+                    kw = {k: hooks._suffix(k, v, p0) for k, v in kw.items()}
+                    kw["cache"] = hooks._PrefixCache(self.prefix, p0, src)
+                with hooks.attach(model, patches):
+                    y = model.blocks[j](x.to(dev), use_cache=False, **kw)
+                x = y[0] if isinstance(y, tuple) else y
+                self.flops += block_flops(model, j, len(src), q, T)
+        if self.last is None:
+            self.flops += unembed_flops(model, len(src) * q)
+            return hooks._logits_from_resid(model, x)
+        if out is None:
+            at = self.last.to(x.device)[src.to(x.device)] - p0
+            out = x[torch.arange(len(src), device=x.device), at]
+        if resid:
+            return out
+        return self._read(out, src)
+
+    def _final_read_row(self, x: Tensor, kw: dict, src: Tensor, p0: int) -> Tensor:
+        """The last block's output at each row's read position only: the other positions give
+        their keys and values (query/key/value projections), the read row runs the whole block."""
+        model, T = self.model, self.T
+        block = model.blocks[self.L - 1]
+        at = self.last.to(x.device)[src.to(x.device)]
+        kw2 = {k: _at_rows(k, v, at.to(v.device) if isinstance(v, Tensor) else at) for k, v in kw.items()}
+        if kw.get("attention_mask") is None and not bool((at == T - 1).all()):
+            raise _NotAtRows("without an attention mask the read row must be the last position")
+        kw1 = {k: hooks._suffix(k, v, p0) for k, v in kw.items()} if p0 else dict(kw)
+        kw1["cache"] = _KeyValueProbe(p0)
+        try:
+            block(x, use_cache=False, **kw1)
+        except _KeyValueSeen as seen:
+            k, v, layer_idx = seen.k, seen.v, seen.layer_idx
+        else:
+            raise _NotAtRows("the final block's attention never read its key/value cache")
+        if p0:
+            pk, pv = self.prefix.kv[layer_idx]
+            s = src.to(pk.device)
+            k = torch.cat([pk[..., :p0, :].index_select(0, s).to(k.device), k], dim=-2)
+            v = torch.cat([pv[..., :p0, :].index_select(0, s).to(v.device), v], dim=-2)
+        kw2["cache"] = _FixedKeyValues(k, v)
+        rows = torch.arange(x.shape[0], device=x.device)
+        y = block(x[rows, at - p0][:, None], use_cache=False, **kw2)
+        y = y[0] if isinstance(y, tuple) else y
+        self.flops += x.shape[0] * (T - p0) * qkv_flops_per_token(model) + block_flops(model, self.L - 1, x.shape[0], 1, T)
+        return y[:, 0]
+
+    def _columns(self, x: Tensor, src: Tensor, ids: Tensor) -> Tensor:
+        """Logits ``[row, k]`` of the token ids ``ids[src]`` only, from final residuals ``[row, d]``."""
+        from mechlib.arch import output_device
+
+        model = self.model
+        x = model.ln_final(x.to(output_device(model))[:, None])[:, 0]
+        lin = model.unembed.original_component
+        cols = ids.to(x.device)[src.to(x.device)]  # [row, k]
+        logits = torch.bmm(lin.weight[cols], x[:, :, None])[..., 0]
+        if getattr(lin, "bias", None) is not None:
+            logits = logits + lin.bias[cols]
+        self.flops += unembed_flops(model, x.shape[0], cols.shape[1])
+        return model.adapter.apply_output_logits_transform(logits)
+
+    def _read(self, x: Tensor, src: Tensor) -> Tensor:
+        if self.columns is not None:
+            return self._columns(x, src, self.columns[0])
+        self.flops += unembed_flops(self.model, x.shape[0])
+        return hooks._logits_from_resid(self.model, x[:, None])[:, 0]
+
+    def full(self, rows: _Rows, extras: dict) -> Tensor:
+        """Outputs of ``rows`` from full forwards of the corrupted prompts (when resuming cannot be
+        verified): every row's patch at its own layer, ``pixel_values`` and other inputs carried."""
+        model = self.model
+        dev = model.cfg.device
+        src = rows.b
+        patches = []
+        for layer in sorted(set(rows.layer.tolist())):  # rows are sorted by layer
+            sel = (rows.layer == layer).nonzero().flatten()
+            patches.append(self._patch(layer, rows.take(sel), int(sel[0]), 0))
+        tokens = self.contrast.corrupted_tokens.to(dev)[src.to(dev)]
+        ex = {k: v.index_select(0, src.to(v.device)) if isinstance(v, Tensor) else v for k, v in extras.items()}
+        logits = hooks.forward(model, tokens, hooks=patches, extras=ex)
+        self.flops += forward_flops(model, len(src), self.T)
+        if self.last is None:
+            return logits
+        return logits[torch.arange(len(src), device=logits.device), self.last.to(logits.device)[src.to(logits.device)]]
+
+    # ---------------------------------------------------------------- metric values
+    def values(self, out: Tensor, src: Tensor, metric, name: str, fill: Tensor) -> Tensor:
+        """Per-row metric values. Metrics take copy-major stacks of the whole batch, so rows are
+        slotted into copies, the slots no row fills holding the corrupted run's logits (``fill``)."""
+        n = len(src)
+        if self.columns is not None:
+            return check_metric_values(self.columns[1](out), n, name=name)
+        order = torch.argsort(src, stable=True)
+        counts = torch.bincount(src, minlength=self.B)
+        starts = torch.cumsum(counts, 0) - counts
+        occ = torch.empty(n, dtype=torch.long)
+        occ[order] = torch.arange(n) - starts[src[order]]
+        vals = torch.empty(n)
+        copies = max(1, self.max_rows // self.B)
+        for k0 in range(0, int(occ.max()) + 1, copies):
+            sel = ((occ >= k0) & (occ < k0 + copies)).nonzero().flatten()
+            k = min(copies, int(occ.max()) + 1 - k0)
+            stack = fill.repeat(k, *([1] * (fill.ndim - 1)))
+            where = (occ[sel] - k0) * self.B + src[sel]
+            stack[where.to(stack.device)] = out[sel.to(out.device)].to(stack.device, stack.dtype)
+            v = check_metric_values(metric(stack), k * self.B, name=name)
+            vals[sel] = v[where.to(v.device)].detach().float().cpu()
+        return vals
 
 
 # ----------------------------------------------------------------------------------------------
