@@ -12,9 +12,12 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.mechlib-setup
 TORCH  ?= torch==2.13.0
 
-MODEL  ?=
-DEVICE ?=
-NB_PARAMS := $(if $(MODEL),-p MODEL $(MODEL)) $(if $(DEVICE),-p DEVICE $(DEVICE))
+MODEL   ?=
+DEVICE  ?=
+SETTING ?=
+STANDIN ?=
+NB_PARAMS := $(if $(MODEL),-p MODEL $(MODEL)) $(if $(DEVICE),-p DEVICE $(DEVICE)) \
+             $(if $(SETTING),-p SETTING $(SETTING)) $(if $(STANDIN),-p STANDIN $(STANDIN))
 
 SITE   := build/site
 # the suite imports mechlib from the installed wheel: -P keeps the checkout off sys.path
@@ -54,9 +57,11 @@ installed: $(STAMP)
 	@$(PIP) install --no-deps --target $(SITE) build/dist/mechlib-*.whl >/dev/null
 	@echo "tests import mechlib from the wheel $$(ls build/dist/mechlib-*.whl) (installed in $(SITE))"
 
-# make notebooks MODEL=gemma-3-270m   runs every notebook on another model (papermill parameters)
+# make notebooks MODEL=gemma-3-270m   runs every notebook on another model (papermill parameters);
+# make notebooks SETTING=paper        the papers' settings (their models, data, metrics: a GPU and the network);
+# make notebooks SETTING=paper STANDIN=tiny   the same on tiny random stand-ins and the test fixtures (CI)
 notebooks: setup
-	$(PY) tools/run_notebooks.py notebooks reports $(NB_PARAMS)
+	$(PY) tools/run_notebooks.py notebooks reports$(if $(SETTING),/$(SETTING)$(if $(STANDIN),-$(STANDIN))) $(NB_PARAMS)
 
 # notebooks/*.py (py:percent) and notebooks/*.ipynb are jupytext pairs: edit either, then sync
 sync: setup

@@ -12,8 +12,8 @@ line (``ruff check --fix`` keeps the block sorted, and the comments travel with 
 the name to the matching group of ``__all__``.
 """
 
-# modules used as namespaces: mechlib.metrics.logit_diff, mechlib.tasks.ioi, mechlib.viz...
-from mechlib import arch, hooks, interventions, metrics, sites, stats, tasks, viz
+# modules used as namespaces: mechlib.metrics.logit_diff, mechlib.tasks.ioi, mechlib.evals.chair, mechlib.viz...
+from mechlib import arch, evals, hooks, interventions, layout, metrics, sites, stats, tasks, viz
 
 # analyses: one verb per module (mechlib/analyses/), each returning a typed result
 from mechlib.analyses.attribution import DLAResult, HeadScores, direct_logit_attribution, head_divergence
@@ -51,7 +51,15 @@ from mechlib.interventions import (
 )
 
 # models, inputs and results
-from mechlib.models import ModelLoadError, ModelNotAvailableOffline, generate, load_model, tiny_model, vlm_inputs
+from mechlib.models import (
+    Generations,
+    ModelLoadError,
+    ModelNotAvailableOffline,
+    generate,
+    load_model,
+    tiny_model,
+    vlm_inputs,
+)
 from mechlib.results import Result
 from mechlib.sites import SITES, Site
 from mechlib.tasks import ContrastSet, ContrastSetError
@@ -61,9 +69,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     # modules
-    "arch", "hooks", "interventions", "metrics", "sites", "stats", "tasks", "viz",
+    "arch", "evals", "hooks", "interventions", "layout", "metrics", "sites", "stats", "tasks", "viz",
     # models, inputs and results
-    "load_model", "tiny_model", "generate", "vlm_inputs", "ModelLoadError", "ModelNotAvailableOffline",
+    "load_model", "tiny_model", "generate", "Generations", "vlm_inputs", "ModelLoadError", "ModelNotAvailableOffline",
     "ContrastSet", "ContrastSetError", "PromptBatch", "Site", "SITES", "Result",
     # analyses
     "activation_patching", "attribution_patching", "path_patching", "PatchingResult",

@@ -16,10 +16,11 @@ import mechlib
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from run_notebooks import WIDGET_VIEW, offline_html, run, write_index  # noqa: E402
+from run_notebooks import WIDGET_VIEW, declared_parameters, offline_html, run, write_index  # noqa: E402
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 QUICKSTART = next(p for p in NOTEBOOKS if p.stem.startswith("00_quickstart"))
+PAPERS = [p for p in NOTEBOOKS if p != QUICKSTART]  # one per paper: each has the paper's own setting
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +38,24 @@ def test_notebook_runs(nb, reports):
 
 def test_there_are_notebooks():
     assert QUICKSTART.exists() and len(NOTEBOOKS) >= 9
+
+
+def test_every_paper_notebook_has_the_papers_setting():
+    """SETTING="paper" switches to the paper's model, data, sizes and decoding; STANDIN="tiny" runs
+    that branch on tiny random stand-ins and the test fixtures (below)."""
+    for p in PAPERS:
+        assert {"SETTING", "STANDIN"} <= declared_parameters(p), f"{p.name}: declare SETTING and STANDIN"
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("nb", PAPERS, ids=[p.stem for p in PAPERS])
+def test_paper_setting_runs_on_standins(nb, tmp_path):
+    """Every line of the paper's setting runs (`make notebooks SETTING=paper STANDIN=tiny`): the paper's
+    model replaced by a tiny random one of its architecture, its data by the fixtures. The numbers
+    mean nothing and the findings are not asserted there."""
+    ok, secs, err = run(nb, tmp_path, parameters={"SETTING": "paper", "STANDIN": "tiny"})
+    print(f"{nb.name} (paper setting, stand-ins): {secs:.0f} s")
+    assert ok, err
 
 
 def test_notebooks_have_colab_and_parameters_cells():

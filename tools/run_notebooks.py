@@ -1,10 +1,12 @@
 """Execute notebooks headless (papermill) and write executed copies + offline HTML + a gallery.
 
     python tools/run_notebooks.py notebooks reports [--only 00_quickstart] [-p MODEL gemma-3-270m]
+    python tools/run_notebooks.py notebooks reports -p SETTING paper -p STANDIN tiny   # the papers' settings on stand-ins
 
 Each notebook runs top to bottom in a fresh kernel; parameters given with ``-p NAME VALUE`` are
 injected after the cell tagged ``parameters`` (papermill) and recorded in the executed notebook's
-metadata. The first error stops that notebook and makes the command exit non-zero (the others
+metadata; a notebook whose parameters cell does not declare an injected parameter (the quickstart
+has no paper setting) is skipped, not run with a parameter it would ignore. The first error stops that notebook and makes the command exit non-zero (the others
 still run). There is no widget frontend here, so mechlib's explorers render their static figures
 (``MECHLIB_STATIC_VIEWS``, set for the kernel only). The HTML pages are self-contained and work
 offline: no CDN scripts (require.js, MathJax, the widget manager), and outputs keep their static
@@ -146,6 +148,19 @@ def write_index(out_dir: Path, status: dict[str, tuple[bool, float]]) -> None:
         f"<div class='grid'>{''.join(cards)}</div>").encode())
 
 
+def declared_parameters(nb_path: Path) -> set[str]:
+    """The names the notebook's ``parameters`` cell assigns."""
+    import ast
+
+    nb = nbformat.read(nb_path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
+            tree = ast.parse(cell.source)
+            return {t.id for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                    for t in node.targets if isinstance(t, ast.Name)}
+    return set()
+
+
 def _parse_params(pairs) -> dict:
     out = {}
     for name, value in pairs or []:
@@ -170,6 +185,10 @@ def main(argv=None) -> int:
         books = [b for b in books if any(b.stem.startswith(o) for o in args.only)]
     status, failed = {}, 0
     for nb in books:
+        missing = sorted(set(params) - declared_parameters(nb))
+        if missing:
+            print(f"skipping {nb.name}: its parameters cell has no {', '.join(missing)}", flush=True)
+            continue
         print(f"running {nb.name} {params or ''}...", flush=True)
         ok, secs, err = run(nb, args.out, parameters=params)
         print(f"  {'ok' if ok else 'FAILED'} in {secs:.0f} s", flush=True)

@@ -37,14 +37,15 @@ from mechlib.models._common import (
     supported_architectures,
 )
 from mechlib.models.embedded import EMBEDDED
-from mechlib.models.generation import generate
-from mechlib.models.hub import HUB_ALIASES
+from mechlib.models.generation import Generations, generate
+from mechlib.models.hub import HUB_ALIASES, standin_family
 from mechlib.models.tiny import FAMILIES, tiny_model, tiny_tokenizer
 from mechlib.models.vlm import vlm_inputs
 
 EMBEDDED_NAME = "smollm2-135m"
 
-__all__ = ["load_model", "vlm_or_tiny", "tiny_model", "tiny_tokenizer", "generate", "vlm_inputs", "prepare_embedded",
+__all__ = ["load_model", "vlm_or_tiny", "tiny_model", "tiny_tokenizer", "generate", "Generations", "vlm_inputs",
+           "prepare_embedded", "standin_family",
            "install_embedded",
            "ModelLoadError", "ModelNotAvailableOffline", "EMBEDDED", "HUB_ALIASES", "FAMILIES", "default_device",
            "cache_dir", "supported_architectures"]
@@ -75,6 +76,7 @@ def load_model(
     dtype: Union[None, str, torch.dtype] = None,
     device_map: Optional[Union[str, dict]] = None,
     n_devices: Optional[int] = None,
+    standin: Optional[str] = None,
     **boot_kwargs: Any,
 ):
     """Load a model as a TransformerLens ``TransformerBridge`` in eval mode.
@@ -90,6 +92,9 @@ def load_model(
         device_map, n_devices: split a model larger than one device (accelerate, through
             TransformerLens for hub models; dispatched by mechlib for embedded, local and GGUF
             models). Mutually exclusive with ``device``.
+        standin: ``"tiny"`` returns a tiny random model of ``name``'s architecture instead (LLaVA-1.5 →
+            the tiny LLaVA, Llama-2 → a tiny Llama, GPT-2 medium → a tiny GPT-2, ...): what CI runs
+            the notebooks' paper settings on, so every line of them runs without the weights.
         **boot_kwargs: other ``TransformerBridge.boot_transformers`` options (hub models only).
 
     Returns:
@@ -102,6 +107,12 @@ def load_model(
         >>> gemma = mechlib.load_model("gemma-3-270m")                  # doctest: +SKIP
         >>> mine = mechlib.load_model("~/checkpoints/my-finetune")      # doctest: +SKIP
     """
+    if standin is not None:
+        if standin != "tiny":
+            raise ValueError(f"standin={standin!r}: 'tiny' (a tiny random model of the same architecture) or None")
+        if not isinstance(name, str):
+            raise ValueError("standin='tiny' needs a model name (e.g. 'llava-1.5-7b')")
+        return tiny_model(standin_family(name), seed=0, device=device or "cpu")
     torch_dtype = resolve_dtype(dtype)
     if device is not None and (device_map is not None or n_devices is not None):
         raise ValueError("give either device or device_map/n_devices, not both")
@@ -154,7 +165,7 @@ def vlm_or_tiny(name: str, *, device=None, tiny_layers: int = 2):
     (weights cached or the hub reachable), else the tiny random LLaVA with ``tiny_layers`` layers
     (saying why, when ``name`` could not load) — so a notebook's image path runs every line on a
     CPU and is the paper's own setting on a GPU. ``name="tiny-llava"`` always gives the tiny one."""
-    if torch.cuda.is_available() and name != "tiny-llava":
+    if torch.cuda.is_available() and name not in ("tiny-llava", "tiny"):
         try:
             return load_model(name, device=device), True
         except (ModelNotAvailableOffline, ModelLoadError) as e:

@@ -18,8 +18,28 @@ HUB_ALIASES = {
     "gpt2-small": "gpt2",
     "gpt2-medium": "gpt2-medium",
     "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama-2-7b-chat": "meta-llama/Llama-2-7b-chat-hf",
+    "llama-3-8b-instruct": "meta-llama/Meta-Llama-3-8B-Instruct",
     "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
 }
+
+# The tiny random family standing in for a model (load_model(name, standin="tiny")): the first
+# pattern found in the model's (hub) name decides.
+STANDIN_FAMILIES = (("llava", "llava"), ("gemma-3", "gemma3"), ("gemma3", "gemma3"), ("gemma-2", "gemma2"),
+                    ("gemma2", "gemma2"), ("qwen3", "qwen3"), ("qwen", "qwen2"), ("mistral", "mistral"),
+                    ("phi-3", "phi3"), ("olmo-2", "olmo2"), ("pythia", "neox"), ("neox", "neox"), ("gpt2", "gpt2"),
+                    ("llama", "llama"), ("smollm", "llama"))
+
+
+def standin_family(name: str) -> str:
+    """The tiny family (``mechlib.models.FAMILIES``) of the architecture of model ``name``."""
+    key = HUB_ALIASES.get(name.lower(), name).lower()
+    for pattern, family in STANDIN_FAMILIES:
+        if pattern in key:
+            return family
+    raise ValueError(f"no tiny stand-in is known for {name!r}: pass one of the families "
+                     f"{sorted({f for _, f in STANDIN_FAMILIES})} to tiny_model, or a name containing "
+                     f"{[p for p, _ in STANDIN_FAMILIES]}")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
