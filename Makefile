@@ -78,6 +78,7 @@ test-fast: setup installed
 
 bench: setup
 	$(PY) benchmarks/patching.py $(if $(DEVICE),--device $(DEVICE))
+	$(PY) benchmarks/generation.py $(if $(DEVICE),--device $(DEVICE))
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks

@@ -1,5 +1,8 @@
 """Shared fixtures: tiny random models (fast, offline) and the embedded SmolLM2-135M (real)."""
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -47,3 +50,15 @@ def assert_weights_equal(m, snap):
     assert now.keys() == snap.keys()
     for k, v in snap.items():
         assert torch.equal(now[k], v), f"weight {k} changed"
+
+
+def chromium() -> str:
+    """Debian's chromium for the browser tests: missing is a failure (``make setup`` installs it)
+    unless ``MECHLIB_SKIP_BROWSER`` is set."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        if os.environ.get("MECHLIB_SKIP_BROWSER"):
+            pytest.skip("no chromium and MECHLIB_SKIP_BROWSER is set")
+        pytest.fail("chromium is not installed: `make setup` installs it with apt-get "
+                    "(or set MECHLIB_SKIP_BROWSER=1 to skip this check)")
+    return exe

@@ -37,6 +37,7 @@ import nbformat
 import pytest
 
 import mechlib
+from conftest import chromium
 from mechlib.results import atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,17 +63,6 @@ CELLS = [
     "mechlib.viz.circuit_diagram(circuit)",
 ]
 EXPLORER, VIEW, DIAGRAM = 2, 3, 4  # cell indices
-
-
-def _browser() -> str:
-    """Debian's chromium (as tests/test_notebooks.py): missing is a failure unless MECHLIB_SKIP_BROWSER."""
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        if os.environ.get("MECHLIB_SKIP_BROWSER"):
-            pytest.skip("no chromium and MECHLIB_SKIP_BROWSER is set")
-        pytest.fail("chromium is not installed: `make setup` installs it with apt-get "
-                    "(or set MECHLIB_SKIP_BROWSER=1 to skip this check)")
-    return exe
 
 
 def _free_port() -> int:
@@ -212,7 +202,7 @@ def _python3_kernelspec(base: str, token: str) -> dict:
 @pytest.mark.notebook
 @pytest.mark.timeout(300)
 def test_jupyterlab_runs_widgets_circuitsvis_and_diagrams_in_chromium(tmp_path):
-    exe = _browser()
+    exe = chromium()
     try:
         from playwright.sync_api import TimeoutError as PlaywrightTimeout
         from playwright.sync_api import sync_playwright

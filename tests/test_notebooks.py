@@ -2,9 +2,7 @@
 and the HTML reports work offline in a real browser (headless Chromium)."""
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +11,7 @@ import nbformat
 import pytest
 
 import mechlib
+from conftest import chromium
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -125,16 +124,6 @@ _REPORT = """<script>setTimeout(function () {
   document.documentElement.setAttribute('data-js-errors', JSON.stringify(window.__errs)); }, 1500);</script>"""
 
 
-def _browser():
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        if os.environ.get("MECHLIB_SKIP_BROWSER"):
-            pytest.skip("no chromium and MECHLIB_SKIP_BROWSER is set")
-        pytest.fail("chromium is not installed: `make setup` installs it with apt-get "
-                    "(or set MECHLIB_SKIP_BROWSER=1 to skip this check)")
-    return exe
-
-
 @pytest.mark.notebook
 def test_quickstart_report_renders_offline_in_chromium(reports, tmp_path):
     page = reports / (QUICKSTART.stem + ".html")
@@ -148,7 +137,7 @@ def test_quickstart_report_renders_offline_in_chromium(reports, tmp_path):
     probe = tmp_path / "probe.html"
     probe.write_text(html[:head] + _PROBE + html[head:body] + _REPORT + html[body:], encoding="utf-8")
     out = subprocess.run(
-        [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--virtual-time-budget=8000", "--dump-dom", probe.as_uri()],
         capture_output=True, text=True, timeout=180)
     dom = out.stdout

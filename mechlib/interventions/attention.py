@@ -94,11 +94,18 @@ def calibrate_attention(
                                                             flagged key is dropped           "paper"|"code"``
     late keys             flagged (≥ 1 query)               flagged                          ``min_queries=1``
     where mass goes       non-sink keys incl. the first     same                             same
+    generation            not defined (classification,      MT-Bench script: recomputed on   sinks found on the
+                          multiple choice)                  each new row alone (α_k = that   prompt's rows at the
+                                                            row's attention; its [0, 0] = 1  first step and kept;
+                                                            reset hits the new row)          every new row is
+                                                                                             calibrated with them
     ====================  ================================  ==============================  ================
 
     ``min_queries`` > 1 is mechlib's optional guard (α_k of the last few keys rests on one or two
     queries); ``sink_positions`` fixes the sinks instead. Pass the prompts' ``lengths`` for
-    right-padded batches so padding rows do not count as queries.
+    right-padded batches so padding rows do not count as queries. Inside :func:`mechlib.generate`
+    the sinks come from the prompt (so decoding on a key/value cache equals recomputing the whole
+    sequence: the prompt's calibrated rows are what the cache holds).
     """
     if not 0 <= beta <= 1:
         raise ValueError(f"beta={beta} must be in [0, 1]")
@@ -327,8 +334,10 @@ def var(
                                                                                               them with
                                                                                               :func:`~mechlib.sink_dimensions`)
     sink tokens      φ(x) ≥ τ = 20, per layer            > 20, every layer from 2, per        per layer and
-                                                         forward, in prefill only (generated  forward, generated
-                                                         tokens are never sinks)              tokens included
+                                                         forward, in prefill only (generated  forward; in
+                                                         tokens are never sinks)              ``generate``, found on
+                                                                                              the prompt (a new
+                                                                                              token never is one)
     heads            image-centric per head and query:   same, on the unedited attention     same
                      summ ≥ 0.2, sink share ≤ ρ = 0.5
     rows             text queries after the image         same in prefill; the new row when   rows after the image
