@@ -65,7 +65,7 @@ N_SECOND = 32         # the second model's sink sequences ...
 N_SECOND_EVAL = 12    # ... and perplexity chunks (its 262k vocabulary makes every logit costly)
 EPSILON = 0.3         # Gu et al.'s ε
 BATCH_SIZE = 25
-SEQLEN = 4096         # paper setting: the perplexity windows of Sun et al. (lib/eval_utils.py eval_ppl, seqlen=4096)
+SEQLEN = 4096         # paper setting: the perplexity windows of Sun et al. (lib/eval_utils.py eval_ppl: seqlen 4096)
 N_WIKI = None         # paper setting: WikiText-2 test windows (None: all of them, as Sun et al.)
 N_C4 = 100            # paper setting: C4 windows (Sun et al.: 100)
 PPL_BATCH = 1         # paper setting: windows per forward (Sun et al.: 1)
