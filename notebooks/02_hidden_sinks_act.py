@@ -371,9 +371,10 @@ else:
 # ## Checks and comparison
 
 # %%
-# method invariants (any model)
-assert torch.allclose(restored, before[:4], atol=1e-4), "calibration must leave the model unchanged on exit"
-assert torch.allclose(full_after, after[:4], atol=1e-3), "the resumed calibrated forward equals the full one"
+# method invariants (any model; in half precision a batch of 4 and one of 64 run different kernels, hence the wider tolerance)
+atol = 1e-4 if DTYPE in (None, "float32") else 0.1
+assert torch.allclose(restored, before[:4], atol=atol), "calibration must leave the model unchanged on exit"
+assert torch.allclose(full_after, after[:4], atol=max(atol, 1e-3)), "the resumed calibrated forward equals the full one"
 assert set(search.metadata["layers"]) == set(range(2, L - 1)), "the authors' search layers 2..L-2"
 assert acc_effect.low <= acc_effect.mean <= acc_effect.high and 0 <= acc_effect.p <= 1
 assert 1 / (N_CONTROLS + 1) - 1e-9 <= control.p <= 1
