@@ -5,13 +5,20 @@ close mechlib runs to the machine's limit.
     python benchmarks/patching.py --models smollm2-135m --n 4
     python benchmarks/patching.py --device cuda         # the same on a GPU
 
-Per model and prompt count, for each sweep: seconds for TL and for mechlib and their ratio; the
-FLOPs TL's sweep does over the FLOPs mechlib's does (one full forward per cell vs resumed,
-prefix-reusing forwards: the ceiling of the ratio if both ran at the same throughput); mechlib's
-achieved throughput as a fraction of the machine's own float32 matmul peak measured in the same
-run (:func:`mechlib.flops.matmul_peak`); the largest difference of the two tables; and the peak
-extra memory of each (the allocator's high-water mark on CUDA; on the CPU the kernel's RSS
-high-water mark, reset before each call — :mod:`mechlib.memory`).
+Two contrast sets of IOI prompts (template 15, 15 tokens): the default S2 swap, whose clean and
+corrupted prompts first differ at S2 (position 10), at every prompt count; and ``abc`` (all three
+names replaced, first difference at position 2) at ``--early-n`` prompts. mechlib skips every cell
+whose patch changes nothing and recomputes each patch from its first changed position, so its gain
+depends on where the contrast set's prompts first differ — each line names that position.
+
+Per model, contrast set and prompt count, for each sweep: seconds for TL and for mechlib and their
+ratio; the FLOPs TL's sweep does over the FLOPs mechlib's does (one full forward per cell vs
+mechlib's patched rows plus its fixed clean, corrupted and key/value passes: the ceiling of the
+ratio if both ran at the same throughput); mechlib's achieved throughput as a fraction of the
+machine's own float32 matmul peak measured in the same run (:func:`mechlib.flops.matmul_peak`); the
+largest difference of the two tables; and the peak extra memory of each (the allocator's high-water
+mark on CUDA; on the CPU the kernel's RSS high-water mark, reset before each call —
+:mod:`mechlib.memory`).
 
 TL's sweeps cost the same per cell (one full forward each), so where TL would take more than
 ``--tl-budget`` forwards it runs on three layers (first, middle, last) and its time is scaled to all
@@ -75,6 +82,8 @@ def main(argv=None) -> int:
                                                                  "it is timed on three layers and scaled")
     ap.add_argument("--by-position-layers-up-to", type=int, default=4,
                     help="above this many prompts, the head-by-position sweep runs on three layers (both sides)")
+    ap.add_argument("--early-n", type=int, nargs="*", default=[4],
+                    help="prompt counts at which the early-difference contrast set (corruption='abc') runs too")
     ap.add_argument("--no-edges", action="store_true", help="skip the attribution and EAP-IG lines")
     args = ap.parse_args(argv)
     global DEVICE
@@ -97,21 +106,26 @@ def bench_model(name, counts, peak, args) -> None:
           f"on {model.cfg.device}", flush=True)
     for n in counts:
         bench_prompts(model, name, n, peak, args)
+    for n in args.early_n:
+        bench_prompts(model, name, n, peak, args, corruption="abc")
     if not args.no_edges:
         bench_attribution(model)
         bench_edges(model)
 
 
-def bench_prompts(model, name, n, peak, args) -> None:
+def bench_prompts(model, name, n, peak, args, corruption="s2_swap") -> None:
     from transformer_lens import patching as tlp
 
-    cs = tasks.ioi(model, n=n, seed=0, templates=[15])  # "When A and B went to the P, ..." (15 tokens)
+    # "When A and B went to the P, ..." (15 tokens)
+    cs = tasks.ioi(model, n=n, seed=0, templates=[15], corruption=corruption)
     ld = metrics.logit_diff(cs)
     tl_metric = lambda logits: ld(logits).mean()  # noqa: E731
     _, clean_cache = model.run_with_cache(cs.clean_tokens)
     L, H, T = model.cfg.n_layers, model.cfg.n_heads, cs.n_pos
     three = [0, L // 2, L - 1]
-    print(f"  {n} IOI prompt(s) of {T} tokens", flush=True)
+    first = int((cs.clean_tokens != cs.corrupted_tokens).any(0).nonzero()[0])
+    print(f"  {n} IOI prompt(s) of {T} tokens, corruption {corruption!r}: clean and corrupted first differ at "
+          f"position {first}", flush=True)
 
     def tl_cells(setter, act, per_layer_cells, shape, layers):
         import pandas as pd
@@ -145,13 +159,16 @@ def bench_prompts(model, name, n, peak, args) -> None:
             t_tl *= L / len(layers)
         diff = float((ours.values[layers if "layers" not in kw else slice(None)] - ref.cpu()).abs().max())
         f_ours, f_tl = ours.metadata["flops"], ours.metadata["flops_one_forward_per_cell"]
-        row = dict(model=name, n=n, sweep=label, shape=list(ours.values.shape), t_tl=t_tl, est=estimated,
+        row = dict(model=name, n=n, contrast=corruption, first=first, sweep=label, shape=list(ours.values.shape),
+                   t_tl=t_tl, est=estimated, skipped=ours.metadata["skipped_cells"],
+                   cells=int(ours.values.numel()),
                    t_ours=t_ours, ratio=t_tl / t_ours, flop_ratio=f_tl / f_ours,
                    frac=f_ours / t_ours / peak, frac_tl=f_tl / t_tl / peak, diff=diff, m_tl=m_tl, m_ours=m_ours,
                    prefix=ours.metadata["prefix_reuse"])
         ROWS.append(row)
         print(f"    {label:<30} TL {t_tl:7.1f} s{'*' if estimated else ' '} mechlib {t_ours:6.1f} s  "
-              f"ratio {row['ratio']:5.1f}x (FLOPs {row['flop_ratio']:4.1f}x)  mechlib at {row['frac']:4.0%} of peak "
+              f"ratio {row['ratio']:5.1f}x (FLOPs {row['flop_ratio']:4.1f}x; {row['skipped']}/{row['cells']} cells "
+              f"skipped)  mechlib at {row['frac']:4.0%} of peak "
               f"(TL {row['frac_tl']:4.0%})  max|diff| {diff:.1e}  peak extra memory TL {m_tl:5.0f} / "
               f"mechlib {m_ours:5.0f} MiB", flush=True)
 
@@ -187,14 +204,15 @@ def bench_edges(model) -> None:
 
 def print_table(peak) -> None:
     """The rows as a Markdown table (for the README)."""
-    print(f"\n| model | prompts | sweep | TL 4.3 | mechlib | speed-up | FLOPs TL / mechlib | mechlib % of peak "
-          f"({peak / 1e9:.0f} GFLOP/s) | max \\|diff\\| | peak extra MiB TL / mechlib |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\n| model | prompts | contrast (first difference) | sweep | TL 4.3 | mechlib | speed-up | FLOPs TL / mechlib "
+          f"| cells skipped | mechlib % of peak ({peak / 1e9:.0f} GFLOP/s) | max \\|diff\\| | peak extra MiB TL / mechlib |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in ROWS:
         shape = "×".join(map(str, r["shape"]))
-        print(f"| {r['model']} | {r['n']} | {r['sweep']} `[{shape}]` | {r['t_tl']:.1f} s{' (est.)' if r['est'] else ''} "
-              f"| {r['t_ours']:.1f} s | **{r['ratio']:.1f}×** | {r['flop_ratio']:.1f}× | {r['frac']:.0%} "
-              f"| {r['diff']:.1e} | {r['m_tl']:.0f} / {r['m_ours']:.0f} |")
+        print(f"| {r['model']} | {r['n']} | {r['contrast']} (pos {r['first']}) | {r['sweep']} `[{shape}]` "
+              f"| {r['t_tl']:.1f} s{' (est.)' if r['est'] else ''} | {r['t_ours']:.1f} s | **{r['ratio']:.1f}×** "
+              f"| {r['flop_ratio']:.1f}× | {r['skipped']}/{r['cells']} | {r['frac']:.0%} | {r['diff']:.1e} "
+              f"| {r['m_tl']:.0f} / {r['m_ours']:.0f} |")
 
 
 if __name__ == "__main__":

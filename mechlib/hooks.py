@@ -476,6 +476,44 @@ def _cache_reaches_attention(model, layer: int, on: bool):
             h.remove()
 
 
+@contextmanager
+def record_keys_values(model, layer: int) -> Iterator[_RecordingCache]:
+    """Record the keys and values every attention from block ``layer`` on computes in the forward
+    run inside the block (what :func:`record_prefix` replays a forward for); turn the recording into
+    a :class:`Prefix` with :func:`prefix_from`."""
+    rec = _RecordingCache()
+    handles = []
+
+    def pre(module, args, kwargs):
+        if kwargs.get("past_key_values") is None:  # (TL's bridges read it before ``layer_past``)
+            return args, {**kwargs, "past_key_values": rec}
+        return None
+
+    try:
+        for l in range(layer, model.cfg.n_layers):
+            attn = getattr(model.blocks[l], "attn", None)
+            if attn is not None:
+                handles.append(attn.register_forward_pre_hook(pre, with_kwargs=True))
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def prefix_from(model, rec: _RecordingCache, layer: int, n_pos: int, rows=slice(None)) -> Prefix:
+    """The :class:`Prefix` of batch rows ``rows`` from a recording of every block from ``layer`` on
+    (raises :class:`PrefixUnsupported` when a block's attention did not use the cache as expected)."""
+    missing = [l for l in range(layer, model.cfg.n_layers) if l not in rec.kv]
+    if missing:
+        raise PrefixUnsupported(f"the attention of block(s) {missing[:3]} does not take a key/value cache")
+    if any(c != 1 for c in rec.calls.values()):
+        raise PrefixUnsupported("a block's attention wrote to the key/value cache more than once")
+    if any(k.shape[-2] != n_pos for k, _ in rec.kv.values()):
+        raise PrefixUnsupported("the cached keys are not [batch, head, pos, d_head]")
+    kv = {l: (k[rows], v[rows]) for l, (k, v) in rec.kv.items()}
+    return Prefix(kv, int(next(iter(kv.values()))[0].shape[0]))
+
+
 def record_prefix(model, start: BlockInputs) -> Prefix:
     """The keys and values every block from ``start.layer`` on computes when the recorded forward
     is replayed (one extra forward from that layer). Raises :class:`PrefixUnsupported` when a
@@ -565,6 +603,11 @@ def resume_check(model, start: BlockInputs, layer: int, reference_logits: Tensor
                 "architecture computes something outside its blocks, final norm and unembedding")
     _RESUME_OK.setdefault(model, set()).add(layer)
     return None
+
+
+def resume_verified(model, layer: int) -> bool:
+    """Whether :func:`resume_check` already verified resuming ``model`` at ``layer``."""
+    return layer in _RESUME_OK.get(model, ())
 
 
 def resume_matches(model, start: BlockInputs, layer: int, reference_logits: Tensor, atol: float = 1e-4) -> bool:

@@ -382,6 +382,81 @@ def _sweep_result(model, contrast: ContrastSet, metric, plan: "_Plan", method: s
     )
 
 
+@dataclass
+class _BaseRuns:
+    """The clean and corrupted runs of one batch of prompts: what the metric reads of each
+    (``[b, vocab]`` at the read position, or ``[b, pos, vocab]``), the patched site's activations,
+    the corrupted run's block inputs (:class:`hooks.BlockInputs` by layer) and its keys/values."""
+
+    clean_out: Tensor
+    corr_out: Tensor
+    clean_acts: dict
+    corr_acts: dict
+    starts: dict
+    flops: int
+    _kv: Optional[tuple] = None  # (recording, layer, batch rows)
+
+    def prefix(self):
+        if self._kv is None:
+            raise hooks.PrefixUnsupported("no keys and values were recorded")
+        rec, layer, rows, model, n_pos = self._kv
+        return hooks.prefix_from(model, rec, layer, n_pos, rows)
+
+
+def _rows_of(v, rows: slice, total: int):
+    """``v`` (a block keyword argument) for batch rows ``rows`` of a batch of ``total``."""
+    if isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == total:
+        return v[rows]
+    if isinstance(v, tuple):
+        return tuple(_rows_of(x, rows, total) for x in v)
+    return v
+
+
+def _base_runs(model, contrast: ContrastSet, hook_names: list[str], layers: Sequence[int],
+               read_pos: Optional[Tensor], kv_layer: Optional[int]) -> _BaseRuns:
+    """Both base runs in one forward of the clean prompts followed by the corrupted ones (twice
+    the rows per matmul; two forwards when their extra inputs differ in kind), unembedded at the
+    read positions only when the metric reads nothing else."""
+    from contextlib import ExitStack
+
+    B, T = len(contrast), contrast.n_pos
+    ex = {side: contrast.forward_extras(side) for side in ("clean", "corrupted")}
+    tokens = {"clean": contrast.clean_tokens, "corrupted": contrast.corrupted_tokens}
+    if set(ex["clean"]) == set(ex["corrupted"]):
+        runs = [(torch.cat([tokens["clean"], tokens["corrupted"]]),
+                 {k: torch.cat([ex["clean"][k], ex["corrupted"][k].to(ex["clean"][k].device)]) for k in ex["clean"]},
+                 {"clean": slice(0, B), "corrupted": slice(B, 2 * B)})]
+    else:
+        runs = [(tokens[side], ex[side], {side: slice(0, B)}) for side in ("clean", "corrupted")]
+    got: dict = {}
+    flops = 0
+    for toks, extras, halves in runs:
+        n = toks.shape[0]
+        with ExitStack() as stack:
+            starts = stack.enter_context(hooks.record_block_inputs(
+                model, layers if "corrupted" in halves else []))
+            acts = stack.enter_context(hooks.capture(model, hook_names))
+            rec = None
+            if kv_layer is not None and "corrupted" in halves:
+                rec = stack.enter_context(hooks.record_keys_values(model, kv_layer))
+            if read_pos is not None:
+                stack.enter_context(torch.no_grad())
+                out = hooks.forward_last(model, toks, read_pos.repeat(n // B), extras=extras)
+            else:
+                out = hooks.forward(model, toks, extras=extras)
+        flops += forward_flops(model, n, T, unembedded=n if read_pos is not None else n * T)
+        for side, rows in halves.items():
+            got[side] = (out[rows], {k: v[rows] for k, v in acts.items()})
+        if "corrupted" in halves:
+            rows = halves["corrupted"]
+            kw = next(iter(starts.values())).kwargs_by_layer if starts else {}
+            kw = {l: {k: _rows_of(v, rows, n) for k, v in d.items()} for l, d in kw.items()}
+            got["starts"] = {l: hooks.BlockInputs(st.resid[rows], l, kw, B) for l, st in starts.items()}
+            got["kv"] = None if rec is None else (rec, kv_layer, rows, model, T)
+    return _BaseRuns(got["clean"][0], got["corrupted"][0], got["clean"][1], got["corrupted"][1], got["starts"],
+                     flops, got["kv"])
+
+
 def _patch_batch(model, contrast: ContrastSet, metric: Metric, plan: "_Plan", memory_budget_mb: float,
                  max_chunk: int, resume: bool, progress: Optional[bool], reuse_prefix: bool = True) -> dict:
     """The sweep of ``plan`` on one batch of prompts: per-prompt values ``[b, layer, cell]`` and
@@ -390,28 +465,28 @@ def _patch_batch(model, contrast: ContrastSet, metric: Metric, plan: "_Plan", me
     B, T = len(contrast), contrast.n_pos
     name = _metric_name(metric)
     hook_names = [spec.hook_name(l) for l in plan.layers]
-    flops = 2 * forward_flops(model, B, T)  # the clean and corrupted runs
-    # clean run: cache only the patched site at the swept layers
-    clean_logits, clean_acts = hooks.run_with_cache(
-        model, contrast.clean_tokens, hook_names, extras=contrast.forward_extras("clean"))
-    clean_vals = check_metric_values(metric(clean_logits), B, name=name).detach()
-    del clean_logits
-    # corrupted run: the same site (to find the cells whose patch changes nothing) and each swept
-    # block's inputs, so patched forwards can resume there
-    with hooks.record_block_inputs(model, plan.layers if resume else []) as starts, \
-            hooks.capture(model, hook_names) as corr_acts:
-        corr_logits = hooks.forward(model, contrast.corrupted_tokens, extras=contrast.forward_extras("corrupted"))
-    corr_vals = check_metric_values(metric(corr_logits), B, name=name).detach()
     first = min(plan.layers)
-    reason = hooks.resume_check(model, starts[first], first, corr_logits) if resume else None
-    resumed = resume and reason is None
-    changed = [_changed(spec, clean_acts[n], corr_acts[n]) for n in hook_names]
-    del corr_acts
-
     read_pos = contrast.last_pos if getattr(metric, "last_token_only", False) else None
-    last = read_pos.to(corr_logits.device) if read_pos is not None else None
-    rows_b = torch.arange(B, device=corr_logits.device)
-    corr_read = corr_logits[rows_b, last] if last is not None else None
+    # the clean and corrupted runs: the patched site at the swept layers (to copy from, and to find
+    # the cells whose patch changes nothing), each swept block's inputs (to resume there) and the
+    # keys and values from the first swept layer on (causal prefix reuse)
+    base = _base_runs(model, contrast, hook_names, plan.layers if resume else [], read_pos,
+                      first if resume and reuse_prefix and read_pos is not None else None)
+    flops, starts = base.flops, base.starts
+    clean_vals = check_metric_values(metric(base.clean_out), B, name=name).detach()
+    corr_vals = check_metric_values(metric(base.corr_out), B, name=name).detach()
+    reason = None
+    if resume:
+        reference = None
+        if not hooks.resume_verified(model, first):  # once per model and layer: the model's own logits
+            reference = hooks.forward(model, contrast.corrupted_tokens, extras=contrast.forward_extras("corrupted"))
+            flops += forward_flops(model, B, T)
+        reason = hooks.resume_check(model, starts[first], first, reference)
+    resumed = resume and reason is None
+    changed = [_changed(spec, base.clean_acts[n], base.corr_acts[n]) for n in hook_names]
+    clean_acts = base.clean_acts
+    last = read_pos.to(base.corr_out.device) if read_pos is not None else None
+    corr_read = base.corr_out if last is not None else None
     # causal prefix reuse: a patch that changes nothing before position p leaves every earlier
     # position as in the corrupted run, whose keys and values then stand in for them
     prefix, prefix_reason, causal = None, None, False
@@ -425,8 +500,11 @@ def _patch_batch(model, contrast: ContrastSet, metric: Metric, plan: "_Plan", me
                              "if it reads only the last token)")
         else:
             try:
-                prefix = hooks.record_prefix(model, starts[first])
-                flops += forward_flops(model, B, T, start_layer=first, unembedded=0)
+                try:
+                    prefix = base.prefix()
+                except hooks.PrefixUnsupported:  # not recorded in the base run: replay it
+                    prefix = hooks.record_prefix(model, starts[first])
+                    flops += forward_flops(model, B, T, start_layer=first, unembedded=0)
             except hooks.PrefixUnsupported as e:
                 prefix_reason = str(e)
             if prefix is not None:
@@ -441,8 +519,10 @@ def _patch_batch(model, contrast: ContrastSet, metric: Metric, plan: "_Plan", me
     if resumed and last is not None:
         engine.check(corr_read, metric)
     overhead = _BLOCK_OVERHEAD_ROWS.get(torch.device(model.cfg.device).type, 256) if resumed else 0
-    walks = _walks(rows, model.cfg.n_layers, T, chunk * B, overhead, split_last=engine.read_row)
-    fill = corr_read if last is not None else corr_logits
+    token_rows = _TOKEN_ROWS.get(torch.device(model.cfg.device).type, 1 << 16)
+    walks = _walks(rows, model.cfg.n_layers, T, chunk * B, overhead, split_last=engine.read_row,
+                   token_rows=token_rows)
+    fill = base.corr_out
     per_prompt = corr_vals.cpu().reshape(B, 1, 1).repeat(1, len(plan.layers), len(plan.cells()))
     extras = hooks.check_inputs(model, contrast.forward_extras("corrupted"), contrast.corrupted_tokens)
     with _progress(len(walks), f"patching {spec.kind}", progress) as bar:
@@ -452,7 +532,6 @@ def _patch_batch(model, contrast: ContrastSet, metric: Metric, plan: "_Plan", me
             vals = engine.values(out, part.b, metric, name, fill)
             per_prompt[part.b, part.li, part.ci] = vals.cpu()
             bar.update(1)
-    del corr_logits
     computed = torch.zeros(len(plan.layers), len(plan.cells()), dtype=torch.bool)
     computed[rows.li, rows.ci] = True
     return dict(per_prompt=per_prompt, clean=clean_vals.cpu(), corrupted=corr_vals.cpu(),
@@ -489,6 +568,9 @@ _LOCAL_AFTER = frozenset({"resid_mid", "resid_post", "attn_out", "mlp_out", "hea
 # Per block call, the overhead in token-rows (one position of one row through one block): the cost
 # model that groups rows into walks trades these against positions recomputed for nothing.
 _BLOCK_OVERHEAD_ROWS = {"cpu": 16, "cuda": 1024}
+# Most token-rows per block call: past a few thousand on the CPU the matmuls' operands leave the
+# caches and throughput drops (measured: 4,000 x 576 @ 576 x 1536 runs at ~90% of peak, 8,000 at ~60%).
+_TOKEN_ROWS = {"cpu": 4096, "cuda": 1 << 20}
 
 
 def _changed(spec: SiteSpec, clean: Tensor, corr: Tensor) -> Tensor:
@@ -548,25 +630,26 @@ def _select_rows(plan: _Plan, changed: list[Tensor], last: Optional[Tensor], cau
 
 
 def _walks(rows: _Rows, n_layers: int, n_pos: int, max_rows: int, overhead: int,
-           split_last: bool = False) -> list[tuple[int, Tensor]]:
+           split_last: bool = False, token_rows: Optional[int] = None) -> list[tuple[int, Tensor]]:
     """Group rows into layer-major walks ``(from_pos, row indices)``: contiguous runs of first
     positions, chosen to minimise the token-rows recomputed (a row from ``from_pos`` on, through
     every block from its layer) plus ``overhead`` per block call; each walk holds at most
-    ``max_rows`` rows, sorted by layer. ``split_last``: rows patched at the last layer walk
-    separately (the final block's read-row shortcut cannot patch)."""
+    ``max_rows`` rows (and ``token_rows`` rows x positions), sorted by layer. ``split_last``: rows
+    patched at the last layer walk separately (the final block's read-row shortcut cannot patch)."""
     if len(rows) == 0:
         return []
     ps = sorted(set(rows.fp.tolist()))
     work = [int((n_layers - rows.layer[rows.fp == p]).sum()) for p in ps]
     count = [int((rows.fp == p).sum()) for p in ps]
     low = [int(rows.layer[rows.fp == p].min()) for p in ps]
+    cap = lambda p: max(1, min(max_rows, (token_rows or 1 << 62) // (n_pos - p)))  # noqa: E731
     best, cut = [0.0] + [float("inf")] * len(ps), [0] * (len(ps) + 1)
     for j in range(1, len(ps) + 1):
         w = n = 0
         lo = n_layers
         for i in range(j - 1, -1, -1):
             w, n, lo = w + work[i], n + count[i], min(lo, low[i])
-            cost = best[i] + (n_pos - ps[i]) * w + overhead * (n_layers - lo) * -(-n // max_rows)
+            cost = best[i] + (n_pos - ps[i]) * w + overhead * (n_layers - lo) * -(-n // cap(ps[i]))
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     out, j = [], len(ps)
@@ -578,8 +661,9 @@ def _walks(rows: _Rows, n_layers: int, n_pos: int, max_rows: int, overhead: int,
         if split_last:
             at_last = rows.layer[sel] == n_layers - 1
             pieces = [sel[~at_last], sel[at_last]]
+        size = cap(ps[i])
         for piece in pieces:
-            out += [(ps[i], piece[k:k + max_rows]) for k in range(0, len(piece), max_rows)]
+            out += [(ps[i], piece[k:k + size]) for k in range(0, len(piece), size)]
         j = i
     return [w for w in out[::-1] if len(w[1])]
 
