@@ -5,11 +5,26 @@ prompt, overwrite one activation (a residual position, a head's output ...) with
 clean run, and measure how much of the clean behaviour comes back. Values equal TransformerLens'
 ``patching.get_act_patch_*`` on the same inputs (tested), but mechlib
 
-* stacks many patched variants into the batch axis (one forward per chunk, not per cell), and
-* resumes each forward at the patched layer from the recorded corrupted run, so earlier blocks are
-  not recomputed (the bridge's ``start_at_layer`` still runs them). Resuming is checked once per
-  call against the model's own logits; if it does not reproduce them, mechlib falls back to full
-  forwards, which also carry ``pixel_values`` and other extra inputs.
+* computes no cell whose answer is already known: where the clean and corrupted activations at the
+  patched site are exactly equal, the patch writes what is already there, so the cell's value is
+  the corrupted run's (TL computes a forward and gets the same). With causal attention, a prompt's
+  activations before its first clean/corrupted difference are equal at every layer, so how much is
+  skipped depends on the contrast set (how late its prompts first differ), not on the model;
+* recomputes each patched variant only from the first position it changes: earlier positions are
+  exactly the corrupted run's, whose keys and values stand in for them (causal prefix reuse,
+  verified once per model);
+* resumes at the patched layer from the recorded corrupted run, so earlier blocks are not
+  recomputed (the bridge's ``start_at_layer`` still runs them), and runs the variants layer-major:
+  one walk over the blocks in which every variant joins at its own layer, so each block runs a few
+  times per sweep on large batches; the last block computes only the position the metric reads,
+  and a logit difference unembeds only its two tokens. Resuming is checked once per model against
+  the model's own logits; if it does not reproduce them, mechlib falls back to full forwards, which
+  also carry ``pixel_values`` and other extra inputs.
+
+``metadata`` records what was skipped (``skipped_cells``: cells no prompt needed a forward for;
+``skipped_rows``: (cell, prompt) pairs), where recomputing started (``from_pos``, ``walk_starts``)
+and the matmul FLOPs done, the clean/corrupted runs included (``flops``; TL's count is
+``flops_one_forward_per_cell``).
 
 **Attribution patching** (Nanda 2023; Syed et al. 2023): the first-order estimate
 ``metric(corrupted) + (clean - corrupted) · ∂metric/∂activation`` for every cell at once, from
@@ -305,10 +320,13 @@ def activation_patching(
             forward stacks many patched copies of the batch, up to ``memory_budget_mb``.
         resume: start each forward at the patched layer (verified once against the full forward;
             if it cannot be verified, a warning says why and full forwards run).
-        reuse_prefix: in by-position sweeps, recompute only the positions from the patched one on:
-            with causal attention every earlier position is exactly as in the corrupted run, so its
-            keys and values are taken from that run (verified once per model against the full
-            forward; if it cannot be used, a warning says why). Needs a last-token metric.
+        reuse_prefix: recompute each patched variant only from the first position it changes
+            (the patched one, or for all-position head sweeps the first position where the head's
+            clean and corrupted values differ): with causal attention every earlier position is
+            exactly as in the corrupted run, so its keys and values are taken from that run
+            (verified once per model against the full forward; if it cannot be used, a warning
+            says why). Needs a last-token metric. Cells whose patch changes nothing are skipped
+            either way (decided by exact equality of the activations, never by tokens alone).
 
     Returns:
         :class:`PatchingResult` with per-prompt values, ``baselines`` ``clean``/``corrupted``,
