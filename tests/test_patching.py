@@ -236,17 +236,21 @@ def test_attribution_tracks_exact_patching_on_the_embedded_model(model):
 # ------------------------------------------------------------------------------ path patching
 
 
-@pytest.mark.parametrize("receivers", ["logits", [(1, 2, "q")], [(1, 1, "k"), (1, 0, "v")]])
+# the last case: receivers in layers 0 and 2, senders in layer 1 — the layer-0 receiver is below every
+# sender (no path reaches it), as a four-stage circuit search's previous-token stage meets it
+@pytest.mark.parametrize("receivers", ["logits", [(1, 2, "q")], [(1, 1, "k"), (1, 0, "v")],
+                                       [(0, 1, "k"), (2, 0, "q")]])
 def test_path_patching_matches_slow_reference(receivers):
     model = mechlib.tiny_model("llama", seed=2, n_layers=3)
     cs = tasks.ioi(model, n=2, seed=0, templates=[2])
     ld = metrics.logit_diff(cs)
-    senders = [(0, 0), (0, 3), (1, 1)] if receivers == "logits" else [(0, 0), (0, 2)]
+    senders = ([(0, 0), (0, 3), (1, 1)] if receivers == "logits" else [(1, 0), (1, 3)] if receivers[0][0] == 0
+               else [(0, 0), (0, 2)])
     r = mechlib.path_patching(model, cs, ld, senders=senders, receivers=receivers, max_chunk=2)
     for l, h in senders:
         ref = slow_path_patching(model, cs, ld, (l, h), receivers)
         assert torch.allclose(r.per_prompt[:, l, h], ref, atol=1e-4), ((l, h), r.per_prompt[:, l, h], ref)
-    untouched = r.values[2] if receivers == "logits" else r.values[1]
+    untouched = r.values[2] if receivers == "logits" else r.values[0] if receivers[0][0] == 0 else r.values[1]
     assert torch.allclose(untouched, torch.full_like(untouched, r.baselines["clean"]))
     assert hooks.active_hooks(model) == []
 

@@ -1280,7 +1280,9 @@ def _path_batch(model, base: _PathBase, senders, recv, receiver_positions, sende
             if not recv:
                 logits = hooks.run_from(model, starts[c_first], c_first, copies=C, hooks=frozen, read_pos=read_pos)
             else:
-                recv_names = sorted({r.hook_name for r in recv})
+                # a receiver at or below the chunk's first sender layer reads the clean run (no sender
+                # reaches it); the resumed forward starts above it, so it is neither recorded nor patched
+                recv_names = sorted({r.hook_name for r in recv if r.layer >= c_first})
                 with hooks.capture(model, recv_names) as seen:
                     hooks.run_from(model, starts[c_first], c_first, copies=C, hooks=frozen)
 
