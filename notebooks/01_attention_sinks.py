@@ -58,7 +58,7 @@ SETTING = os.environ.get("MECHLIB_SETTING", "cpu")   # "paper": the paper's mode
 STANDIN = os.environ.get("MECHLIB_STANDIN", "")      # "tiny": the paper setting on tiny random stand-ins and the test fixtures (CI: every line runs, numbers meaningless)
 DATA = os.environ.get("MECHLIB_DATA") or None        # a folder with the paper's data files (None: the cache, downloading with the network)
 N_TEXT = 100          # Gu et al.: 100 sequences
-T = 64                # Gu et al.: T = 64 tokens
+T = 64                # Gu et al.: 64 tokens
 N_EVAL = 32           # chunks for the perplexity runs (100+ on a GPU)
 N_PROBE = 48          # Gu sequences whose tokens the sink probe reads
 N_SECOND = 32         # the second model's sink sequences ...
