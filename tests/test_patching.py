@@ -161,7 +161,7 @@ def test_sweep_flops_are_what_the_forwards_do(tiny_llama, tiny_ioi, site, kw):
 
 
 def test_walks_cover_every_row_once():
-    from mechlib.analyses.patching import _Rows, _walks
+    from mechlib.analyses.patching.engine import _Rows, _walks
 
     g = torch.Generator().manual_seed(0)
     n = 60

@@ -113,7 +113,7 @@ def _ablation_sources(model, w: wiring._Wiring, contrast: ContrastSet, ablation:
         perm[order] = order.roll(-1)  # a random cycle: no prompt keeps its own activations
     mean = None
     if ablation == "mean":  # per-position mean over the corrupted prompts that are real there
-        from mechlib.analyses.patching import _check_batch_size
+        from mechlib.analyses.patching.common import _check_batch_size
 
         _check_batch_size(batch_size)
         tot, cnt = None, torch.zeros(contrast.n_pos)
@@ -194,7 +194,7 @@ def _head_ablated_logits(model, w: wiring._Wiring, tokens: Tensor, extras, z_abl
 def _evaluate(model, contrast: ContrastSet, metric, circuits: Sequence, *, ablation: str, batch_size, seed: int,
               progress=None, desc: str = "faithfulness"):
     """Per-prompt metric of each circuit ``[C, prompt]``, and clean / ablated / corrupted ``[prompt]``."""
-    from mechlib.analyses.patching import _progress, prompt_batches
+    from mechlib.analyses.patching.common import _progress, prompt_batches
 
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation={ablation!r}: choose one of {', '.join(ABLATIONS)}")

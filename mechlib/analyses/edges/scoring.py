@@ -174,7 +174,8 @@ def edge_attribution(
         >>> circuit = scores.graph(200)                       # greedy + pruning, as in the paper
         >>> faithfulness(model, ioi, mechlib.metrics.logit_diff(ioi), circuit).recovery
     """
-    from mechlib.analyses.patching import _check_batch_size, _progress, gradients_available, prompt_batches
+    from mechlib.analyses.patching.attribution import gradients_available
+    from mechlib.analyses.patching.common import _check_batch_size, _progress, prompt_batches
 
     if method not in METHODS:
         raise ValueError(f"method={method!r}: choose one of {', '.join(METHODS)} ('eap-ig' is the paper's)")

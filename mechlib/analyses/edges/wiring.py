@@ -294,7 +294,7 @@ def _chunk(model, b: int, p: int, per_copy_floats: int, budget_mb: float = 1024,
 
 
 def _check_inputs(model, contrast, metric, verb: str) -> None:
-    from mechlib.analyses.patching import _check_contrast
+    from mechlib.analyses.patching.common import _check_contrast
 
     _check_contrast(model, contrast)
     if not callable(metric):
