@@ -74,8 +74,7 @@ def machine() -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, nargs="+", default=None, help="IOI prompts per forward (default 1 4 16; "
-                                                                  "Gemma 3: 1 4)")
+    ap.add_argument("--n", type=int, nargs="+", default=None, help="IOI prompts per forward (default 1 4 16)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma-3-270m"])
     ap.add_argument("--tl-budget", type=int, default=300, help="most full forwards TL runs per sweep before "
@@ -93,7 +92,7 @@ def main(argv=None) -> int:
     print(f"machine: {machine()}; torch {torch.__version__}; float32 matmul peak measured now: "
           f"{peak / 1e9:.0f} GFLOP/s", flush=True)
     for name in args.models:
-        counts = args.n or ([1, 4, 16] if name.startswith("smollm2") else [1, 4])
+        counts = args.n or [1, 4, 16]
         bench_model(name, counts, peak, args)
     print_table(peak)
     return 0
