@@ -70,11 +70,17 @@ sync: setup
 lint: setup
 	$(VENV)/bin/ruff check mechlib tests tools benchmarks notebooks
 
+# The suite runs on JOBS workers (pytest-xdist), each with its share of the cores (tests/conftest.py):
+# on the 2-core CI machine two single-threaded workers finish sooner than one two-threaded run, since
+# much of the suite is small forwards, installs and a browser. JOBS=0 runs in this process.
+JOBS ?= 2
+PYTEST_JOBS := $(if $(filter 0,$(JOBS)),,-n $(JOBS) --dist worksteal)
+
 test: setup installed
-	$(TESTPY) -m pytest
+	$(TESTPY) -m pytest $(PYTEST_JOBS)
 
 test-fast: setup installed
-	$(TESTPY) -m pytest -m "not notebook"
+	$(TESTPY) -m pytest -m "not notebook" $(PYTEST_JOBS)
 
 bench: setup
 	$(PY) benchmarks/patching.py $(if $(DEVICE),--device $(DEVICE))

@@ -8,6 +8,16 @@ import torch
 
 import mechlib
 
+# Under pytest-xdist (`make test` runs JOBS workers) each worker takes its share of the cores, and so
+# do the processes it starts (notebook kernels, the fresh virtual environments of the install tests):
+# two workers of two threads each on a 2-core machine would fight over the cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    torch.set_num_threads(int(_THREADS))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = _THREADS
+
 
 @pytest.fixture(scope="session")
 def tiny_llama():
