@@ -22,13 +22,24 @@ QUICKSTART = next(p for p in NOTEBOOKS if p.stem.startswith("00_quickstart"))
 PAPERS = [p for p in NOTEBOOKS if p != QUICKSTART]  # one per paper: each has the paper's own setting
 
 
+# Tests that read a notebook's executed report share a pytest-xdist group with the run that writes it,
+# so `make test`'s workers run them one after the other in one process instead of running it twice.
+DETERMINISM = next(p for p in NOTEBOOKS if p.stem.startswith("06_"))  # the fastest full analysis
+REPORT_READERS = {QUICKSTART.stem: "quickstart-report", DETERMINISM.stem: "determinism"}
+
+
 @pytest.fixture(scope="session")
 def reports(tmp_path_factory):
     return tmp_path_factory.mktemp("reports")
 
 
+def _notebook_param(p: Path):
+    group = REPORT_READERS.get(p.stem)
+    return pytest.param(p, id=p.stem, marks=[pytest.mark.xdist_group(group)] if group else [])
+
+
 @pytest.mark.notebook
-@pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+@pytest.mark.parametrize("nb", [_notebook_param(p) for p in NOTEBOOKS])
 def test_notebook_runs(nb, reports):
     ok, secs, err = run(nb, reports)
     print(f"{nb.name}: {secs:.0f} s")
@@ -136,6 +147,7 @@ _REPORT = """<script>setTimeout(function () {
 
 
 @pytest.mark.notebook
+@pytest.mark.xdist_group(REPORT_READERS[QUICKSTART.stem])
 def test_quickstart_report_renders_offline_in_chromium(reports, tmp_path):
     page = reports / (QUICKSTART.stem + ".html")
     if not page.exists():  # the notebook test was deselected: produce the report here
@@ -177,9 +189,10 @@ def _text_outputs(path: Path) -> list[str]:
 
 
 @pytest.mark.notebook
+@pytest.mark.xdist_group(REPORT_READERS[DETERMINISM.stem])
 def test_notebook_is_deterministic(reports, tmp_path):
     """Seeded: a second run of a notebook prints the same numbers (06: the fastest full analysis)."""
-    nb = next(p for p in NOTEBOOKS if p.stem.startswith("06_"))
+    nb = DETERMINISM
     first = reports / nb.name
     if not first.exists():
         assert run(nb, reports)[0]
