@@ -177,3 +177,19 @@ def test_benchmark_contrast_on_the_embedded_model(model):
     ref = tlp.generic_activation_patch(model, cs.corrupted_tokens, clean_cache, lambda lg: ld(lg).mean(),
                                        tlp.layer_pos_head_vector_patch_setter, "z", index_df=idx).reshape(hl.values.shape)
     torch.testing.assert_close(hl.values, ref.cpu(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "head_out"])
+def test_first_sweep_of_a_model_over_early_layers_only(site):
+    """The once-per-model check of the resumed final block runs on whatever layers the first sweep
+    records: a fresh model whose first sweep covers early layers only (no start at the last layer)
+    gives TL's values (was: KeyError on the last layer), and a later full sweep is exact too."""
+    m = mechlib.tiny_model("llama", seed=3, n_layers=4)  # a new model: nothing checked on it yet
+    cs = tasks.ioi(m, n=3, seed=0, templates=[15])
+    ld = metrics.logit_diff(cs)
+    ref = tl_values(m, cs, ld, site, False)
+    early = mechlib.activation_patching(m, cs, ld, site=site, layers=[0, 1])
+    torch.testing.assert_close(early.values, ref[[0, 1]], atol=1e-4, rtol=1e-4)
+    full = mechlib.activation_patching(m, cs, ld, site=site)
+    torch.testing.assert_close(full.values, ref, atol=1e-4, rtol=1e-4)
+    assert hooks.active_hooks(m) == []

@@ -243,8 +243,13 @@ class _Engine:
         grad = torch.is_grad_enabled()
         if ok is None:
             ok = {"read_row": False, "columns": False}
+            # resume from the latest recorded layer below the last block, so the walk reaches the
+            # read-row final block (rows patched at the last block never use it); this sweep's
+            # starts are all there is (a sweep over early layers records no later one)
+            below = [l for l in self.starts if l < self.L - 1]
+            layer = max(below) if below else max(self.starts)
             rows = _Rows(*(torch.zeros(self.B, dtype=torch.long),) * 2, torch.arange(self.B),
-                         torch.zeros(self.B, dtype=torch.long), torch.full((self.B,), self.L - 1))
+                         torch.zeros(self.B, dtype=torch.long), torch.full((self.B,), layer))
             p0 = min(1, int(self.last.min())) if self.prefix is not None else 0
             tol = 1e-4 + 1e-4 * float(corr_read.abs().max())
             try:
@@ -262,7 +267,9 @@ class _Engine:
             finally:
                 self.flops = 0
                 torch.set_grad_enabled(grad)
-            if self.prefix is not None or not ok["read_row"]:
+            # kept for the model only once the read-row block was tried (a sweep of the last layer
+            # alone never runs it: the next sweep checks again)
+            if below and (self.prefix is not None or not ok["read_row"]):
                 _ENGINE_OK[self.model] = ok
         self.read_row = ok["read_row"]
         cols = getattr(metric, "columns", None)
