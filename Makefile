@@ -74,7 +74,7 @@ lint: setup
 # on the 2-core CI machine two single-threaded workers finish sooner than one two-threaded run, since
 # much of the suite is small forwards, installs and a browser. JOBS=0 runs in this process.
 JOBS ?= 2
-PYTEST_JOBS := $(if $(filter 0,$(JOBS)),,-n $(JOBS) --dist loadgroup)
+PYTEST_JOBS := $(if $(filter 0,$(JOBS)),,-n $(JOBS) --dist worksteal)
 
 test: setup installed
 	$(TESTPY) -m pytest $(PYTEST_JOBS)

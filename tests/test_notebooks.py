@@ -2,6 +2,7 @@
 and the HTML reports work offline in a real browser (headless Chromium)."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -20,37 +21,35 @@ from run_notebooks import WIDGET_VIEW, declared_parameters, offline_html, run, w
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 QUICKSTART = next(p for p in NOTEBOOKS if p.stem.startswith("00_quickstart"))
 PAPERS = [p for p in NOTEBOOKS if p != QUICKSTART]  # one per paper: each has the paper's own setting
-
-
-# Tests that read a notebook's executed report share a pytest-xdist group with the notebook's own test,
-# so `make test`'s workers run them in one process, which executes the notebook once (run_once).
 DETERMINISM = next(p for p in NOTEBOOKS if p.stem.startswith("06_"))  # the fastest full analysis
-REPORT_READERS = {QUICKSTART.stem: "quickstart-report", DETERMINISM.stem: "determinism"}
 
 
 @pytest.fixture(scope="session")
 def reports(tmp_path_factory):
+    """Where the notebooks' runs go: one folder for all of `make test`'s xdist workers (the base
+    temporary folder's parent is theirs in common), so a notebook runs once (``run_once``)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "reports"
+        shared.mkdir(exist_ok=True)
+        return shared
     return tmp_path_factory.mktemp("reports")
 
 
-_RUNS: dict[Path, tuple] = {}
-
-
 def run_once(nb: Path, reports: Path) -> tuple:
-    """Execute ``nb`` into ``reports`` once per test process: the notebook's own test and the tests
-    that read its report share the run, whichever comes first."""
-    if nb not in _RUNS:
-        _RUNS[nb] = run(nb, reports)
-    return _RUNS[nb]
+    """Execute ``nb`` into ``reports`` once per test session, whichever worker and test comes first
+    (the notebook's own test or one that reads its report); the others wait for it and share the
+    outcome ``(ok, seconds, error)``."""
+    from filelock import FileLock
 
-
-def _notebook_param(p: Path):
-    group = REPORT_READERS.get(p.stem)
-    return pytest.param(p, id=p.stem, marks=[pytest.mark.xdist_group(group)] if group else [])
+    done = reports / (nb.stem + ".outcome.json")
+    with FileLock(str(reports / (nb.stem + ".lock"))):
+        if not done.exists():
+            done.write_text(json.dumps(list(run(nb, reports))))
+        return tuple(json.loads(done.read_text()))
 
 
 @pytest.mark.notebook
-@pytest.mark.parametrize("nb", [_notebook_param(p) for p in NOTEBOOKS])
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(nb, reports):
     ok, secs, err = run_once(nb, reports)
     print(f"{nb.name}: {secs:.0f} s")
@@ -158,7 +157,6 @@ _REPORT = """<script>setTimeout(function () {
 
 
 @pytest.mark.notebook
-@pytest.mark.xdist_group(REPORT_READERS[QUICKSTART.stem])
 def test_quickstart_report_renders_offline_in_chromium(reports, tmp_path):
     ok, _, err = run_once(QUICKSTART, reports)  # already run when the notebook's own test came first
     assert ok, err
@@ -199,7 +197,6 @@ def _text_outputs(path: Path) -> list[str]:
 
 
 @pytest.mark.notebook
-@pytest.mark.xdist_group(REPORT_READERS[DETERMINISM.stem])
 def test_notebook_is_deterministic(reports, tmp_path):
     """Seeded: a second run of a notebook prints the same numbers (06: the fastest full analysis)."""
     nb = DETERMINISM
