@@ -36,7 +36,12 @@ class MissingModelInputError(ValueError):
 
 def hook_point(model, name: str):
     """The HookPoint called ``name`` (legacy names such as ``blocks.3.hook_resid_pre`` work)."""
-    hp = model.hook_dict.get(name)
+    # the bridge's registry holds every name and alias; ``hook_dict`` rebuilds it on each access
+    # (about a millisecond: a sweep's per-block hooks felt it), so it is the fallback only
+    registry = getattr(model, "_hook_registry", None)
+    hp = registry.get(name) if isinstance(registry, dict) else None
+    if hp is None:
+        hp = model.hook_dict.get(name)
     if hp is None:
         near = difflib.get_close_matches(name, list(model.hook_dict), n=3)
         hint = f" Close names: {near}." if near else ""

@@ -84,7 +84,9 @@ def test_prefix_reuse_equals_transformerlens_on_padded_prompts(family):
                 warnings.simplefilter("ignore")
                 plain = mechlib.activation_patching(m, cs, ld, site=site, layers=[0, m.cfg.n_layers - 1],
                                                     reuse_prefix=False, **kw)
-            assert ours.metadata["forwards"] > plain.metadata["forwards"]  # grouped by position
+            # rows of every first position in one packed walk, each row from its own position on
+            assert ours.metadata["packed"], (site, ours.metadata["pack_reason"])
+            assert not plain.metadata["packed"] and plain.metadata["pack_reason"] is None
             torch.testing.assert_close(ours.per_prompt, plain.per_prompt, atol=1e-5, rtol=1e-5, msg=site)
 
 

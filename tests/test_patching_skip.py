@@ -141,6 +141,7 @@ def test_vlm_whose_image_differs_is_not_skipped(tiny_llava):
         full = mechlib.activation_patching(tiny_llava, cs, ld, site=site, resume=False, **kw)
         torch.testing.assert_close(fast.values, full.values, atol=1e-5, rtol=1e-5)
         assert fast.metadata["from_pos"] == image and fast.metadata["prefix_reuse"]
+        assert fast.metadata["packed"] == (site == "resid_pre" or "by_position" in kw)
         assert not torch.allclose(fast.values, torch.full_like(fast.values, fast.baselines["corrupted"]))
     assert hooks.active_hooks(tiny_llava) == []
 
@@ -160,9 +161,10 @@ def test_benchmark_contrast_on_the_embedded_model(model):
     # a residual patch at layer 29 reaches the read position through its keys and values
     assert r.metadata["skipped_cells"] == 14 + 10 + 10
     assert r.metadata["from_pos"] == 10 and r.metadata["readout"] == "columns" and r.metadata["read_row"]
+    assert r.metadata["packed"] and r.metadata["pack_reason"] is None  # rows from 10..14 in one walk
     h = mechlib.activation_patching(model, cs, ld, site="head_out", layers=layers, by_position=True)
     # head outputs at the last layer reach only their own position: positions 10..13 are skipped too
-    assert h.metadata["skipped_cells"] == 9 * (10 + 10 + 14)
+    assert h.metadata["skipped_cells"] == 9 * (10 + 10 + 14) and h.metadata["packed"]
     a = mechlib.activation_patching(model, cs, ld, site="head_out", layers=layers)
     assert a.metadata["from_pos"] == 10 and a.metadata["walk_starts"] == [10]
     _, clean_cache = model.run_with_cache(cs.clean_tokens)
@@ -192,4 +194,53 @@ def test_first_sweep_of_a_model_over_early_layers_only(site):
     torch.testing.assert_close(early.values, ref[[0, 1]], atol=1e-4, rtol=1e-4)
     full = mechlib.activation_patching(m, cs, ld, site=site)
     torch.testing.assert_close(full.values, ref, atol=1e-4, rtol=1e-4)
+    assert hooks.active_hooks(m) == []
+
+
+def test_pack_layout():
+    """Rows laid end to end: each row's positions fp..read in order in one sequence of its own
+    prompt and layer, no slot used twice, sequences at most the cap unless one row is longer."""
+    from mechlib.analyses.patching.packed import pack
+
+    g = torch.Generator().manual_seed(0)
+    last = torch.tensor([14, 11, 20])
+    layer = torch.sort(torch.randint(0, 4, (60,), generator=g)).values
+    b = torch.randint(0, 3, (60,), generator=g)
+    fp = (torch.rand(60, generator=g) * (last[b] + 1)).long()
+    pk = pack(layer, b, fp, last, seq_cap=24)
+    q = last[b] - fp + 1
+    assert int(pk.tok_row.numel()) == int(q.sum())
+    assert len({(s, t) for s, t in zip(pk.tok_seq.tolist(), pk.tok_slot.tolist())}) == int(q.sum())
+    for r in range(60):
+        mine = pk.tok_row == r
+        assert pk.tok_pos[mine].tolist() == list(range(int(fp[r]), int(last[b[r]]) + 1))
+        assert set(pk.tok_seq[mine].tolist()) == {int(pk.row_seq[r])}
+        assert pk.tok_slot[mine].tolist() == list(range(int(pk.row_first[r]), int(pk.row_read[r]) + 1))
+        assert int(pk.seq_b[pk.row_seq[r]]) == int(b[r]) and int(pk.seq_layer[pk.row_seq[r]]) == int(layer[r])
+    lengths = torch.bincount(pk.tok_seq, minlength=pk.n_seq)
+    assert int(lengths.max()) == pk.n and int(lengths.min()) > 0
+    assert int(lengths.max()) < 24 + int(q.max())
+    assert torch.equal(pk.seq_layer, torch.sort(pk.seq_layer).values)  # sequences join in layer order
+
+
+def test_packing_that_fails_its_check_warns_and_stays_exact(monkeypatch):
+    """A model whose blocks would not keep packed rows apart (here: a mask that lets segments see
+    each other) fails the once-per-model check: the sweep says so (warning, metadata) and runs
+    unpacked walks, with TL's values."""
+    from mechlib.analyses.patching import packed
+
+    def leaky(m, pk, fp, batch, n_pos):
+        own = torch.zeros(pk.n_seq, pk.n, pk.prefix + pk.n, dtype=m.dtype)
+        return own.masked_fill(torch.ones(pk.n, pk.prefix + pk.n, dtype=torch.bool).triu(pk.prefix + 1),
+                               torch.finfo(m.dtype).min)[:, None]
+
+    monkeypatch.setattr(packed, "_packed_mask", leaky)
+    m = mechlib.tiny_model("llama", seed=5, n_layers=3)  # a new model: its packing is checked now
+    cs = tasks.ioi(m, n=3, seed=0, templates=[15])
+    ld = metrics.logit_diff(cs)
+    with pytest.warns(UserWarning, match="packed walks are off"):
+        r = mechlib.activation_patching(m, cs, ld, site="resid_pre")
+    assert not r.metadata["packed"] and "differs from the corrupted run" in r.metadata["pack_reason"]
+    assert r.metadata["prefix_reuse"]
+    torch.testing.assert_close(r.values, tl_values(m, cs, ld, "resid_pre", False), atol=1e-4, rtol=1e-4)
     assert hooks.active_hooks(m) == []

@@ -23,6 +23,7 @@ from mechlib.analyses.patching.common import (
     prompt_batches,
 )
 from mechlib.analyses.patching.engine import _BLOCK_OVERHEAD_ROWS, _TOKEN_ROWS, _changed, _Engine, _select_rows, _walks
+from mechlib.analyses.patching.packed import packed_walks
 from mechlib.flops import forward_flops
 from mechlib.memory import peak_memory
 from mechlib.metrics import Metric, check_metric_values
@@ -108,6 +109,11 @@ def activation_patching(
         warnings.warn(f"activation_patching: causal prefix reuse is off for this sweep, so every patched copy "
                       f"recomputes all positions from the patched layer on (about twice the work). Why: "
                       f"{prefix_reasons[0]}. The result's metadata records prefix_reuse=False.", stacklevel=2)
+    pack_reasons = [o["pack_reason"] for o in parts if o["pack_reason"]]
+    if pack_reasons:
+        warnings.warn(f"activation_patching: packed walks are off for this model, so rows that start at different "
+                      f"positions run in separate, smaller walks (same values, slower). Why: {pack_reasons[0]}. "
+                      "The result's metadata records packed=False.", stacklevel=2)
     B = len(contrast)
     per_prompt = torch.cat([o["per_prompt"] for o in parts]).reshape(B, *plan.shape())
     resumed = resume and not reasons
@@ -124,6 +130,7 @@ def activation_patching(
                       from_pos=min((o["from_pos"] for o in parts if o["from_pos"] is not None), default=None),
                       walk_starts=sorted({p for o in parts for p in o["walk_starts"]}),
                       read_row=all(o["read_row"] for o in parts), readout=parts[0]["readout"] if parts else None,
+                      packed=any(o["packed"] for o in parts), pack_reason=pack_reasons[0] if pack_reasons else None,
                       flops_one_forward_per_cell=sum(o["flops_one_forward_per_cell"] for o in parts),
                       chunk=chunk, batch_size=batch_size,
                       peak_memory=mem, positions=plan.positions, heads=plan.heads if spec.per_head else None),
@@ -268,15 +275,28 @@ def _patch_batch(model, contrast: ContrastSet, metric: Metric, plan: "_Plan", me
         engine.check(corr_read, metric)
     overhead = _BLOCK_OVERHEAD_ROWS.get(torch.device(model.cfg.device).type, 256) if resumed else 0
     token_rows = _TOKEN_ROWS.get(torch.device(model.cfg.device).type, 1 << 16)
-    walks = _walks(rows, model.cfg.n_layers, T, chunk * B, overhead, split_last=engine.read_row,
-                   token_rows=token_rows)
+    # rows of different first positions: one packed walk (each row only its own positions) where
+    # the model passed the packing check and the cells are by position
+    would_pack = (prefix is not None and engine.cell_pos is not None and spec.head_dim != 1
+                  and len(rows) > 0 and bool((rows.fp != rows.fp[0]).any()))
+    packed = would_pack and engine.packed
+    if packed:
+        walks = [(int(rows.fp[idx].min()), idx)
+                 for idx in packed_walks(rows.layer, rows.b, rows.fp, last.cpu(), token_rows, chunk * B,
+                                         last_layer=model.cfg.n_layers - 1 if engine.read_row else None)]
+    else:
+        walks = _walks(rows, model.cfg.n_layers, T, chunk * B, overhead, split_last=engine.read_row,
+                       token_rows=token_rows)
     fill = base.corr_out
     per_prompt = corr_vals.cpu().reshape(B, 1, 1).repeat(1, len(plan.layers), len(plan.cells()))
     extras = hooks.check_inputs(model, contrast.forward_extras("corrupted"), contrast.corrupted_tokens)
     with _progress(len(walks), f"patching {spec.kind}", progress) as bar:
         for p0, idx in walks:
             part = rows.take(idx)
-            out = engine.walk(part, p0) if resumed else engine.full(part, extras)
+            if packed:
+                out = engine.walk_packed(part)
+            else:
+                out = engine.walk(part, p0) if resumed else engine.full(part, extras)
             vals = engine.values(out, part.b, metric, name, fill)
             per_prompt[part.b, part.li, part.ci] = vals.cpu()
             bar.update(1)
@@ -288,4 +308,5 @@ def _patch_batch(model, contrast: ContrastSet, metric: Metric, plan: "_Plan", me
                 flops_one_forward_per_cell=len(plan.layers) * len(plan.cells()) * forward_flops(model, B, T),
                 skipped_rows=n_rows_all - len(rows), skipped_cells=int((~computed).sum()),
                 from_pos=min((p for p, _ in walks), default=None), walk_starts=sorted({p for p, _ in walks}),
-                read_row=engine.read_row, readout="columns" if engine.columns is not None else "vocabulary")
+                read_row=engine.read_row, readout="columns" if engine.columns is not None else "vocabulary",
+                packed=packed, pack_reason=engine.pack_reason if would_pack and not packed else None)

@@ -1,5 +1,6 @@
 """The sweep engine of activation patching: which variants need a forward, grouped into layer-major
-walks over the blocks, each resumed from its first changed position on a key/value prefix."""
+walks over the blocks, each resumed from its first changed position on a key/value prefix (rows of
+different first positions packed into one walk)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import Tensor
 
 from mechlib import hooks
 from mechlib.analyses.patching.common import _Plan, _write_cells
+from mechlib.analyses.patching.packed import PackUnsupported, pack, packed_kwargs, write_packed
 from mechlib.flops import block_flops, forward_flops, qkv_flops_per_token, unembed_flops
 from mechlib.metrics import check_metric_values
 from mechlib.sites import SiteSpec
@@ -32,19 +34,24 @@ from mechlib.tasks.contrast import ContrastSet
 # earlier is exactly the corrupted run, whose keys and values stand in for it (causal prefix
 # reuse). Each group runs layer-major: one walk over the blocks in which every row joins at its own
 # patched layer, so each block runs once per walk, on every row patched at or before it (large
-# matmuls, few calls). The final block computes the read row only (the other rows' keys and
-# values), and a metric that names the logits it reads (``columns``: a logit difference reads two)
-# is handed only those.
+# matmuls, few calls). By-position rows, whose first positions differ, are packed instead: the rows
+# of one prompt and layer end to end in one sequence, kept apart by the attention mask, so one walk
+# runs every row on its own positions only (``packed.py``; checked once per model). The final block
+# computes the read row only (the other rows' keys and values), and a metric that names the logits
+# it reads (``columns``: a logit difference reads two) is handed only those.
 
 # sites whose patch at position p changes, from that layer on, only position p's own residual
 _LOCAL_AFTER = frozenset({"resid_mid", "resid_post", "attn_out", "mlp_out", "head_out", "head_q", "pattern"})
 
 # Per block call, the overhead in token-rows (one position of one row through one block): the cost
 # model that groups rows into walks trades these against positions recomputed for nothing.
-_BLOCK_OVERHEAD_ROWS = {"cpu": 16, "cuda": 1024}
+_BLOCK_OVERHEAD_ROWS = {"cpu": 48, "cuda": 1024}
 # Most token-rows per block call: past a few thousand on the CPU the matmuls' operands leave the
 # caches and throughput drops (measured: 4,000 x 576 @ 576 x 1536 runs at ~90% of peak, 8,000 at ~60%).
 _TOKEN_ROWS = {"cpu": 4096, "cuda": 1 << 20}
+# Positions per packed sequence (at least the prompt's length): attention over a packed sequence
+# costs its length times the keys, the linears only its length, so sequences stay short
+_PACKED_SEQ = 64
 
 
 def _changed(spec: SiteSpec, clean: Tensor, corr: Tensor) -> Tensor:
@@ -234,6 +241,7 @@ class _Engine:
         self.flops = 0
         self.read_row = False
         self.columns = None
+        self.packed, self.pack_reason = False, "packing needs causal prefix reuse, which is off for this sweep"
 
     # ---------------------------------------------------------------- checks (once per model)
     def check(self, corr_read: Tensor, metric) -> None:
@@ -241,17 +249,17 @@ class _Engine:
         corrupted run's logits at the read positions (checked once per model)."""
         ok = _ENGINE_OK.get(self.model)
         grad = torch.is_grad_enabled()
+        tol = 1e-4 + 1e-4 * float(corr_read.abs().max())
+        below = [l for l in self.starts if l < self.L - 1]
         if ok is None:
-            ok = {"read_row": False, "columns": False}
+            ok = {"read_row": False, "columns": False, "packed": None, "pack_reason": None}
             # resume from the latest recorded layer below the last block, so the walk reaches the
             # read-row final block (rows patched at the last block never use it); this sweep's
             # starts are all there is (a sweep over early layers records no later one)
-            below = [l for l in self.starts if l < self.L - 1]
             layer = max(below) if below else max(self.starts)
             rows = _Rows(*(torch.zeros(self.B, dtype=torch.long),) * 2, torch.arange(self.B),
                          torch.zeros(self.B, dtype=torch.long), torch.full((self.B,), layer))
             p0 = min(1, int(self.last.min())) if self.prefix is not None else 0
-            tol = 1e-4 + 1e-4 * float(corr_read.abs().max())
             try:
                 self.read_row = True
                 torch.set_grad_enabled(False)
@@ -272,6 +280,10 @@ class _Engine:
             if below and (self.prefix is not None or not ok["read_row"]):
                 _ENGINE_OK[self.model] = ok
         self.read_row = ok["read_row"]
+        if ok["packed"] is None and self.prefix is not None and below:  # once per model, on a sweep with a prefix
+            ok["packed"], ok["pack_reason"] = self._check_packed(max(below), corr_read, tol)
+        if self.prefix is not None and ok["packed"] is not None:
+            self.packed, self.pack_reason = ok["packed"], ok["pack_reason"]
         cols = getattr(metric, "columns", None)
         if ok["columns"] and cols is not None and callable(getattr(metric, "from_columns", None)):
             self.columns = (cols, metric.from_columns)
@@ -343,6 +355,143 @@ class _Engine:
         if resid:
             return out
         return self._read(out, src)
+
+    def _check_packed(self, layer: int, corr_read: Tensor, tol: float) -> tuple[bool, Optional[str]]:
+        """Whether packed walks reproduce the corrupted run's logits at the read positions: per
+        prompt a row from position 0 and one from its read position in one sequence (and a third
+        on the first prompt, so the others carry padding), resumed at ``layer``, unpatched."""
+        last = self.last.cpu()
+        b = torch.cat([torch.arange(self.B), torch.arange(self.B), torch.zeros(1, dtype=torch.long)])
+        fp = torch.cat([torch.zeros(self.B, dtype=torch.long), last, last[:1].clamp(max=1)])
+        rows = _Rows(torch.zeros_like(b), torch.zeros_like(b), b, fp, torch.full_like(b, layer))
+        grad = torch.is_grad_enabled()
+        try:
+            torch.set_grad_enabled(False)
+            x = self.walk_packed(rows, patch=False, resid=True)
+            logits = hooks._logits_from_resid(self.model, x[:, None])[:, 0]
+            err = float((logits - corr_read.to(logits.device)[b.to(logits.device)]).abs().max())
+        except (PackUnsupported, hooks.PrefixUnsupported, _NotAtRows) as e:
+            return False, str(e)
+        finally:
+            self.flops = 0
+            torch.set_grad_enabled(grad)
+        if not err <= tol:
+            return False, (f"a packed walk differs from the corrupted run by {err:.2g} in the logits (the blocks do "
+                           "not take the attention mask as given)")
+        return True, None
+
+    def walk_packed(self, rows: _Rows, *, patch: bool = True, resid: bool = False) -> Tensor:
+        """Like :meth:`walk`, on rows of any first positions packed into sequences (see
+        :mod:`mechlib.analyses.patching.packed`); each row from its own first position to its read
+        position. Rows are sorted by layer; the cells are by position."""
+        from mechlib.arch import block_device
+
+        model, L, T = self.model, self.L, self.T
+        pk = pack(rows.layer, rows.b, rows.fp, self.last.cpu(), seq_cap=max(T, _PACKED_SEQ))
+        first = int(rows.layer[0])
+        kwl, batch = self.starts[first].kwargs_by_layer, self.starts[first].batch
+        dtype = self.starts[first].resid.dtype
+        seq_bounds: dict[int, list[int]] = {}
+        for k, l in enumerate(pk.seq_layer.tolist()):
+            seq_bounds.setdefault(l, [k, k])[1] = k + 1
+        row_bounds: dict[int, list[int]] = {}
+        for k, l in enumerate(rows.layer.tolist()):
+            row_bounds.setdefault(l, [k, k])[1] = k + 1
+        seq_pos, seq_b = pk.grid(pk.tok_pos, 0), pk.seq_b[:, None].expand(-1, pk.n)
+        packed_kw: dict = {}
+        x = None
+        with torch.no_grad(), hooks._cache_reaches_attention(model, first, True):
+            for j in range(first, L):
+                dev = block_device(model, j)
+                patches = []
+                if j in seq_bounds:
+                    a, b = seq_bounds[j]
+                    start = self.starts[j].resid
+                    new = start[seq_b[a:b].to(start.device), seq_pos[a:b].to(start.device)]
+                    x = new.to(dev) if x is None else torch.cat([x.to(dev), new.to(dev)])
+                    if patch and j in row_bounds:
+                        patches.append(self._patch_packed(j, rows.take(slice(*row_bounds[j])), pk, *row_bounds[j]))
+                k = x.shape[0]
+                key = tuple((name, id(v)) for name, v in kwl[j].items())
+                if key not in packed_kw:
+                    packed_kw[key] = hooks._to_device(packed_kwargs(kwl[j], pk, rows.fp, batch, T, dtype), dev)
+                kw = {name: (v[:k] if isinstance(v, Tensor) and v.ndim >= 2 and v.shape[0] == pk.n_seq
+                             else tuple(t[:k] for t in v) if isinstance(v, tuple) else v)
+                      for name, v in packed_kw[key].items()}
+                if j == L - 1 and self.read_row and not patches:
+                    out = self._final_read_row_packed(x.to(dev), kw, pk)
+                    break
+                kw["cache"] = hooks._PrefixCache(self.prefix, pk.prefix, pk.seq_b[:k])
+                with hooks.attach(model, patches):
+                    y = model.blocks[j](x.to(dev), use_cache=False, **kw)
+                x = y[0] if isinstance(y, tuple) else y
+                self.flops += block_flops(model, j, k, pk.n, pk.prefix + pk.n)
+            else:
+                out = x.reshape(-1, x.shape[-1])[(pk.row_seq * pk.n + pk.row_read).to(x.device)]
+        if resid:
+            return out
+        return self._read(out, rows.b)
+
+    def _final_read_row_packed(self, x: Tensor, kw: dict, pk) -> Tensor:
+        """The last block on packed sequences ``x``, at each row's read position only (rows in
+        ``pk`` order): every position's keys and values (query/key/value projections), then the
+        whole block on the read positions, ``[sequence, row of it]``."""
+        block = self.model.blocks[self.L - 1]
+        kw1 = dict(kw)
+        kw1["cache"] = _KeyValueProbe(pk.prefix)
+        try:
+            block(x, use_cache=False, **kw1)
+        except _KeyValueSeen as seen:
+            k, v, layer_idx = seen.k, seen.v, seen.layer_idx
+        else:
+            raise _NotAtRows("the final block's attention never read its key/value cache")
+        pk_, pv = self.prefix.kv[layer_idx]
+        s = pk.seq_b.to(pk_.device)
+        k = torch.cat([pk_[..., :pk.prefix, :].index_select(0, s).to(k.device), k], dim=-2)
+        v = torch.cat([pv[..., :pk.prefix, :].index_select(0, s).to(v.device), v], dim=-2)
+        # the read slots of each sequence's rows, [sequence, rank]; spare ranks repeat the first
+        S, n_rows = pk.n_seq, int(pk.row_seq.numel())
+        order = torch.argsort(pk.row_seq, stable=True)
+        counts = torch.bincount(pk.row_seq, minlength=S)
+        rank = torch.empty(n_rows, dtype=torch.long)
+        rank[order] = torch.arange(n_rows) - (torch.cumsum(counts, 0) - counts)[pk.row_seq[order]]
+        slots = pk.row_read[order[(torch.cumsum(counts, 0) - counts)]][:, None].repeat(1, int(counts.max()))
+        slots[pk.row_seq, rank] = pk.row_read
+        sl = slots.to(x.device)
+        seq = torch.arange(S, device=x.device)[:, None]
+
+        def at(key, val):
+            if key == "attention_mask":
+                return val[seq, :, sl.to(val.device)].transpose(1, 2) if val.shape[0] == S else val
+            if key == "position_ids":
+                return val[seq, sl.to(val.device)]
+            if key == "position_embeddings":
+                return tuple(t[seq, sl.to(t.device)] for t in val)
+            if key == "cache_position":
+                return val[:sl.shape[1]]
+            return val
+
+        kw2 = {key: at(key, val) for key, val in kw.items()}
+        kw2["cache"] = _FixedKeyValues(k, v)
+        y = block(x[seq, sl], use_cache=False, **kw2)
+        y = y[0] if isinstance(y, tuple) else y
+        self.flops += S * pk.n * qkv_flops_per_token(self.model) + block_flops(
+            self.model, self.L - 1, S, sl.shape[1], pk.prefix + pk.n)
+        return y[pk.row_seq.to(y.device), rank.to(y.device)]
+
+    def _patch_packed(self, layer: int, part: _Rows, pk, a: int, b: int):
+        """The hook that writes the clean values of ``part``'s by-position cells into their rows'
+        first positions (rows ``a..b`` of the packed walk ``pk``)."""
+        spec = self.plan.spec
+        source = self.clean[spec.hook_name(layer)]
+        dev = source.device
+        pos = self.cell_pos[part.ci].to(dev)
+        head = None if self.cell_head is None else self.cell_head[part.ci].to(dev)
+        seq, slot = pk.row_seq[a:b].to(dev), pk.row_first[a:b].to(dev)
+        return (spec.hook_name(layer),
+                lambda act, hook: write_packed(spec, act, source.to(act.device), seq.to(act.device),
+                                               slot.to(act.device), part.b.to(act.device), pos.to(act.device),
+                                               None if head is None else head.to(act.device)))
 
     def _final_read_row(self, x: Tensor, kw: dict, src: Tensor, p0: int) -> Tensor:
         """The last block's output at each row's read position only: the other positions give
