@@ -219,7 +219,7 @@ def test_pack_layout():
         assert int(pk.seq_b[pk.row_seq[r]]) == int(b[r]) and int(pk.seq_layer[pk.row_seq[r]]) == int(layer[r])
     lengths = torch.bincount(pk.tok_seq, minlength=pk.n_seq)
     assert int(lengths.max()) == pk.n and int(lengths.min()) > 0
-    assert int(lengths.max()) < 24 + int(q.max())
+    assert int(lengths.max()) <= max(24, int(q.max()))  # never padded past the cap (or one row)
     assert torch.equal(pk.seq_layer, torch.sort(pk.seq_layer).values)  # sequences join in layer order
 
 

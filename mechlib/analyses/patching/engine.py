@@ -412,7 +412,7 @@ class _Engine:
                     if patch and j in row_bounds:
                         patches.append(self._patch_packed(j, rows.take(slice(*row_bounds[j])), pk, *row_bounds[j]))
                 k = x.shape[0]
-                key = tuple((name, id(v)) for name, v in kwl[j].items())
+                key = (str(dev), *((name, id(v)) for name, v in kwl[j].items()))
                 if key not in packed_kw:
                     packed_kw[key] = hooks._to_device(packed_kwargs(kwl[j], pk, rows.fp, batch, T, dtype), dev)
                 kw = {name: (v[:k] if isinstance(v, Tensor) and v.ndim >= 2 and v.shape[0] == pk.n_seq

@@ -65,8 +65,9 @@ class _Pack:
 
 def pack(layer: Tensor, b: Tensor, fp: Tensor, last: Tensor, seq_cap: int) -> _Pack:
     """Lay rows (``layer``, prompt ``b``, first position ``fp``; sorted by layer) out in sequences:
-    the rows of one prompt and layer end to end, in as few sequences as ``seq_cap`` positions each
-    allow, filled evenly (a sequence can exceed the cap by less than one row)."""
+    the rows of one prompt and layer end to end, cut into sequences of about one length (at most
+    ``seq_cap`` positions, or the longest row; chosen to leave the fewest padding slots), filled
+    evenly."""
     n_rows = int(b.numel())
     q = (last[b] - fp + 1).tolist()
     if min(q, default=1) < 1:
@@ -76,17 +77,35 @@ def pack(layer: Tensor, b: Tensor, fp: Tensor, last: Tensor, seq_cap: int) -> _P
     groups: dict[tuple[int, int], list[int]] = {}
     for r, key in enumerate(zip(layer.tolist(), b.tolist())):
         groups.setdefault(key, []).append(r)
+    # every sequence is padded to the longest: the length aimed at (at most the cap) is the one that
+    # leaves the fewest slots in all, each group cut into as few sequences as it allows
+    total = {k: sum(q[r] for r in m) for k, m in groups.items()}
+    longest = {k: max(q[r] for r in m) for k, m in groups.items()}
+
+    def slots(aim: int) -> int:
+        cuts = {k: -(-t // aim) for k, t in total.items()}
+        return sum(cuts.values()) * max(max(-(-total[k] // cuts[k]), longest[k]) for k in total)
+
+    aim = min(range(max(q, default=1), max(seq_cap, max(q, default=1)) + 1), key=slots) if groups else 1
     for (l, bb), members in groups.items():  # in layer order (rows are)
-        # as few sequences as the cap allows, filled evenly: longest row first, into the shortest
-        n_seq = -(-sum(q[r] for r in members) // seq_cap)
-        mine = list(range(len(seq_b), len(seq_b) + n_seq))
+        # filled evenly, longest row first into the shortest sequence; one more sequence while that
+        # overshoots the length aimed at (it cannot with one row each)
+        order = sorted(members, key=lambda r: -q[r])
+        n_seq = -(-total[(l, bb)] // aim)
+        while True:
+            fill, where = [0] * n_seq, {}
+            for r in order:
+                k = min(range(n_seq), key=fill.__getitem__)
+                where[r], fill[k] = (k, fill[k]), fill[k] + q[r]
+            if max(fill) <= aim:
+                break
+            n_seq += 1
+        base = len(seq_b)
         seq_b += [bb] * n_seq
         seq_layer += [l] * n_seq
-        seq_len += [0] * n_seq
-        for r in sorted(members, key=lambda r: -q[r]):
-            s = min(mine, key=lambda s: seq_len[s])
-            row_seq[r], row_first[r] = s, seq_len[s]
-            seq_len[s] += q[r]
+        seq_len += fill
+        for r, (k, at) in where.items():
+            row_seq[r], row_first[r] = base + k, at
     qt = torch.tensor(q)
     tok_row = torch.repeat_interleave(torch.arange(n_rows), qt)
     within = torch.arange(int(qt.sum())) - torch.repeat_interleave(torch.cumsum(qt, 0) - qt, qt)
