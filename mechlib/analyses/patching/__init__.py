@@ -16,14 +16,17 @@ clean run, and measure how much of the clean behaviour comes back. Values equal 
 * resumes at the patched layer from the recorded corrupted run, so earlier blocks are not
   recomputed (the bridge's ``start_at_layer`` still runs them), and runs the variants layer-major:
   one walk over the blocks in which every variant joins at its own layer, so each block runs a few
-  times per sweep on large batches; the last block computes only the position the metric reads,
+  times per sweep on large batches (by-position variants, which start at different positions, are
+  packed end to end into sequences kept apart by the attention mask, so one walk runs each on its
+  own positions only); the last block computes only the position the metric reads,
   and a logit difference unembeds only its two tokens. Resuming is checked once per model against
   the model's own logits; if it does not reproduce them, mechlib falls back to full forwards, which
   also carry ``pixel_values`` and other extra inputs.
 
 ``metadata`` records what was skipped (``skipped_cells``: cells no prompt needed a forward for;
-``skipped_rows``: (cell, prompt) pairs), where recomputing started (``from_pos``, ``walk_starts``)
-and the matmul FLOPs done, the clean/corrupted runs included (``flops``; TL's count is
+``skipped_rows``: (cell, prompt) pairs), where recomputing started (``from_pos``, ``walk_starts``),
+whether variants were packed (``packed``; ``pack_reason`` where the model failed the check) and
+the matmul FLOPs done, the clean/corrupted runs included (``flops``; TL's count is
 ``flops_one_forward_per_cell``).
 
 **Attribution patching** (Nanda 2023; Syed et al. 2023): the first-order estimate

@@ -74,6 +74,9 @@ def activation_patching(
             (verified once per model against the full forward; if it cannot be used, a warning
             says why). Needs a last-token metric. Cells whose patch changes nothing are skipped
             either way (decided by exact equality of the activations, never by tokens alone).
+            By-position rows that start at different positions are packed into one walk, each
+            row only on its own positions (checked once per model; ``metadata["packed"]``, and
+            ``metadata["pack_reason"]`` with a warning where the check failed).
 
     Returns:
         :class:`PatchingResult` with per-prompt values, ``baselines`` ``clean``/``corrupted``,

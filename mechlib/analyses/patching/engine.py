@@ -44,7 +44,8 @@ from mechlib.tasks.contrast import ContrastSet
 _LOCAL_AFTER = frozenset({"resid_mid", "resid_post", "attn_out", "mlp_out", "head_out", "head_q", "pattern"})
 
 # Per block call, the overhead in token-rows (one position of one row through one block): the cost
-# model that groups rows into walks trades these against positions recomputed for nothing.
+# model that groups rows into walks trades these against positions recomputed for nothing (measured
+# on SmolLM2 on the CPU: a block call on one position takes as long as ~50 positions' arithmetic).
 _BLOCK_OVERHEAD_ROWS = {"cpu": 48, "cuda": 1024}
 # Most token-rows per block call: past a few thousand on the CPU the matmuls' operands leave the
 # caches and throughput drops (measured: 4,000 x 576 @ 576 x 1536 runs at ~90% of peak, 8,000 at ~60%).
@@ -437,18 +438,7 @@ class _Engine:
         ``pk`` order): every position's keys and values (query/key/value projections), then the
         whole block on the read positions, ``[sequence, row of it]``."""
         block = self.model.blocks[self.L - 1]
-        kw1 = dict(kw)
-        kw1["cache"] = _KeyValueProbe(pk.prefix)
-        try:
-            block(x, use_cache=False, **kw1)
-        except _KeyValueSeen as seen:
-            k, v, layer_idx = seen.k, seen.v, seen.layer_idx
-        else:
-            raise _NotAtRows("the final block's attention never read its key/value cache")
-        pk_, pv = self.prefix.kv[layer_idx]
-        s = pk.seq_b.to(pk_.device)
-        k = torch.cat([pk_[..., :pk.prefix, :].index_select(0, s).to(k.device), k], dim=-2)
-        v = torch.cat([pv[..., :pk.prefix, :].index_select(0, s).to(v.device), v], dim=-2)
+        k, v = self._final_keys_values(x, dict(kw), pk.prefix, pk.seq_b)
         # the read slots of each sequence's rows, [sequence, rank]; spare ranks repeat the first
         S, n_rows = pk.n_seq, int(pk.row_seq.numel())
         order = torch.argsort(pk.row_seq, stable=True)
@@ -493,19 +483,12 @@ class _Engine:
                                                slot.to(act.device), part.b.to(act.device), pos.to(act.device),
                                                None if head is None else head.to(act.device)))
 
-    def _final_read_row(self, x: Tensor, kw: dict, src: Tensor, p0: int) -> Tensor:
-        """The last block's output at each row's read position only: the other positions give
-        their keys and values (query/key/value projections), the read row runs the whole block."""
-        model, T = self.model, self.T
-        block = model.blocks[self.L - 1]
-        at = self.last.to(x.device)[src.to(x.device)]
-        kw2 = {k: _at_rows(k, v, at.to(v.device) if isinstance(v, Tensor) else at) for k, v in kw.items()}
-        if kw.get("attention_mask") is None and not bool((at == T - 1).all()):
-            raise _NotAtRows("without an attention mask the read row must be the last position")
-        kw1 = {k: hooks._suffix(k, v, p0) for k, v in kw.items()} if p0 else dict(kw)
-        kw1["cache"] = _KeyValueProbe(p0)
+    def _final_keys_values(self, x: Tensor, kw: dict, p0: int, src: Tensor) -> tuple[Tensor, Tensor]:
+        """The last block's keys and values of rows ``x`` (positions ``p0..``; query/key/value
+        projections only), after the corrupted run's positions ``< p0`` of prompts ``src``."""
+        kw["cache"] = _KeyValueProbe(p0)
         try:
-            block(x, use_cache=False, **kw1)
+            self.model.blocks[self.L - 1](x, use_cache=False, **kw)
         except _KeyValueSeen as seen:
             k, v, layer_idx = seen.k, seen.v, seen.layer_idx
         else:
@@ -515,6 +498,19 @@ class _Engine:
             s = src.to(pk.device)
             k = torch.cat([pk[..., :p0, :].index_select(0, s).to(k.device), k], dim=-2)
             v = torch.cat([pv[..., :p0, :].index_select(0, s).to(v.device), v], dim=-2)
+        return k, v
+
+    def _final_read_row(self, x: Tensor, kw: dict, src: Tensor, p0: int) -> Tensor:
+        """The last block's output at each row's read position only: the other positions give
+        their keys and values (query/key/value projections), the read row runs the whole block."""
+        model, T = self.model, self.T
+        block = model.blocks[self.L - 1]
+        at = self.last.to(x.device)[src.to(x.device)]
+        kw2 = {k: _at_rows(k, v, at.to(v.device) if isinstance(v, Tensor) else at) for k, v in kw.items()}
+        if kw.get("attention_mask") is None and not bool((at == T - 1).all()):
+            raise _NotAtRows("without an attention mask the read row must be the last position")
+        kw1 = {name: hooks._suffix(name, val, p0) for name, val in kw.items()} if p0 else dict(kw)
+        k, v = self._final_keys_values(x, kw1, p0, src)
         kw2["cache"] = _FixedKeyValues(k, v)
         rows = torch.arange(x.shape[0], device=x.device)
         y = block(x[rows, at - p0][:, None], use_cache=False, **kw2)
