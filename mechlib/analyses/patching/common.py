@@ -136,9 +136,10 @@ def _plan(model, contrast, site, by_position, layers, positions, heads) -> _Plan
     return _Plan(spec, layers, positions, head_list, by_position)
 
 
-def _write_cells(spec: SiteSpec, act: Tensor, source: Tensor, idx, offset: int = 0) -> Tensor:
+def _write_cells(spec: SiteSpec, act: Tensor, source: Tensor, idx, offset: "int | Tensor" = 0) -> Tensor:
     """Copy the chosen cells of ``source[src]`` into ``act[rows]``. ``offset``: ``act`` holds
-    positions ``offset..`` only (causal prefix reuse), ``source`` all of them."""
+    positions ``offset..`` only (causal prefix reuse), ``source`` all of them; a tensor gives each
+    cell its own offset (packed walks: position ``pos`` sits at ``pos - offset`` of its sequence)."""
     rows, src, pos, head = idx
     at = None if pos is None else pos - offset
     act = act.clone()

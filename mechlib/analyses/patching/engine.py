@@ -13,7 +13,7 @@ from torch import Tensor
 
 from mechlib import hooks
 from mechlib.analyses.patching.common import _Plan, _write_cells
-from mechlib.analyses.patching.packed import PackUnsupported, pack, packed_kwargs, write_packed
+from mechlib.analyses.patching.packed import PackUnsupported, pack, packed_kwargs
 from mechlib.flops import block_flops, forward_flops, qkv_flops_per_token, unembed_flops
 from mechlib.metrics import check_metric_values
 from mechlib.sites import SiteSpec
@@ -148,6 +148,14 @@ def _walks(rows: _Rows, n_layers: int, n_pos: int, max_rows: int, overhead: int,
             out += [(ps[i], piece[k:k + size]) for k in range(0, len(piece), size)]
         j = i
     return [w for w in out[::-1] if len(w[1])]
+
+
+def _runs(values: list[int]) -> dict[int, tuple[int, int]]:
+    """``{value: (first index, end index)}`` of the runs of equal values in a sorted list."""
+    out: dict[int, tuple[int, int]] = {}
+    for k, v in enumerate(values):
+        out[v] = (out.get(v, (k,))[0], k + 1)
+    return out
 
 
 class _KeyValueSeen(Exception):
@@ -315,9 +323,7 @@ class _Engine:
         q = T - p0
         use_prefix = self.prefix is not None and p0 > 0
         read_row = self.read_row and self.last is not None and layers[-1] < L - 1 and q > 1
-        bounds: dict[int, list[int]] = {}
-        for k, l in enumerate(layers):
-            bounds.setdefault(l, [k, k])[1] = k + 1
+        bounds = _runs(layers)
         x, src, out = None, None, None
         with torch.no_grad(), hooks._cache_reaches_attention(model, first, use_prefix or read_row):
             for j in range(first, L):
@@ -392,12 +398,7 @@ class _Engine:
         first = int(rows.layer[0])
         kwl, batch = self.starts[first].kwargs_by_layer, self.starts[first].batch
         dtype = self.starts[first].resid.dtype
-        seq_bounds: dict[int, list[int]] = {}
-        for k, l in enumerate(pk.seq_layer.tolist()):
-            seq_bounds.setdefault(l, [k, k])[1] = k + 1
-        row_bounds: dict[int, list[int]] = {}
-        for k, l in enumerate(rows.layer.tolist()):
-            row_bounds.setdefault(l, [k, k])[1] = k + 1
+        seq_bounds, row_bounds = _runs(pk.seq_layer.tolist()), _runs(rows.layer.tolist())
         seq_pos, seq_b = pk.grid(pk.tok_pos, 0), pk.seq_b[:, None].expand(-1, pk.n)
         packed_kw: dict = {}
         x = None
@@ -444,8 +445,9 @@ class _Engine:
         order = torch.argsort(pk.row_seq, stable=True)
         counts = torch.bincount(pk.row_seq, minlength=S)
         rank = torch.empty(n_rows, dtype=torch.long)
-        rank[order] = torch.arange(n_rows) - (torch.cumsum(counts, 0) - counts)[pk.row_seq[order]]
-        slots = pk.row_read[order[(torch.cumsum(counts, 0) - counts)]][:, None].repeat(1, int(counts.max()))
+        firsts = torch.cumsum(counts, 0) - counts
+        rank[order] = torch.arange(n_rows) - firsts[pk.row_seq[order]]
+        slots = pk.row_read[order[firsts]][:, None].repeat(1, int(counts.max()))
         slots[pk.row_seq, rank] = pk.row_read
         sl = slots.to(x.device)
         seq = torch.arange(S, device=x.device)[:, None]
@@ -471,17 +473,16 @@ class _Engine:
 
     def _patch_packed(self, layer: int, part: _Rows, pk, a: int, b: int):
         """The hook that writes the clean values of ``part``'s by-position cells into their rows'
-        first positions (rows ``a..b`` of the packed walk ``pk``)."""
+        first positions (rows ``a..b`` of the packed walk ``pk``): :func:`_write_cells` into
+        sequences, each row's position ``pos`` at its slot (offset ``pos - slot``)."""
         spec = self.plan.spec
         source = self.clean[spec.hook_name(layer)]
         dev = source.device
         pos = self.cell_pos[part.ci].to(dev)
-        head = None if self.cell_head is None else self.cell_head[part.ci].to(dev)
-        seq, slot = pk.row_seq[a:b].to(dev), pk.row_first[a:b].to(dev)
-        return (spec.hook_name(layer),
-                lambda act, hook: write_packed(spec, act, source.to(act.device), seq.to(act.device),
-                                               slot.to(act.device), part.b.to(act.device), pos.to(act.device),
-                                               None if head is None else head.to(act.device)))
+        idx = (pk.row_seq[a:b].to(dev), part.b.to(dev), pos,
+               None if self.cell_head is None else self.cell_head[part.ci].to(dev))
+        offset = pos - pk.row_first[a:b].to(dev)
+        return (spec.hook_name(layer), lambda act, hook: _write_cells(spec, act, source, idx, offset))
 
     def _final_keys_values(self, x: Tensor, kw: dict, p0: int, src: Tensor) -> tuple[Tensor, Tensor]:
         """The last block's keys and values of rows ``x`` (positions ``p0..``; query/key/value

@@ -195,15 +195,3 @@ def _packed_mask(m, pk: _Pack, fp: Tensor, batch: int, n_pos: int) -> Tensor:
     pad = (row < 0)[:, :, None] & torch.eye(pk.n, dtype=torch.bool, device=dev)[None]
     own = own.masked_fill(pad, seen)
     return torch.cat([prefix, own], dim=-1)[:, None]
-
-
-def write_packed(spec, act: Tensor, source: Tensor, seq: Tensor, slot: Tensor, b: Tensor, pos: Tensor,
-                 head) -> Tensor:
-    """Copy ``source[b, pos(, head)]`` into packed ``act[seq, slot(, head)]`` (sites laid out
-    ``[batch, pos, ...]``)."""
-    act = act.clone()
-    if head is None:
-        act[seq, slot] = source[b, pos].to(act.dtype)
-    else:
-        act[seq, slot, head] = source[b, pos, head].to(act.dtype)
-    return act
