@@ -15,7 +15,9 @@ Per model, contrast set and prompt count, for each sweep: seconds for TL and for
 ratio; the FLOPs TL's sweep does over the FLOPs mechlib's does (one full forward per cell vs
 mechlib's patched rows plus its fixed clean, corrupted and key/value passes: the ceiling of the
 ratio if both ran at the same throughput); mechlib's achieved throughput as a fraction of the
-machine's own float32 matmul peak measured in the same run (:func:`mechlib.flops.matmul_peak`); the
+machine's own float32 matmul peak (:func:`mechlib.flops.matmul_peak`), measured just before and
+just after that sweep and the higher of the two taken (a shared machine's peak drifts by 2x over
+a run: one reading at the start would flatter or shame every later line); the
 largest difference of the two tables; and the peak extra memory of each (the allocator's high-water
 mark on CUDA; on the CPU the kernel's RSS high-water mark, reset before each call —
 :mod:`mechlib.memory`).
@@ -90,29 +92,29 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     peak = matmul_peak(DEVICE)
     print(f"machine: {machine()}; torch {torch.__version__}; float32 matmul peak measured now: "
-          f"{peak / 1e9:.0f} GFLOP/s", flush=True)
+          f"{peak / 1e9:.0f} GFLOP/s (read again around every sweep)", flush=True)
     for name in args.models:
         counts = args.n or [1, 4, 16]
-        bench_model(name, counts, peak, args)
-    print_table(peak)
+        bench_model(name, counts, args)
+    print_table()
     return 0
 
 
-def bench_model(name, counts, peak, args) -> None:
+def bench_model(name, counts, args) -> None:
     torch.manual_seed(0)
     model = mechlib.load_model(name, device=args.device)
     print(f"\nmodel: {name} ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads, vocab {model.cfg.d_vocab}) "
           f"on {model.cfg.device}", flush=True)
     for n in counts:
-        bench_prompts(model, name, n, peak, args)
+        bench_prompts(model, name, n, args)
     for n in args.early_n:
-        bench_prompts(model, name, n, peak, args, corruption="abc")
+        bench_prompts(model, name, n, args, corruption="abc")
     if not args.no_edges:
         bench_attribution(model)
         bench_edges(model)
 
 
-def bench_prompts(model, name, n, peak, args, corruption="s2_swap") -> None:
+def bench_prompts(model, name, n, args, corruption="s2_swap") -> None:
     from transformer_lens import patching as tlp
 
     # "When A and B went to the P, ..." (15 tokens)
@@ -149,8 +151,10 @@ def bench_prompts(model, name, n, peak, args, corruption="s2_swap") -> None:
     for label, site, kw, setter, act, per_layer, shape in sweeps:
         if kw and n > args.by_position_layers_up_to:  # both on three layers: ~10 min of mechlib on 2 CPU cores
             kw, label = {**kw, "layers": three}, label + ", 3 layers"
+        peak_before = matmul_peak(DEVICE)
         ours, t_ours, m_ours = measure(lambda site=site, kw=kw: mechlib.activation_patching(
             model, cs, ld, site=site, progress=False, **kw))
+        peak = max(peak_before, matmul_peak(DEVICE))  # the higher reading: the lower fraction
         estimated = L * per_layer > args.tl_budget and "layers" not in kw
         layers = three if estimated or "layers" in kw else list(range(L))
         ref, t_tl, m_tl = measure(lambda a=(setter, act, per_layer, shape, layers): tl_cells(*a))
@@ -163,11 +167,11 @@ def bench_prompts(model, name, n, peak, args, corruption="s2_swap") -> None:
                    cells=int(ours.values.numel()),
                    t_ours=t_ours, ratio=t_tl / t_ours, flop_ratio=f_tl / f_ours,
                    frac=f_ours / t_ours / peak, frac_tl=f_tl / t_tl / peak, diff=diff, m_tl=m_tl, m_ours=m_ours,
-                   prefix=ours.metadata["prefix_reuse"])
+                   prefix=ours.metadata["prefix_reuse"], peak=peak)
         ROWS.append(row)
         print(f"    {label:<30} TL {t_tl:7.1f} s{'*' if estimated else ' '} mechlib {t_ours:6.1f} s  "
               f"ratio {row['ratio']:5.1f}x (FLOPs {row['flop_ratio']:4.1f}x; {row['skipped']}/{row['cells']} cells "
-              f"skipped)  mechlib at {row['frac']:4.0%} of peak "
+              f"skipped)  mechlib at {row['frac']:4.0%} of peak {peak / 1e9:.0f} GFLOP/s "
               f"(TL {row['frac_tl']:4.0%})  max|diff| {diff:.1e}  peak extra memory TL {m_tl:5.0f} / "
               f"mechlib {m_ours:5.0f} MiB", flush=True)
 
@@ -201,16 +205,18 @@ def bench_edges(model) -> None:
           f"peak extra {m_ig:.0f} MiB", flush=True)
 
 
-def print_table(peak) -> None:
+def print_table() -> None:
     """The rows as a Markdown table (for the README)."""
-    print(f"\n| model | prompts | contrast (first difference) | sweep | TL 4.3 | mechlib | speed-up | FLOPs TL / mechlib "
-          f"| cells skipped | mechlib % of peak ({peak / 1e9:.0f} GFLOP/s) | max \\|diff\\| | peak extra MiB TL / mechlib |")
+    print("\n| model | prompts | contrast (first difference) | sweep | TL 4.3 | mechlib | speed-up | FLOPs TL / mechlib "
+          "| cells skipped | mechlib % of peak (GFLOP/s, read around the sweep) | max \\|diff\\| "
+          "| peak extra MiB TL / mechlib |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in ROWS:
         shape = "×".join(map(str, r["shape"]))
         print(f"| {r['model']} | {r['n']} | {r['contrast']} (pos {r['first']}) | {r['sweep']} `[{shape}]` "
               f"| {r['t_tl']:.1f} s{' (est.)' if r['est'] else ''} | {r['t_ours']:.1f} s | **{r['ratio']:.1f}×** "
-              f"| {r['flop_ratio']:.1f}× | {r['skipped']}/{r['cells']} | {r['frac']:.0%} | {r['diff']:.1e} "
+              f"| {r['flop_ratio']:.1f}× | {r['skipped']}/{r['cells']} | {r['frac']:.0%} ({r['peak'] / 1e9:.0f}) "
+              f"| {r['diff']:.1e} "
               f"| {r['m_tl']:.0f} / {r['m_ours']:.0f} |")
 
 
