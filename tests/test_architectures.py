@@ -100,6 +100,9 @@ def test_path_patching_equals_the_slow_reference(family):
         for l, h in senders:
             ref = slow_path_patching(m, cs, ld, (l, h), receivers)
             torch.testing.assert_close(r.per_prompt[:, l, h], ref.cpu(), atol=1e-4, rtol=1e-4)
+        # the patched runs recompute from the senders' first difference (S2) on: the clean run's
+        # keys and values stand in for the earlier positions
+        assert r.metadata["prefix_reuse"] and r.metadata["from_pos"] > 0, r.metadata["prefix_reason"]
     last = mechlib.path_patching(m, cs, ld, senders=[(0, 2)], receivers="logits", sender_positions="last")
     ref = slow_path_patching(m, cs, ld, (0, 2), "logits", sender_last=True)
     torch.testing.assert_close(last.per_prompt[:, 0, 2], ref.cpu(), atol=1e-4, rtol=1e-4)

@@ -244,3 +244,63 @@ def test_packing_that_fails_its_check_warns_and_stays_exact(monkeypatch):
     assert r.metadata["prefix_reuse"]
     torch.testing.assert_close(r.values, tl_values(m, cs, ld, "resid_pre", False), atol=1e-4, rtol=1e-4)
     assert hooks.active_hooks(m) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# path patching: every patched run is the clean run before the senders' first difference
+# ---------------------------------------------------------------------------------------------
+
+PATHS = [("logits", "all"), ([(1, 2, "q"), (1, 0, "v")], "all"), ("logits", "last"), ([(1, 1, "k")], "last")]
+
+
+def path_slow(model, cs, metric, sender, receivers, sender_positions):
+    from reference import slow_path_patching
+
+    return slow_path_patching(model, cs, metric, sender, receivers, sender_last=sender_positions == "last").cpu()
+
+
+@pytest.mark.parametrize("receivers,sender_positions", PATHS)
+def test_path_patching_recomputes_from_the_first_difference_on_ragged_prompts(tiny_llama, tiny_ragged, receivers,
+                                                                             sender_positions):
+    """Prompts of different lengths whose first differences lie at different positions: the patched
+    runs recompute from the earliest one on (the clean keys and values stand in before it) and equal
+    full forwards of every sender alone."""
+    ld = metrics.logit_diff(tiny_ragged)
+    senders = [(0, 1), (0, 3)] if receivers != "logits" else [(0, 1), (1, 2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = mechlib.path_patching(tiny_llama, tiny_ragged, ld, senders=senders, receivers=receivers,
+                                  sender_positions=sender_positions)
+    for l, h in senders:
+        torch.testing.assert_close(r.per_prompt[:, l, h], path_slow(tiny_llama, tiny_ragged, ld, (l, h), receivers,
+                                                                    sender_positions), atol=1e-4, rtol=1e-4)
+    md = r.metadata
+    want = min(first_differences(tiny_ragged)) if sender_positions == "all" else int(tiny_ragged.last_pos.min())
+    assert md["prefix_reuse"] and md["from_pos"] == want > 0 and md["prefix_reason"] is None
+    assert hooks.active_hooks(tiny_llama) == []
+
+
+def test_path_patching_from_a_first_difference_at_position_zero(tiny_llama):
+    """The first token swapped: nothing before the difference, every position recomputed, no
+    warning (there was nothing to reuse), and still the slow reference."""
+    clean = ["Mary and John went to the store, and John gave a drink to", "Anna and Tom went to the park, and Tom gave a ball to"]
+    corr = ["John and Mary went to the store, and John gave a drink to", "Tom and Anna went to the park, and Tom gave a ball to"]
+    cs = ContrastSet.from_prompts(tiny_llama, clean, corr, [" Mary", " Anna"], [" John", " Tom"], prepend_bos=False)
+    ld = metrics.logit_diff(cs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = mechlib.path_patching(tiny_llama, cs, ld, senders=[(0, 0), (1, 3)])
+    for l, h in [(0, 0), (1, 3)]:
+        torch.testing.assert_close(r.per_prompt[:, l, h], path_slow(tiny_llama, cs, ld, (l, h), "logits", "all"),
+                                   atol=1e-4, rtol=1e-4)
+    assert r.metadata["from_pos"] == 0 and not r.metadata["prefix_reuse"] and r.metadata["prefix_reason"] is None
+
+
+def test_path_patching_with_a_metric_that_reads_every_position_says_why_it_recomputes_everything(tiny_llama,
+                                                                                                 tiny_ragged):
+    ld = metrics.logit_diff(tiny_ragged)
+    with pytest.warns(UserWarning, match="prefix reuse is off.*reads every position"):
+        r = mechlib.path_patching(tiny_llama, tiny_ragged, lambda logits: ld(logits), senders=[(0, 1), (1, 2)])
+    assert not r.metadata["prefix_reuse"] and "last_token_only" in r.metadata["prefix_reason"]
+    fast = mechlib.path_patching(tiny_llama, tiny_ragged, ld, senders=[(0, 1), (1, 2)])
+    torch.testing.assert_close(r.per_prompt, fast.per_prompt, atol=1e-5, rtol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -52,7 +53,9 @@ def _receivers(model, receivers) -> list[Site]:
 
 @dataclass
 class _PathBase:
-    """The clean and corrupted runs path patching starts from, for one batch of prompts."""
+    """The clean and corrupted runs path patching starts from, for one batch of prompts; with a
+    metric that reads the last token only, also the clean run's keys and values from the first
+    recorded layer on (``prefix``: causal prefix reuse; ``prefix_reason`` says why there is none)."""
 
     contrast: ContrastSet
     metric: Metric
@@ -62,19 +65,36 @@ class _PathBase:
     corr_z: dict
     clean_vals: Tensor
     corr_vals: Tensor
+    prefix: Optional[hooks.Prefix] = None
+    prefix_reason: Optional[str] = None
 
     @classmethod
     def record(cls, model, contrast: ContrastSet, metric: Metric, layers: Sequence[int]) -> "_PathBase":
+        from contextlib import ExitStack
+
         B, name = len(contrast), _metric_name(metric)
         z_names = [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)]
-        with hooks.record_block_inputs(model, layers) as starts:
+        last_only = getattr(metric, "last_token_only", False)
+        with ExitStack() as stack:
+            starts = stack.enter_context(hooks.record_block_inputs(model, layers))
+            rec = stack.enter_context(hooks.record_keys_values(model, min(layers))) if last_only else None
             clean_logits, clean_z = hooks.run_with_cache(model, contrast.clean_tokens, z_names,
                                                          extras=contrast.forward_extras("clean"))
         clean_vals = check_metric_values(metric(clean_logits), B, name=name)
         corr_logits, corr_z = hooks.run_with_cache(model, contrast.corrupted_tokens, z_names,
                                                    extras=contrast.forward_extras("corrupted"))
         corr_vals = check_metric_values(metric(corr_logits), B, name=name)
-        return cls(contrast, metric, dict(starts), clean_logits, clean_z, corr_z, clean_vals, corr_vals)
+        prefix, reason = None, None
+        if rec is None:
+            reason = (f"the metric {name!r} reads every position (build it with last_token_only=True if it "
+                      "reads only the last token)")
+        else:
+            try:
+                prefix = hooks.prefix_from(model, rec, min(layers), contrast.n_pos)
+            except hooks.PrefixUnsupported as e:
+                reason = str(e)
+        return cls(contrast, metric, dict(starts), clean_logits, clean_z, corr_z, clean_vals, corr_vals,
+                   prefix, reason)
 
 
 class PathBases:
@@ -127,6 +147,16 @@ def path_patching(
     The value is the metric of step 2 (noising: the clean run is the base, so important paths
     *lower* the metric; :meth:`PatchingResult.effect` gives ``value - clean``).
 
+    Causal prefix reuse: both runs equal the clean run at every position before the first one
+    where a sender's corrupted output differs from its clean output (attention is causal and every
+    other head is frozen to its clean output), so with a metric that reads the last token only
+    (``last_token_only``, as :mod:`mechlib.metrics` builds them) they recompute only from that
+    position on, the clean run's keys and values standing in for the earlier ones — exact, and
+    checked once per model against the clean logits. On IOI (S2 swapped) that is the last third
+    of each prompt; on Colored Objects, the question. The result's metadata records
+    ``prefix_reuse`` and ``from_pos`` (the earliest recompute start); where reuse would have
+    helped but cannot be used, a warning and ``prefix_reason`` say why.
+
     Args:
         receivers: ``"logits"`` (the senders' effect on the output through the residual stream,
             paths via later MLPs included), or heads' inputs as ``Site("head_q", 9, head=6)`` or
@@ -173,6 +203,7 @@ def path_patching(
     B = len(contrast)
     values = torch.empty((B, len(senders)))
     clean_vals, corr_vals = torch.empty(B), torch.empty(B)
+    from_pos, prefix_reasons = [], []
     with peak_memory(model.cfg.device) as mem:
         for idx, base in bases.batches(sorted({l for l, _ in senders} | set(check_layers))):
             for l in check_layers:
@@ -181,9 +212,18 @@ def path_patching(
                     raise NotImplementedError(
                         f"path patching resumes forwards at the sender/receiver layers, and that cannot be "
                         f"verified on this model: {reason}")
-            values[idx] = _path_batch(model, base, senders, recv, receiver_positions, sender_positions,
-                                      memory_budget_mb, max_chunk, progress)
+            prefix, reason = _checked_prefix(model, base, min(check_layers))
+            values[idx], starts_at, would = _path_batch(model, base, senders, recv, receiver_positions,
+                                                        sender_positions, memory_budget_mb, max_chunk, progress,
+                                                        prefix)
+            from_pos += starts_at
+            if prefix is None and would:
+                prefix_reasons.append(reason)
             clean_vals[idx], corr_vals[idx] = base.clean_vals.cpu(), base.corr_vals.cpu()
+    if prefix_reasons:
+        warnings.warn(f"path_patching: causal prefix reuse is off for this call, so every patched copy recomputes "
+                      f"the positions before the senders' first difference too. Why: {prefix_reasons[0]}. The "
+                      "result's metadata records prefix_reuse=False.", stacklevel=2)
     # scatter into a [layer, head] table; non-senders keep the clean value (no effect)
     per_prompt = clean_vals.reshape(B, 1, 1).repeat(1, n_layers, H)
     for k, (l, h) in enumerate(senders):
@@ -199,13 +239,49 @@ def path_patching(
                       receivers="logits" if not recv else [str(r) for r in recv],
                       receiver_positions=receiver_positions, sender_positions=sender_positions,
                       batch_size=batch_size, peak_memory=mem, path="resumed",
+                      prefix_reuse=max(from_pos, default=0) > 0,
+                      prefix_reason=prefix_reasons[0] if prefix_reasons else None,
+                      from_pos=min(from_pos, default=0),
                       title="path patching → " + ("logits" if not recv else ", ".join(map(str, recv)))),
     )
 
 
+def _checked_prefix(model, base: _PathBase, layer: int) -> tuple[Optional[hooks.Prefix], Optional[str]]:
+    """The base's clean keys and values where recomputing only later positions reproduces the clean
+    logits on this model (checked once per model), else ``None`` and why not."""
+    if base.prefix is None:
+        return None, base.prefix_reason
+    c = base.contrast
+    last = c.last_pos.to(base.clean_logits.device)
+    ref = base.clean_logits[torch.arange(len(c), device=last.device), last]
+    reason = hooks.prefix_check(model, base.starts[layer], base.prefix, c.last_pos, ref)
+    return (None, reason) if reason is not None else (base.prefix, None)
+
+
+def _first_change(base: _PathBase, part, sender_positions: str, last_b: Tensor) -> int:
+    """The first position at which a sender of ``part`` is patched with a value that differs from
+    the clean one (in any prompt of the batch): every earlier position of the patched runs is the
+    clean run's (causal attention; every other head frozen to its clean output), so the clean
+    keys and values stand in for them. At most the first read position."""
+    p = int(last_b.min())
+    if sender_positions == "last":
+        return p
+    for l, h in part:
+        name = f"blocks.{l}.attn.hook_z"
+        diff = (base.clean_z[name][:, :p, h] != base.corr_z[name][:, :p, h]).flatten(2).any(-1).any(0)
+        if bool(diff.any()):
+            p = int(diff.nonzero()[0])
+        if p == 0:
+            break
+    return p
+
+
 def _path_batch(model, base: _PathBase, senders, recv, receiver_positions, sender_positions,
-                memory_budget_mb, max_chunk, progress) -> Tensor:
-    """Per-prompt metric values ``[b, sender]`` of path patching on one batch."""
+                memory_budget_mb, max_chunk, progress,
+                prefix: Optional[hooks.Prefix]) -> tuple[Tensor, list[int], bool]:
+    """Per-prompt metric values ``[b, sender]`` of path patching on one batch, the position each
+    chunk's patched runs recomputed from (0 without ``prefix``), and whether a prefix would have
+    let a chunk start later than position 0."""
     contrast, metric = base.contrast, base.metric
     B, name = len(contrast), _metric_name(metric)
     n_layers = model.cfg.n_layers
@@ -216,6 +292,7 @@ def _path_batch(model, base: _PathBase, senders, recv, receiver_positions, sende
     chunk = _chunk_size(model, contrast, memory_budget_mb, max_chunk, read_pos is not None)
     values = torch.empty((B, len(senders)))
     last_b = contrast.last_pos
+    starts_at, would = [], False
     with _progress(-(-len(senders) // chunk), "path patching", progress) as bar:
         for c0 in range(0, len(senders), chunk):
             part = senders[c0:c0 + chunk]
@@ -223,33 +300,40 @@ def _path_batch(model, base: _PathBase, senders, recv, receiver_positions, sende
             rows_of: dict[int, list[tuple[int, int]]] = {}
             for k, (l, h) in enumerate(part):
                 rows_of.setdefault(l, []).append((k, h))
+            # causal prefix reuse: positions before p0 are the clean run's in every patched copy
+            p0 = _first_change(base, part, sender_positions, last_b)
+            would = would or p0 > 0
+            p0 = p0 if prefix is not None else 0
+            starts_at.append(p0)
+            resume = dict(prefix=prefix, from_pos=p0) if p0 else {}
 
-            def freeze(act, hook, layer, C=C, rows_of=rows_of):
-                out = clean_z[z_names[layer]].repeat(C, 1, 1, 1)
-                corr = corr_z[z_names[layer]]
+            def freeze(act, hook, layer, C=C, rows_of=rows_of, p0=p0):
+                out = clean_z[z_names[layer]][:, p0:].repeat(C, 1, 1, 1)
+                corr = corr_z[z_names[layer]][:, p0:]
                 for k, h in rows_of.get(layer, []):
                     rows = slice(k * B, (k + 1) * B)
                     if sender_positions == "all":
                         out[rows, :, h] = corr[:, :, h]
                     else:
                         r = torch.arange(B, device=out.device)
-                        p = last_b.to(out.device)
+                        p = last_b.to(out.device) - p0
                         out[k * B + r, p, h] = corr[r, p, h]
                 return out.to(act.device)
 
             c_first = part[0][0]
             frozen = [(z_names[l], lambda act, hook, l=l: freeze(act, hook, l)) for l in range(c_first, n_layers)]
             if not recv:
-                logits = hooks.run_from(model, starts[c_first], c_first, copies=C, hooks=frozen, read_pos=read_pos)
+                logits = hooks.run_from(model, starts[c_first], c_first, copies=C, hooks=frozen, read_pos=read_pos,
+                                        **resume)
             else:
                 # a receiver at or below the chunk's first sender layer reads the clean run (no sender
                 # reaches it); the resumed forward starts above it, so it is neither recorded nor patched
                 recv_names = sorted({r.hook_name for r in recv if r.layer >= c_first})
                 with hooks.capture(model, recv_names) as seen:
-                    hooks.run_from(model, starts[c_first], c_first, copies=C, hooks=frozen)
+                    hooks.run_from(model, starts[c_first], c_first, copies=C, hooks=frozen, **resume)
 
                 rows = torch.arange(C * B)
-                last = last_b.repeat(C)
+                last = last_b.repeat(C) - p0
 
                 def put(act, hook, hname, rows=rows, last=last):
                     act = act.clone()
@@ -265,8 +349,8 @@ def _path_batch(model, base: _PathBase, senders, recv, receiver_positions, sende
 
                 patch = [(n, lambda act, hook, n=n: put(act, hook, n)) for n in recv_names]
                 logits = hooks.run_from(model, starts[recv_first], recv_first, copies=C, hooks=patch,
-                                        read_pos=read_pos)
+                                        read_pos=read_pos, **resume)
             vals = check_metric_values(metric(logits), C * B, name=name)
             values[:, c0:c0 + C] = vals.reshape(C, B).T.cpu()
             bar.update(1)
-    return values
+    return values, starts_at, would
