@@ -58,6 +58,7 @@ from mechlib.models import (
     generate,
     load_model,
     tiny_model,
+    vlm_batch,
     vlm_inputs,
 )
 from mechlib.results import Result
@@ -71,7 +72,7 @@ __all__ = [
     # modules
     "arch", "evals", "hooks", "interventions", "layout", "metrics", "sites", "stats", "tasks", "viz",
     # models, inputs and results
-    "load_model", "tiny_model", "generate", "Generations", "vlm_inputs", "ModelLoadError", "ModelNotAvailableOffline",
+    "load_model", "tiny_model", "generate", "Generations", "vlm_inputs", "vlm_batch", "ModelLoadError", "ModelNotAvailableOffline",
     "ContrastSet", "ContrastSetError", "PromptBatch", "Site", "SITES", "Result",
     # analyses
     "activation_patching", "attribution_patching", "path_patching", "PatchingResult",

@@ -426,16 +426,8 @@ if SETTING == "paper":
 
     def pope_batch(questions):
         """Questions of different token lengths with their images, as one right-padded PromptBatch."""
-        seqs, pix = [], []
-        for q in questions:
-            t, e = mechlib.vlm_inputs(vlm, [POPE_PROMPT.format(q.text)], [pope_images[q.image_id].image()])
-            seqs.append(t[0])
-            pix.append(e["pixel_values"])
-        lengths = torch.tensor([len(t) for t in seqs])
-        tokens = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
-        for i, t in enumerate(seqs):
-            tokens[i, :len(t)] = t
-        return mechlib.PromptBatch(tokens, lengths, tuple(q.text for q in questions), {"pixel_values": torch.cat(pix)})
+        return mechlib.vlm_batch(vlm, [POPE_PROMPT.format(q.text) for q in questions],
+                                 [pope_images[q.image_id].image() for q in questions])
 
     def answer(pb):
         return list(mechlib.generate(vlm, pb, max_new_tokens=POPE_NEW_TOKENS, stop=".", progress=False))
@@ -456,8 +448,7 @@ if SETTING == "paper":
             pope_rows += sum(int(r.sum()) for r in pope_rec["rows"].values())
         pope[setting] = {c: evals.pope_scores(a, qs) for c, a in answers.items()}
         pope_answers[setting] = answers
-    pope_mean = {c: {k: sum(getattr(pope[s][c], k) for s in POPE_SETTINGS) / len(POPE_SETTINGS) for k in ("accuracy", "f1", "yes_ratio")}
-                 for c in ("vanilla", "VAR")}
+    pope_mean = {c: evals.pope_mean({s: pope[s][c] for s in POPE_SETTINGS}) for c in ("vanilla", "VAR")}
     print(f"{vlm_name}: {len(qs)} questions per setting; e.g. {qs[0].text!r} → {pope_answers[POPE_SETTINGS[0]]['vanilla'][0]!r}")
     for s_, r in pope.items():
         print(f"POPE {s_}: vanilla {r['vanilla']} | VAR {r['VAR']}")
@@ -547,11 +538,9 @@ if SETTING == "paper":
     ours = (f"{vlm_name}, {len(qs)} questions per setting, greedy ≤ {POPE_NEW_TOKENS} new tokens; VAR dims {pope_dims}, "
             f"τ = {pope_tau:.3g}, ρ = {RHO}, summ = {SUMM}, p = {P} moved" + (" — stand-in: numbers meaningless" if STANDIN else ""))
     rows = [{"metric": "POPE accuracy / F1, mean of the three settings", "decoding": c, paper_col: "not extracted",
-             f"ours: {ours}": f"{100 * m['accuracy']:.2f} / {100 * m['f1']:.2f} (yes-ratio {100 * m['yes_ratio']:.0f}%)"}
-            for c, m in pope_mean.items()]
+             f"ours: {ours}": m.summary()} for c, m in pope_mean.items()]
     rows += [{"metric": f"POPE {s_}: accuracy / F1", "decoding": c, paper_col: "not extracted",
-              f"ours: {ours}": f"{100 * r.accuracy:.2f} / {100 * r.f1:.2f} (yes-ratio {100 * r.yes_ratio:.0f}%)"}
-             for s_ in POPE_SETTINGS for c, r in pope[s_].items()]
+              f"ours: {ours}": r.summary()} for s_ in POPE_SETTINGS for c, r in pope[s_].items()]
     paper_table = pd.DataFrame(rows)
 else:
     paper_table = pd.DataFrame([{"metric": "POPE accuracy / F1 (random, popular, adversarial)", paper_col: "not extracted",
@@ -590,10 +579,10 @@ paper_table
 # %%
 if SETTING == "paper":   # the verdict is the paper's metric: does VAR raise POPE's mean F1 and accuracy over vanilla?
     v, r = pope_mean["vanilla"], pope_mean["VAR"]
-    verdict = ("reproduced" if r["f1"] > v["f1"] and r["accuracy"] > v["accuracy"]
-               else "partly" if r["f1"] > v["f1"] or r["accuracy"] > v["accuracy"] else "not reproduced")
-    finding = (f"POPE mean accuracy/F1 vanilla {100 * v['accuracy']:.2f}/{100 * v['f1']:.2f} → VAR {100 * r['accuracy']:.2f}/"
-               f"{100 * r['f1']:.2f} (paper's table not extracted); " + "; ".join(
+    verdict = ("reproduced" if r.f1 > v.f1 and r.accuracy > v.accuracy
+               else "partly" if r.f1 > v.f1 or r.accuracy > v.accuracy else "not reproduced")
+    finding = (f"POPE mean accuracy/F1 vanilla {100 * v.accuracy:.2f}/{100 * v.f1:.2f} → VAR {100 * r.accuracy:.2f}/"
+               f"{100 * r.f1:.2f} (paper's table not extracted); " + "; ".join(
                    f"{s_} {100 * pope[s_]['vanilla'].f1:.1f} → {100 * pope[s_]['VAR'].f1:.1f} F1" for s_ in POPE_SETTINGS))
     card_model = f"paper setting: {ours}"
 else:

@@ -401,8 +401,7 @@ if SETTING == "paper":
     ours = (f"{vlm_name}, {len(coco)} COCO val2014 images, greedy ≤ {MAX_NEW_TOKENS} new tokens, α = {ALPHA:g}"
             + (" — stand-in: numbers meaningless" if STANDIN else ""))
     paper_table = pd.DataFrame([{"decoding": c, "metric": "CHAIR_S / CHAIR_I", paper_col: PAPER_CHAIR[c],
-                                 f"ours: {ours}": f"{100 * r.chair_s:.2f} / {100 * r.chair_i:.2f} (recall {100 * r.recall:.1f}; "
-                                                  f"{r.mean_length:.0f} words)"} for c, r in chair.items()])
+                                 f"ours: {ours}": r.summary()} for c, r in chair.items()])
 else:
     paper_table = pd.DataFrame([{"metric": "CHAIR_S / CHAIR_I", paper_col: "49.68 / 14.32 → VHR 33.32 / 9.71 (fixed heads 44.72 / 13.81)",
                                  "ours": 'needs SETTING="paper" (LLaVA-1.5-7B on a GPU, COCO val2014)'}])

@@ -404,16 +404,8 @@ if SETTING == "paper":
 
     # POPE: questions of different token lengths, so each batch is built prompt by prompt (right-padded)
     def pope_batch(questions):
-        seqs, pix = [], []
-        for q in questions:
-            t, e = mechlib.vlm_inputs(vlm, [POPE_PROMPT.format(q.text)], [pope_images[q.image_id].image()])
-            seqs.append(t[0])
-            pix.append(e["pixel_values"])
-        lengths = torch.tensor([len(t) for t in seqs])
-        tokens = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
-        for i, t in enumerate(seqs):
-            tokens[i, :len(t)] = t
-        return mechlib.PromptBatch(tokens, lengths, tuple(q.text for q in questions), {"pixel_values": torch.cat(pix)})
+        return mechlib.vlm_batch(vlm, [POPE_PROMPT.format(q.text) for q in questions],
+                                 [pope_images[q.image_id].image() for q in questions])
 
     pool = evals.load_coco(None, root=DATA, images=False, synonyms=SYNONYMS)   # every image's objects; POPE samples N_POPE
     pope, pope_answers, pope_images = {}, {}, {}
@@ -429,8 +421,7 @@ if SETTING == "paper":
                 answers["VISTA"] += gen(pb, POPE_NEW_TOKENS, stop=".", sla=sla_cfg)
         pope[setting] = {c: evals.pope_scores(a, qs) for c, a in answers.items()}
         pope_answers[setting] = answers
-    pope_mean = {c: {k: sum(getattr(pope[s][c], k) for s in POPE_SETTINGS) / len(POPE_SETTINGS) for k in ("accuracy", "f1", "yes_ratio")}
-                 for c in PAPER_POPE}
+    pope_mean = {c: evals.pope_mean({s: pope[s][c] for s in POPE_SETTINGS}) for c in PAPER_POPE}
     print(f"{vlm_name}: {len(coco)} CHAIR captions per decoding, e.g. (vanilla) {captions['vanilla'][0][:200]!r}")
     print(f"POPE: {len(qs)} questions per setting; e.g. {qs[0].text!r} → {pope_answers[POPE_SETTINGS[-1]]['vanilla'][0]!r}")
 else:
@@ -504,14 +495,11 @@ if SETTING == "paper":
             f"per setting; VSV/SLA {VARIANT} form" + (" — stand-in: numbers meaningless" if STANDIN else ""))
     ours_col = f"ours: {ours}"
     rows = [{"metric": "CHAIR_S / CHAIR_I", "decoding": c, paper_col: PAPER_CHAIR[c],
-             ours_col: f"{100 * r.chair_s:.1f} / {100 * r.chair_i:.1f} (recall {100 * r.recall:.1f}; {r.mean_length:.0f} words)"}
-            for c, r in chair.items()]
+             ours_col: r.summary(1)} for c, r in chair.items()]
     rows += [{"metric": "POPE accuracy / F1, mean of the three settings", "decoding": c, paper_col: PAPER_POPE[c],
-              ours_col: f"{100 * m['accuracy']:.2f} / {100 * m['f1']:.2f} (yes-ratio {100 * m['yes_ratio']:.0f}%)"}
-             for c, m in pope_mean.items()]
+              ours_col: m.summary()} for c, m in pope_mean.items()]
     rows += [{"metric": f"POPE {s}: accuracy / F1", "decoding": c, paper_col: "—",
-              ours_col: f"{100 * r.accuracy:.2f} / {100 * r.f1:.2f} (yes-ratio {100 * r.yes_ratio:.0f}%)"}
-             for s in POPE_SETTINGS for c, r in pope[s].items()]
+              ours_col: r.summary()} for s in POPE_SETTINGS for c, r in pope[s].items()]
     paper_table = pd.DataFrame(rows)
 else:
     paper_table = pd.DataFrame([{"metric": "CHAIR_S / CHAIR_I; POPE accuracy / F1", paper_col: "46.4 / 12.1 → 20.4 / 6.9; 84.79 / 85.61 → 86.15 / 86.29",
@@ -560,8 +548,8 @@ if SETTING == "paper":   # the verdict is the paper's metric: VISTA's CHAIR_S dr
               else "partly" if t.chair_s < v.chair_s else "not reproduced")
     finding = (f"CHAIR_S/CHAIR_I vanilla {100 * v.chair_s:.1f}/{100 * v.chair_i:.1f} → VISTA {100 * t.chair_s:.1f}/{100 * t.chair_i:.1f} "
                f"(paper 46.4/12.1 → 20.4/6.9); SLA alone {100 * chair['SLA'].chair_s:.1f}/{100 * chair['SLA'].chair_i:.1f}; "
-               f"POPE accuracy/F1 {100 * pope_mean['vanilla']['accuracy']:.2f}/{100 * pope_mean['vanilla']['f1']:.2f} → "
-               f"{100 * pope_mean['VISTA']['accuracy']:.2f}/{100 * pope_mean['VISTA']['f1']:.2f}")
+               f"POPE accuracy/F1 {100 * pope_mean['vanilla'].accuracy:.2f}/{100 * pope_mean['vanilla'].f1:.2f} → "
+               f"{100 * pope_mean['VISTA'].accuracy:.2f}/{100 * pope_mean['VISTA'].f1:.2f}")
     card_model = f"paper setting: {ours}"
 else:
     status = "partly" if vsv_helps or sla_helps else "not reproduced"

@@ -158,6 +158,7 @@ def test_chair_known_answers_from_the_definition():
     assert r.per_caption[2].hallucinated_objects == ("dog",)
     assert [c.chair_s for c in r.per_caption] == [1, 0, 1]
     assert r.per_caption[0].chair_i == pytest.approx(1 / 4)
+    assert r.summary() == f"66.67 / 33.33 (recall 83.3; {r.mean_length:.0f} words)"
     u = evals.chair(caps, gt, count="unique")               # each category once per caption
     assert u.chair_s == pytest.approx(2 / 3) and u.chair_i == pytest.approx(2 / 7)
     # ground truth given by synonyms or COCO names is the same; a mapping needs image ids
@@ -530,3 +531,19 @@ def test_hub_path_caches_a_plain_copy(no_network, monkeypatch):
     monkeypatch.setattr(ds, "online", lambda *a, **k: False)
     assert evals.load_act_dataset("sst2") == a and len(calls) == 1
     assert (no_network / "datasets" / "act" / "sst2" / "validation.jsonl").is_file()
+
+
+def test_pope_mean_is_the_mean_of_each_settings_scores_not_the_pooled_answers():
+    a = evals.pope_scores(["yes", "no", "no", "no"], ["yes", "no", "yes", "no"])    # acc 3/4, F1 2/3
+    b = evals.pope_scores(["yes", "yes"], ["yes", "no"])                            # acc 1/2, F1 2/3
+    m = evals.pope_mean({"random": a, "adversarial": b})
+    assert m.settings == ("random", "adversarial")
+    assert m.accuracy == pytest.approx((3 / 4 + 1 / 2) / 2) and m.f1 == pytest.approx(2 / 3)
+    assert m.yes_ratio == pytest.approx((1 / 4 + 1) / 2)
+    pooled = evals.pope_scores(["yes", "no", "no", "no", "yes", "yes"], ["yes", "no", "yes", "no", "yes", "no"])
+    assert m.accuracy != pytest.approx(pooled.accuracy)   # 0.625 vs 4/6
+    assert m.summary() == "62.50 / 66.67 (yes-ratio 62%)" and a.summary(1) == "75.0 / 66.7 (yes-ratio 25%)"
+    with pytest.raises(ValueError, match="at least one setting"):
+        evals.pope_mean({})
+    with pytest.raises(TypeError, match="not PopeScores"):
+        evals.pope_mean({"random": 0.5})

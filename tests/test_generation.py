@@ -9,7 +9,6 @@ import torch
 
 import mechlib
 from mechlib import hooks, interventions, layout
-from mechlib.tasks.contrast import PromptBatch
 
 PROMPTS = ["When Mary and John went to the store, John gave a drink to",
            "The capital of France is",
@@ -198,13 +197,11 @@ def test_generate_inside_pine_recomputes_one_prompt_at_a_time(tiny_llama):
 def test_generate_on_a_vlm_with_left_padding(tiny_llava):
     m = tiny_llava
     images, _ = mechlib.tasks.colored_shapes(2, size=24, seed=1)
-    t0, ex0 = mechlib.vlm_inputs(m, ["<image> What colour?"], images[:1])
-    t1, ex1 = mechlib.vlm_inputs(m, ["<image> What colour is the square in this picture?"], images[1:])
+    prompts = ["<image> What colour?", "<image> What colour is the square in this picture?"]
+    t0, ex0 = mechlib.vlm_inputs(m, prompts[:1], images[:1])
+    t1, ex1 = mechlib.vlm_inputs(m, prompts[1:], images[1:])
     assert t0.shape[1] != t1.shape[1]
-    pad = mechlib.tasks.contrast._pad_id(m)
-    toks = torch.nn.utils.rnn.pad_sequence([t0[0], t1[0]], batch_first=True, padding_value=pad)
-    batch = PromptBatch(toks, torch.tensor([t0.shape[1], t1.shape[1]]), ("a", "b"),
-                        {"pixel_values": torch.cat([ex0["pixel_values"], ex1["pixel_values"]])})
+    batch = mechlib.vlm_batch(m, prompts, images)   # right-padded, each length recorded
     out = mechlib.generate(m, batch, max_new_tokens=4)
     ref = [mechlib.generate(m, t, extras=e, max_new_tokens=4, use_cache=False, details=True).tokens[0].tolist()
            for t, e in ((t0, ex0), (t1, ex1))]

@@ -346,3 +346,37 @@ def test_vlm_inputs_and_colored_shapes(tiny_llava, tiny_llama):
         mechlib.vlm_inputs(tiny_llava, [prompt], images)
     with pytest.raises(ValueError, match="vision-language model"):
         mechlib.vlm_inputs(tiny_llama, [prompt], images[:1])
+    with pytest.raises(ValueError, match="different token lengths.*vlm_batch"):
+        mechlib.vlm_inputs(tiny_llava, [prompt, "<image> What color ?"], images[:2])
+
+
+def test_vlm_batch_pads_prompts_of_different_lengths_on_the_right(tiny_llava):
+    images, _ = mechlib.tasks.colored_shapes(3, size=24, seed=2)
+    prompts = ["<image> What colour?", "<image> What colour is the square in this picture?", "<image> Colour?"]
+    pb = mechlib.vlm_batch(tiny_llava, prompts, images)
+    assert isinstance(pb, mechlib.PromptBatch) and pb.prompts == tuple(prompts)
+    pad = mechlib.tasks.contrast._pad_id(tiny_llava)
+    for i, (p, img) in enumerate(zip(prompts, images)):  # each row: the prompt prepared alone, then padding
+        t, e = mechlib.vlm_inputs(tiny_llava, [p], [img])
+        n = t.shape[1]
+        assert int(pb.lengths[i]) == n and torch.equal(pb.tokens[i, :n], t[0]) and (pb.tokens[i, n:] == pad).all()
+        assert torch.equal(pb.extras["pixel_values"][i], e["pixel_values"][0])
+    assert len(set(pb.lengths.tolist())) == 3
+    with pytest.raises(ValueError, match="one image per prompt"):
+        mechlib.vlm_batch(tiny_llava, prompts, images[:2])
+
+
+def test_vlm_inputs_refuses_a_processor_that_padded(tiny_llava, monkeypatch):
+    """A hub processor pads prompts of different lengths and returns no lengths: vlm_inputs refuses
+    (padding would reach the model as tokens) and names vlm_batch."""
+    def processor(text, images, return_tensors, padding):
+        n = [len(t) for t in text]
+        mask = torch.tensor([[1] * k + [0] * (max(n) - k) for k in n])
+        return {"input_ids": torch.zeros_like(mask), "attention_mask": mask, "pixel_values": torch.zeros(len(n), 3, 16, 16)}
+
+    monkeypatch.setattr(tiny_llava, "processor", processor, raising=False)
+    images, _ = mechlib.tasks.colored_shapes(2, size=24, seed=2)
+    with pytest.raises(ValueError, match="vlm_batch"):
+        mechlib.vlm_inputs(tiny_llava, ["<image> a", "<image> a longer prompt"], images)
+    toks, ex = mechlib.vlm_inputs(tiny_llava, ["<image> abc", "<image> xyz"], images)  # equal lengths: as given
+    assert toks.shape == (2, len("<image> abc")) and ex["pixel_values"].shape[0] == 2

@@ -4,7 +4,8 @@
   that are not in the image; :func:`coco_ground_truth` builds the per-image ground truth.
 * :func:`pope_questions` / :func:`pope_scores` — POPE (Li et al. 2023): balanced yes/no questions
   "Is there a {object} in the image?" with random / popular / adversarial negatives, scored by
-  accuracy, precision, recall, F1 and the yes-ratio.
+  accuracy, precision, recall, F1 and the yes-ratio; :func:`pope_mean` averages them over the three
+  settings, as the papers report one POPE number.
 * :func:`chair_synonyms_path` — CHAIR's COCO synonym list (Rohrbach et al.'s ``data/synonyms.txt``
   of github.com/LisaAnne/Hallucination, pinned commit). Not shipped with mechlib: every CHAIR
   function takes ``synonyms=`` (a path), else reads ``$MECHLIB_CHAIR_SYNONYMS``, else the cached
@@ -39,11 +40,11 @@ from mechlib.evals.datasets import (
     load_perplexity_text,
     load_rewardbench,
 )
-from mechlib.evals.pope import PopeQuestion, PopeScores, pope_answer, pope_questions, pope_scores
+from mechlib.evals.pope import PopeMean, PopeQuestion, PopeScores, pope_answer, pope_mean, pope_questions, pope_scores
 
 __all__ = [
     "chair", "ChairResult", "CaptionChair", "caption_objects", "CaptionObjects", "coco_ground_truth", "vocabulary",
-    "pope_questions", "pope_scores", "pope_answer", "PopeQuestion", "PopeScores",
+    "pope_questions", "pope_scores", "pope_mean", "pope_answer", "PopeQuestion", "PopeScores", "PopeMean",
     "load_coco", "CocoRecord", "load_act_dataset", "ActDataset", "ACT_DATASETS", "load_perplexity_text",
     "load_rewardbench", "DatasetNotAvailable", "chair_synonyms_path",
 ]

@@ -343,6 +343,11 @@ class ChairResult:
         atomic_write_bytes(path, json.dumps(doc, indent=1, default=str).encode())
         return Path(path)
 
+    def summary(self, digits: int = 2) -> str:
+        """``"CHAIR_S / CHAIR_I (recall; mean length)"`` ×100, as the papers' tables print them."""
+        return (f"{100 * self.chair_s:.{digits}f} / {100 * self.chair_i:.{digits}f} (recall {100 * self.recall:.1f}; "
+                f"{self.mean_length:.0f} words)")
+
     def _list_note(self) -> str:
         """A note when the synonym list was not the published one (numbers not comparable to papers')."""
         if self.metadata.get("synonyms_published", True):

@@ -235,6 +235,10 @@ class PopeScores:
         return {"accuracy": self.accuracy, "precision": self.precision, "recall": self.recall, "f1": self.f1,
                 "yes_ratio": self.yes_ratio, "TP": self.tp, "FP": self.fp, "TN": self.tn, "FN": self.fn}
 
+    def summary(self, digits: int = 2) -> str:
+        """``"accuracy / F1 (yes-ratio %)"`` ×100, as the papers' tables print them."""
+        return _summary(self.accuracy, self.f1, self.yes_ratio, digits)
+
     def __repr__(self) -> str:
         return (f"PopeScores(accuracy={100 * self.accuracy:.2f}, precision={100 * self.precision:.2f}, "
                 f"recall={100 * self.recall:.2f}, F1={100 * self.f1:.2f}, yes={100 * self.yes_ratio:.2f}%, n={self.n})")
@@ -243,6 +247,45 @@ class PopeScores:
         return (f"<b>POPE</b> (n={self.n}): accuracy {100 * self.accuracy:.2f}, precision {100 * self.precision:.2f}, "
                 f"recall {100 * self.recall:.2f}, F1 {100 * self.f1:.2f}, yes-ratio {100 * self.yes_ratio:.2f}% "
                 f"(TP {self.tp}, FP {self.fp}, TN {self.tn}, FN {self.fn})")
+
+
+def _summary(accuracy: float, f1: float, yes_ratio: float, digits: int) -> str:
+    return f"{100 * accuracy:.{digits}f} / {100 * f1:.{digits}f} (yes-ratio {100 * yes_ratio:.0f}%)"
+
+
+@dataclass(frozen=True)
+class PopeMean:
+    """POPE's scores averaged over settings (the random, popular and adversarial question sets), as
+    the VISTA and VAR papers report one POPE number: the mean of each setting's accuracy, F1, ...
+    (not the scores of the pooled answers)."""
+
+    accuracy: float
+    precision: float
+    recall: float
+    f1: float
+    yes_ratio: float
+    settings: tuple[str, ...]
+
+    def summary(self, digits: int = 2) -> str:
+        """``"accuracy / F1 (yes-ratio %)"`` ×100, as the papers' tables print them."""
+        return _summary(self.accuracy, self.f1, self.yes_ratio, digits)
+
+
+def pope_mean(scores: Mapping[str, PopeScores]) -> PopeMean:
+    """The mean of POPE's scores over settings, ``scores`` being ``{setting: PopeScores}``.
+
+    >>> a = pope_scores(["yes", "no"], ["yes", "no"]); b = pope_scores(["yes", "yes"], ["yes", "no"])
+    >>> m = pope_mean({"random": a, "adversarial": b}); m.accuracy, m.yes_ratio, m.settings
+    (0.75, 0.75, ('random', 'adversarial'))
+    """
+    if not scores:
+        raise ValueError("pope_mean needs the scores of at least one setting, as {setting: PopeScores}")
+    rows = list(scores.values())
+    bad = [k for k, v in scores.items() if not isinstance(v, PopeScores)]
+    if bad:
+        raise TypeError(f"scores[{bad[0]!r}] is not PopeScores (give {{setting: pope_scores(...)}})")
+    mean = {k: sum(getattr(r, k) for r in rows) / len(rows) for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
+    return PopeMean(**mean, settings=tuple(scores))
 
 
 def pope_scores(answers: Sequence[Union[str, bool, int]], labels: Sequence[Union[str, bool, int, PopeQuestion]]) -> PopeScores:
@@ -294,4 +337,5 @@ def pope_scores(answers: Sequence[Union[str, bool, int]], labels: Sequence[Union
                       yes_ratio=sum(preds) / n, tp=tp, fp=fp, tn=tn, fn=fn, predictions=tuple(preds))
 
 
-__all__ = ["pope_questions", "pope_scores", "pope_answer", "PopeQuestion", "PopeScores", "SETTINGS", "TEMPLATE"]
+__all__ = ["pope_questions", "pope_scores", "pope_mean", "pope_answer", "PopeQuestion", "PopeScores", "PopeMean",
+           "SETTINGS", "TEMPLATE"]

@@ -40,12 +40,12 @@ from mechlib.models.embedded import EMBEDDED
 from mechlib.models.generation import Generations, generate
 from mechlib.models.hub import HUB_ALIASES, standin_family
 from mechlib.models.tiny import FAMILIES, tiny_model, tiny_tokenizer
-from mechlib.models.vlm import vlm_inputs
+from mechlib.models.vlm import vlm_batch, vlm_inputs
 
 EMBEDDED_NAME = "smollm2-135m"
 
 __all__ = ["load_model", "vlm_or_tiny", "tiny_model", "tiny_tokenizer", "generate", "Generations", "vlm_inputs",
-           "prepare_embedded", "standin_family",
+           "vlm_batch", "prepare_embedded", "standin_family",
            "install_embedded",
            "ModelLoadError", "ModelNotAvailableOffline", "EMBEDDED", "HUB_ALIASES", "FAMILIES", "default_device",
            "cache_dir", "supported_architectures"]
