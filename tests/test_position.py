@@ -157,3 +157,31 @@ def test_order_shift_puts_the_most_important_segment_closest():
     shift = interventions._order_shift(imp, lens)
     # row 0: order 1, 2, 0 -> doc1 stays, doc2 moves back by 3, doc0 by 3 + 4
     assert shift.tolist() == [[7, 0, 3], [0, 6, 2]]
+
+
+def test_position_bias_and_segment_attention_equal_full_forwards(tiny_llama):
+    """Both read the last token only (the forward is unembedded there alone); the numbers are the
+    full forward's, with and without PINE, in batches of any size."""
+    from contextlib import nullcontext
+
+    m = tiny_llama
+    opts = mechlib.tasks.pairwise_choice(m, n=3, seed=2)
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(m.cfg.n_layers)]
+    for pine in (False, True):
+        ld, att = [], []
+        for chunk in opts.batches(1):   # one prompt per full forward: the reference
+            with interventions.position_invariant(m, chunk) if pine else nullcontext():
+                logits, cache = hooks.run_with_cache(m, chunk.tokens, names)
+            ld.append(chunk.logit_diff(logits)[0])
+            rows = torch.stack([chunk.at_last(cache[n].transpose(1, 2))[0] for n in names])  # [L, H, pos]
+            seg = torch.zeros(chunk.tokens.shape[1], 2)
+            for k, (a, b) in enumerate(chunk.segments[0]):
+                seg[a:b, k] = 1.0
+            att.append(rows @ seg)
+        per = torch.zeros(3, 2)
+        per[opts.item, opts.correct_slot] = torch.stack(ld)
+        bias = mechlib.position_bias(m, opts, pine=pine, batch_size=4)
+        torch.testing.assert_close(bias.per_prompt, per, atol=1e-5, rtol=1e-5)
+        seg_att = mechlib.segment_attention(m, opts, pine=pine, batch_size=4)
+        torch.testing.assert_close(seg_att.per_prompt, torch.stack(att), atol=1e-5, rtol=1e-5)
+    assert hooks.active_hooks(m) == []

@@ -86,8 +86,11 @@ def position_bias(model, options: OptionPrompts, *, pine: bool = False, batch_si
     options = _check_options(options)
     ld = []
     for chunk in options.batches(batch_size):
-        with _maybe_pine(model, chunk, pine):
-            ld.append(chunk.logit_diff(hooks.forward(model, chunk.tokens)).float().cpu())
+        with _maybe_pine(model, chunk, pine):  # unembedded at the last token only (all the metric reads)
+            last = hooks.forward_last(model, chunk.tokens, chunk.lengths - 1)
+        rows = torch.arange(len(chunk), device=last.device)
+        ld.append((last[rows, chunk.answer_ids.to(last.device)] - last[rows, chunk.wrong_ids.to(last.device)])
+                  .float().cpu())
     ld = torch.cat(ld)
     n_items = len(options) // 2
     per = torch.zeros(n_items, 2)
@@ -117,8 +120,8 @@ def segment_attention(model, prompts: SegmentedPrompts, *, pine: bool = False, b
         for i, spans in enumerate(chunk.segments):
             for k, (a, b) in enumerate(spans):
                 seg[i, a:b, k] = 1.0
-        with _maybe_pine(model, chunk, pine):
-            _, acts = hooks.run_with_cache(model, chunk.tokens, names)
+        with _maybe_pine(model, chunk, pine), hooks.capture(model, names) as acts:
+            hooks.forward_last(model, chunk.tokens, chunk.lengths - 1)  # the patterns; no full unembedding
         rows = torch.stack([chunk.at_last(acts[n].transpose(1, 2)).float().cpu() for n in names], 1)  # [b, L, H, pos]
         out.append(torch.einsum("blhp,bps->blhs", rows, seg))
     per = torch.cat(out)
