@@ -21,16 +21,21 @@
 # **The paper's setting** (`make notebooks SETTING=paper`, or in Colab `%env MECHLIB_SETTING=paper`
 # before running; it downloads GPT-2 Medium from the Hugging Face hub). Estimates, not measurements:
 #
-# * **GPU memory** ≈ 25 GB: weights 1.4 GB (fp32, as the paper's TransformerLens default); path
-#   patching keeps the clean and corrupted head outputs and block inputs of all 1,000 prompts
-#   (≈ 18 GB for the 60-token Colored Objects prompts); the accuracy evaluation unembeds every
-#   position of 1,000 prompts once (≈ 12 GB). An A100-40GB or H100; a 16 GB card needs fewer prompts.
+# * **GPU memory** ≈ 35 GB: weights 1.4 GB (fp32, as the paper's TransformerLens default); path
+#   patching keeps the clean and corrupted head outputs, the block inputs and the clean run's keys
+#   and values of all 1,000 prompts (≈ 30 GB for the 62-token Colored Objects prompts); the accuracy
+#   evaluation unembeds every position of 1,000 prompts once (≈ 12 GB). An A100-40GB or H100; a
+#   smaller card needs fewer prompts.
 # * **Time** from FLOPs (2 × 355M parameters × tokens per forward): exhaustive path patching over
 #   four stages is ≈ 1,000–3,500 forward-equivalents per task (up to 384 senders per stage, one or
-#   two forwards each, resumed at the sender's layer, plus the per-receiver edges). Over 1,000 IOI
-#   prompts (≈ 16 tokens) that is ≈ 1–4 × 10¹⁶ FLOPs, over 1,000 Colored Objects prompts (≈ 60
-#   tokens) ≈ 0.4–1.5 × 10¹⁷; the repair and its controls ≈ 10¹⁵. At ≈ 30 TFLOP/s sustained in
-#   fp32 (an H100) that is **≈ 0.5–2 hours**; an A100 takes about three times longer.
+#   two forwards each, resumed at the sender's layer, plus the per-receiver edges). Each of them
+#   recomputes only the positions from the senders' first clean/corrupted difference on (causal
+#   prefix reuse): in IOI from the earliest S2 of a batch, about half of each prompt; in Colored
+#   Objects from the object in the question, the last 5 of 62 tokens. Over 1,000 IOI prompts
+#   (≈ 16 tokens) that is ≈ 0.5–2 × 10¹⁶ FLOPs, over 1,000 Colored Objects prompts ≈ 0.3–1.2 × 10¹⁶;
+#   the repair and its controls ≈ 10¹⁵. At ≈ 30 TFLOP/s sustained in fp32 (an H100) that is
+#   **≈ 5–20 minutes** (count on more: the short recomputed rows keep a GPU below that rate); an
+#   A100 takes about three times longer.
 # * **Disk** ≈ 1.5 GB (GPT-2 Medium's safetensors). The tasks are generated (the paper's generator).
 
 # %%
