@@ -294,3 +294,24 @@ def test_a_model_split_by_a_device_map_gives_the_same_results(family):
         a, b = verb(single), verb(split)
         torch.testing.assert_close(a.per_prompt, b.per_prompt, atol=1e-5, rtol=1e-4)
     assert mechlib.activation_patching(split, cs, ld, site="head_out").metadata["path"] == "resumed"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_activations_stop_the_forward_after_the_last_named_hook(family):
+    """hooks.activations gives run_with_cache's values and runs no block after the last named one
+    (nor the final norm and unembedding after the last block)."""
+    m = tiny(family)
+    cs = ioi(m)
+    L = m.cfg.n_layers
+    for names in (["blocks.0.attn.hook_pattern"], ["blocks.0.hook_resid_post", f"blocks.{L - 1}.attn.hook_z"],
+                  ["ln_final.hook_in"]):
+        _, ref = hooks.run_with_cache(m, cs.clean_tokens, names)
+        with hooks.attach(m, [(f"blocks.{L - 1}.hook_resid_post", lambda x, hook: None),
+                              ("ln_final.hook_out", lambda x, hook: None)], must_fire=False) as fired:
+            got = hooks.activations(m, cs.clean_tokens, names)
+        for n in names:
+            torch.testing.assert_close(got[n], ref[n], atol=0, rtol=0)
+        last_block = max(int(n.split(".")[1]) if n.startswith("blocks.") else L for n in names)
+        assert fired[f"blocks.{L - 1}.hook_resid_post"] == (last_block >= L - 1 or names == ["ln_final.hook_in"])
+        assert fired["ln_final.hook_out"] == (names == ["ln_final.hook_in"])  # a name past the blocks: whole forward
+    assert hooks.active_hooks(m) == []

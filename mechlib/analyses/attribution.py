@@ -106,7 +106,7 @@ def head_divergence(
         """Every head's output at each prompt's last token, ``[B, L, H, d_head]``."""
         out = []
         for sub in pb.batches(batch_size):
-            _, z = hooks.run_with_cache(model, sub.tokens, names, extras=sub.extras)
+            z = hooks.activations(model, sub.tokens, names, extras=sub.extras)
             out.append(torch.stack([sub.at_last(z[n]).float().cpu() for n in names], 1))
         return torch.cat(out)
 

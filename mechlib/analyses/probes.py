@@ -56,7 +56,7 @@ def _examples(model, batch: PromptBatch, labels, site: str, layers: Sequence[int
         if full is not None:
             acts = {n: full[n][rows, : sub.tokens.shape[1]] for n in names}
         else:
-            _, acts = hooks.run_with_cache(model, sub.tokens, names, extras=sub.extras)
+            acts = hooks.activations(model, sub.tokens, names, extras=sub.extras)
         if per_token:
             y = y_all[rows, : sub.tokens.shape[1]]
             keep = sub.mask & (y >= 0)

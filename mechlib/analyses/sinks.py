@@ -46,7 +46,7 @@ def _activations(model, batch: PromptBatch, names, batch_size, cache):
     start = 0
     for sub in batch.batches(batch_size):
         if cache is None:
-            _, acts = hooks.run_with_cache(model, sub.tokens, names, extras=sub.extras)
+            acts = hooks.activations(model, sub.tokens, names, extras=sub.extras)
         else:
             T = sub.tokens.shape[1]
             acts = {n: (v[start:start + len(sub), :, :T, :T] if v.ndim == 4 and "pattern" in n
@@ -209,7 +209,7 @@ def massive_means(model, prompts, dims: Sequence[int], *, layer: int, extras: Op
     name = f"blocks.{check_layer(model, layer)}.hook_resid_post"
     first, delim = [], []
     for sub in batch.batches(batch_size):
-        _, acts = hooks.run_with_cache(model, sub.tokens, [name], extras=sub.extras)
+        acts = hooks.activations(model, sub.tokens, [name], extras=sub.extras)
         h = acts[name].float()
         pos = massive_positions(h, dims, sub.lengths)
         rows = torch.arange(len(sub), device=h.device)

@@ -209,7 +209,7 @@ def steering_vectors(model, prompts, *, span=None, extras: Optional[dict] = None
     def last_states(pb) -> Tensor:  # [b, layer, d] at each prompt's last token
         out = []
         for sub in pb.batches(batch_size):
-            _, acts = hooks.run_with_cache(model, sub.tokens, names, extras=sub.extras)
+            acts = hooks.activations(model, sub.tokens, names, extras=sub.extras)
             out.append(torch.stack([sub.at_last(acts[n]).float().cpu() for n in names], 1))
         return torch.cat(out)
 

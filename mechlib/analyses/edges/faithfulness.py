@@ -146,7 +146,7 @@ def _ablation_sources(model, w: wiring._Wiring, contrast: ContrastSet, ablation:
 
 def _z_record(model, w: wiring._Wiring, tokens: Tensor, extras) -> Tensor:
     """``hook_z`` of every layer, stacked: ``[b, p, L, H, d_head]``."""
-    _, cache = hooks.run_with_cache(model, tokens, w.z, extras=extras)
+    cache = hooks.activations(model, tokens, w.z, extras=extras)
     return torch.stack([cache[n] for n in w.z], 2)
 
 
