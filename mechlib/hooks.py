@@ -161,24 +161,26 @@ class _StopForward(Exception):
 
 
 def forward_last(model, tokens: Tensor, read_pos: Tensor, *, hooks: Sequence[tuple[str, HookFn]] = (),
-                 extras: Optional[Mapping[str, Tensor]] = None) -> Tensor:
+                 extras: Optional[Mapping[str, Tensor]] = None, grad: bool = False) -> Tensor:
     """Logits ``[batch, vocab]`` at one position per prompt (``read_pos``): the blocks run as usual,
     then the forward stops before the final norm and only those positions are unembedded — on a
-    262k vocabulary (Gemma 3) the full unembedding is most of a short forward."""
+    262k vocabulary (Gemma 3) the full unembedding is most of a short forward. ``grad=True`` keeps
+    the graph (gradients flow from those positions' logits only, as they would from the full ones)."""
     extras = _on_device(model, check_inputs(model, extras, tokens))
 
     def stop(x, hook):
         raise _StopForward(x)
 
     try:
-        with torch.no_grad(), attach(model, list(hooks) + [("ln_final.hook_in", stop)]):
+        with torch.set_grad_enabled(grad), attach(model, list(hooks) + [("ln_final.hook_in", stop)]):
             model(tokens.to(model.cfg.device), **extras)
     except _StopForward as done:
         x = done.value
     else:  # pragma: no cover - the hook always fires on a bridge with a final norm
         raise HookNotFiredError("ln_final.hook_in never fired: cannot read the last position only")
     rows = torch.arange(x.shape[0], device=x.device)
-    return _logits_from_resid(model, x[rows, read_pos.to(x.device)][:, None])[:, 0]
+    with torch.set_grad_enabled(grad):
+        return _logits_from_resid(model, x[rows, read_pos.to(x.device)][:, None])[:, 0]
 
 
 @contextmanager

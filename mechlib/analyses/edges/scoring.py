@@ -226,9 +226,12 @@ def edge_attribution(
 
 
 def _grad_run(model, w: _Wiring, tokens: Tensor, extras, metric, embed: Tensor,
-              replace: Optional[tuple[str, Tensor]] = None) -> tuple[Tensor, list[Tensor]]:
+              replace: Optional[tuple[str, Tensor]] = None, *,
+              read_pos: Optional[Tensor] = None) -> tuple[Tensor, list[Tensor]]:
     """One forward + backward: per-prompt metric values and ``d metric / d reader input`` for every
-    reader hook (``[b, p, k, d]``; zeros where the input does not reach the metric)."""
+    reader hook (``[b, p, k, d]``; zeros where the input does not reach the metric). With
+    ``read_pos`` (a metric that reads the last token only) only those positions are unembedded,
+    forward and backward."""
     leaf = embed.detach().clone().requires_grad_(True)
     seen: dict[str, Tensor] = {}
 
@@ -245,7 +248,10 @@ def _grad_run(model, w: _Wiring, tokens: Tensor, extras, metric, embed: Tensor,
     hk += [(s.hook, lambda x, hook, n=s.hook: capture(x, hook, n)) for s in w.slots]
     name = _metric_name(metric)
     with torch.enable_grad():
-        logits = hooks.forward(model, tokens, hooks=hk, extras=extras, grad=True)
+        if read_pos is not None:
+            logits = hooks.forward_last(model, tokens, read_pos, hooks=hk, extras=extras, grad=True)
+        else:
+            logits = hooks.forward(model, tokens, hooks=hk, extras=extras, grad=True)
         vals = check_metric_values(metric(logits), tokens.shape[0], name=name)
         if not vals.requires_grad:
             raise MetricError(f"the metric {name!r} is not differentiable w.r.t. the model's activations (it "
@@ -270,6 +276,7 @@ def _gradient_batch(model, w: _Wiring, contrast: ContrastSet, metric, method: st
     corr_vals = check_metric_values(metric(corr_logits), B, name=name).detach().cpu()
     del clean_logits, corr_logits
     clean_tok = contrast.clean_tokens
+    read = contrast.last_pos if getattr(metric, "last_token_only", False) else None
     G: Optional[list[Tensor]] = None
 
     def add(grads: list[Tensor], weight: float):
@@ -284,13 +291,13 @@ def _gradient_batch(model, w: _Wiring, contrast: ContrastSet, metric, method: st
     e_clean, e_corr = A_clean[:, :, 0], A_corr[:, :, 0]
     alphas = [k / ig_steps for k in range(1, ig_steps + 1)]  # paper-era EAP-IG: clean end in, corrupted out
     if method == "eap":
-        add(_grad_run(model, w, clean_tok, ex_clean, metric, e_clean)[1], 1.0)
+        add(_grad_run(model, w, clean_tok, ex_clean, metric, e_clean, read_pos=read)[1], 1.0)
     elif method == "clean-corrupted":
-        add(_grad_run(model, w, clean_tok, ex_clean, metric, e_clean)[1], 0.5)
-        add(_grad_run(model, w, contrast.corrupted_tokens, ex_corr, metric, e_corr)[1], 0.5)
+        add(_grad_run(model, w, clean_tok, ex_clean, metric, e_clean, read_pos=read)[1], 0.5)
+        add(_grad_run(model, w, contrast.corrupted_tokens, ex_corr, metric, e_corr, read_pos=read)[1], 0.5)
     elif method == "eap-ig":
         for a in alphas:
-            add(_grad_run(model, w, clean_tok, ex_clean, metric, e_corr + a * (e_clean - e_corr))[1], 1 / ig_steps)
+            add(_grad_run(model, w, clean_tok, ex_clean, metric, e_corr + a * (e_clean - e_corr), read_pos=read)[1], 1 / ig_steps)
     else:  # eap-ig-activations
         nodes = [(None, e_clean, e_corr)]
         for l in range(spec.n_layers):
@@ -301,9 +308,9 @@ def _gradient_batch(model, w: _Wiring, contrast: ContrastSet, metric, method: st
             for a in alphas:
                 mix = k + a * (c - k)
                 if hook_name is None:
-                    add(_grad_run(model, w, clean_tok, ex_clean, metric, mix)[1], wt)
+                    add(_grad_run(model, w, clean_tok, ex_clean, metric, mix, read_pos=read)[1], wt)
                 else:
-                    add(_grad_run(model, w, clean_tok, ex_clean, metric, e_clean, (hook_name, mix))[1], wt)
+                    add(_grad_run(model, w, clean_tok, ex_clean, metric, e_clean, (hook_name, mix), read_pos=read)[1], wt)
     # mechlib sign: Δ = clean − corrupted, as [b, writer, pos·d] so each reader group is one bmm
     delta = (A_clean - A_corr).float().permute(0, 2, 1, 3).reshape(B, spec.n_forward, -1)
     S = torch.zeros(B, spec.n_forward, spec.n_backward, device=delta.device)
