@@ -171,7 +171,8 @@ search = mechlib.act_head_search(model, calib, beta=BETA, epsilon=EPSILON, min_q
 selected = search.selected
 searched = int((~search.values.isnan()).sum())
 print(f"calibration accuracy {search.baselines['accuracy']:.1%}; layers {search.metadata['layers'][0]}..{search.metadata['layers'][-1]}; "
-      f"{len(selected)} of {searched} heads raise it (kept), e.g. {selected[:6]}")
+      f"{len(selected)} of {searched} heads raise it (kept), e.g. {selected[:6]}; {search.metadata['skipped']} head "
+      f"calibrations not run (no key above ε in any prompt: calibrating them changes nothing)")
 if not selected and SETTING == "paper":   # none helped on these few prompts (a random stand-in, or chance): keep the best, so the cells below run
     best = int(search.values.nan_to_num(float("-inf")).flatten().argmax())
     selected = [(best // H, best % H)]

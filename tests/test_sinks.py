@@ -220,6 +220,10 @@ def test_act_head_search_equals_calibrating_each_head_alone(model):
     split = mechlib.act_head_search(model, calib, layers=[10, 11], progress=False, batch_size=3)
     torch.testing.assert_close(split.values, s.values, equal_nan=True)
     torch.testing.assert_close(split.margin_gain, s.margin_gain, equal_nan=True, atol=1e-4, rtol=1e-4)
+    # no key reaches epsilon: every calibration is the identity, so nothing runs and nothing changes
+    none = mechlib.act_head_search(model, calib, layers=[10], epsilon=1.0, progress=False)
+    assert none.metadata["skipped"] == model.cfg.n_heads and (none.values[10] == 0).all()
+    assert (none.margin_gain[10] == 0).all() and none.selected == []
 
 
 def test_calibrate_attention_ignores_padding_queries(tiny_llama):

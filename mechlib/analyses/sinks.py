@@ -21,6 +21,7 @@ first token" — the sink's value vector is small, so the head mostly writes not
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional, Sequence
 
 import torch
@@ -521,8 +522,11 @@ def act_head_search(
 
     Every head of a layer is tried in one resumed forward: the calibration batch is stacked once per
     head, copy ``k`` calibrates head ``k``, and the model restarts at that layer from recorded
-    inputs (the earlier blocks are not affected by the edit). Results equal calibrating each head
-    alone with :func:`~mechlib.interventions.calibrate_attention` (tested).
+    inputs (the earlier blocks are not affected by the edit). A head with no sink in any prompt
+    of a batch (no key above ``epsilon``, read from the unedited run's patterns with a 1e-6 margin)
+    is left out of that forward: calibrating it changes nothing, so its accuracy is the unedited
+    one (``metadata["skipped"]`` counts these (batch, head) cells). Results equal calibrating each
+    head alone with :func:`~mechlib.interventions.calibrate_attention` (tested).
 
     Args:
         calib: a :class:`ContrastSet` (answers vs wrong answers; accuracy among the set's answers).
@@ -547,32 +551,45 @@ def act_head_search(
     acc_all, ld_all = metrics.accuracy(calib), metrics.logit_diff(calib)
     acc_sum, ld_sum = torch.zeros(model.cfg.n_layers, H), torch.zeros(model.cfg.n_layers, H)
     acc0_sum = ld0_sum = 0.0
+    skipped = 0
     show = progress if progress is not None else len(layers) > 4
+    patterns = [f"blocks.{l}.attn.hook_pattern" for l in layers]
     for idx, sub, _ in prompt_batches(calib, acc_all, batch_size, trim=True):
         acc_m, ld_m, b = on_prompts(acc_all, idx, B), on_prompts(ld_all, idx, B), len(sub)
-        with hooks.record_block_inputs(model, layers) as starts, torch.no_grad():
+        with hooks.record_block_inputs(model, layers) as starts, hooks.capture(model, patterns) as seen, \
+                torch.no_grad():
             full = hooks.forward(model, sub.clean_tokens.to(model.cfg.device), extras=sub.forward_extras())
-        acc0_sum += float(acc_m(full).sum())
-        ld0_sum += float(ld_m(full).float().sum())
-        lengths = sub.lengths.repeat(H)
+        acc0, ld0 = float(acc_m(full).sum()), float(ld_m(full).float().sum())
+        acc0_sum += acc0
+        ld0_sum += ld0
 
-        def edit(A, hook, b=b, lengths=lengths):
+        def edit(A, hook, b, heads, lengths):
             A = A.clone()
-            for k in range(H):  # copy k calibrates head k
-                part = A[k * b:(k + 1) * b, k:k + 1]
+            for k, h in enumerate(heads):  # copy k calibrates head heads[k]
+                part = A[k * b:(k + 1) * b, h:h + 1]
                 sink = act_sinks(part, epsilon=epsilon, min_queries=min_queries, lengths=lengths[k * b:(k + 1) * b],
                                  variant=variant)
-                A[k * b:(k + 1) * b, k:k + 1] = act_calibrate(part, sink, beta)
+                A[k * b:(k + 1) * b, h:h + 1] = act_calibrate(part, sink, beta)
             return A
 
-        for l in tqdm(layers, desc="ACT head search", disable=not show):
+        for l, name in tqdm(list(zip(layers, patterns)), desc="ACT head search", disable=not show):
+            # heads with no sink in any prompt (below epsilon by a margin): calibrating them is the identity
+            maybe = act_sinks(seen[name], epsilon=epsilon - 1e-6, min_queries=min_queries, lengths=sub.lengths,
+                              variant=variant).any(-1).any(0)
+            heads = maybe.nonzero().flatten().tolist()
+            idle = [h for h in range(H) if h not in heads]
+            acc_sum[l, idle] += acc0
+            ld_sum[l, idle] += ld0
+            skipped += len(idle)
+            if not heads:
+                continue
             if not hooks.resume_matches(model, starts[l], l, full):
                 raise RuntimeError(f"resuming this model at layer {l} does not reproduce its logits; "
                                    "search with calibrate_attention head by head instead")
-            logits = hooks.run_from(model, starts[l], l, copies=H, read_pos=sub.last_pos,
-                                    hooks=[(f"blocks.{l}.attn.hook_pattern", edit)])
-            acc_sum[l] += acc_m(logits).view(H, b).sum(-1).cpu()
-            ld_sum[l] += ld_m(logits).float().view(H, b).sum(-1).cpu()
+            fix = partial(edit, b=b, heads=heads, lengths=sub.lengths.repeat(len(heads)))
+            logits = hooks.run_from(model, starts[l], l, copies=len(heads), read_pos=sub.last_pos, hooks=[(name, fix)])
+            acc_sum[l, heads] += acc_m(logits).view(len(heads), b).sum(-1).cpu()
+            ld_sum[l, heads] += ld_m(logits).float().view(len(heads), b).sum(-1).cpu()
     acc0, ld0 = acc0_sum / B, ld0_sum / B
     acc_gain = torch.full((model.cfg.n_layers, H), float("nan"))
     ld_gain = torch.full((model.cfg.n_layers, H), float("nan"))
@@ -585,5 +602,5 @@ def act_head_search(
     return HeadSearch(values=acc_gain, axis_names=("layer", "head"), margin_gain=ld_gain,
                       baselines={"accuracy": acc0, "logit_diff": ld0},
                       metadata=dict(selected=keep, beta=beta, epsilon=epsilon, min_queries=min_queries, variant=variant,
-                                    layers=layers, n_prompts=B, batch_size=batch_size,
+                                    layers=layers, n_prompts=B, batch_size=batch_size, skipped=skipped,
                                     title="ACT search: calibration accuracy change per head"))
