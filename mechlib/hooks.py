@@ -166,21 +166,27 @@ def forward_last(model, tokens: Tensor, read_pos: Tensor, *, hooks: Sequence[tup
     then the forward stops before the final norm and only those positions are unembedded — on a
     262k vocabulary (Gemma 3) the full unembedding is most of a short forward. ``grad=True`` keeps
     the graph (gradients flow from those positions' logits only, as they would from the full ones)."""
-    extras = _on_device(model, check_inputs(model, extras, tokens))
-
-    def stop(x, hook):
-        raise _StopForward(x)
-
-    try:
-        with torch.set_grad_enabled(grad), attach(model, list(hooks) + [("ln_final.hook_in", stop)]):
-            model(tokens.to(model.cfg.device), **extras)
-    except _StopForward as done:
-        x = done.value
-    else:  # pragma: no cover - the hook always fires on a bridge with a final norm
-        raise HookNotFiredError("ln_final.hook_in never fired: cannot read the last position only")
+    x = _run_until(model, tokens, "ln_final.hook_in", hooks=hooks, extras=extras, grad=grad)
     rows = torch.arange(x.shape[0], device=x.device)
     with torch.set_grad_enabled(grad):
         return _logits_from_resid(model, x[rows, read_pos.to(x.device)][:, None])[:, 0]
+
+
+def _run_until(model, tokens: Tensor, stop: str, *, hooks: Sequence[tuple[str, HookFn]] = (),
+               extras: Optional[Mapping[str, Tensor]] = None, grad: bool = False) -> Tensor:
+    """Run a forward until hook point ``stop`` fires and return what it saw there; nothing after
+    that point runs."""
+    extras = _on_device(model, check_inputs(model, extras, tokens))
+
+    def halt(x, hook):
+        raise _StopForward(x)
+
+    try:
+        with torch.set_grad_enabled(grad), attach(model, list(hooks) + [(stop, halt)]):
+            model(tokens.to(model.cfg.device), **extras)
+    except _StopForward as done:
+        return done.value
+    raise HookNotFiredError(f"{stop} never fired: cannot stop this forward there")  # pragma: no cover
 
 
 @contextmanager
@@ -263,16 +269,8 @@ def activations(
     if stop is None:
         return run_with_cache(model, tokens, names, extras=extras, hooks=hooks)[1]
 
-    def halt(x, hook):
-        raise _StopForward(x)
-
     with capture(model, names) as store:
-        try:
-            forward(model, tokens, hooks=list(hooks) + [(stop, halt)], extras=extras)
-        except _StopForward:
-            pass
-        else:  # pragma: no cover - the stop point is on the way to the logits
-            raise HookNotFiredError(f"{stop} never fired: cannot stop this forward early")
+        _run_until(model, tokens, stop, hooks=hooks, extras=extras)
     missing = [n for n in names if n not in store]
     if missing:
         raise HookNotFiredError(f"hooks on {missing} never fired before {stop}: this bridge does not route them")
