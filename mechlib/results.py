@@ -87,6 +87,10 @@ def layer_number(label: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
+def _is_int(label) -> bool:
+    return isinstance(label, str) and label.lstrip("-").isdigit()
+
+
 @dataclass(frozen=True)
 class Result:
     """Base result. Subclasses add fields; tensors are stored on the CPU, detached.
@@ -264,9 +268,10 @@ class Result:
 
         ``key`` is a label (``"L15"``, ``"H3"``, a token) or an integer. On a ``layer`` axis an
         integer is the **layer number**: a probe over ``layers=[15]`` has one entry, and
-        ``locate("layer", 15)`` is 0. An integer that is not one of the result's layers but is a
-        valid position still reads as the position, with a warning (it is ambiguous); on other
-        axes an integer is the position (negative counts from the end).
+        ``locate("layer", 15)`` is 0; likewise on an axis labelled by numbers (a faithfulness
+        curve's ``size``: ``locate("size", 300)`` is the 300-edge circuit). An integer that is not
+        one of those numbers but is a valid position still reads as the position, with a warning
+        (it is ambiguous); on other axes an integer is the position (negative counts from the end).
 
         Raises:
             ValueError: naming the axis and its labels, when ``key`` is neither.
@@ -282,6 +287,9 @@ class Result:
         n = len(labels)
         shown = ", ".join(labels[:12]) + (f", … ({n} in all)" if n > 12 else "")
         layers = self._layer_numbers(axis)
+        if layers is None and axis != "layer":  # an axis labelled by numbers (a curve's "size"): the number
+            layers = [int(lab) for lab in labels] if labels and all(_is_int(lab) for lab in labels) else None
+        word = "layer" if axis == "layer" else axis
         if isinstance(key, str):
             if key in labels:
                 return labels.index(key)
@@ -297,14 +305,14 @@ class Result:
             if key in layers:
                 return layers.index(key)
             if 0 <= key < n:
-                warnings.warn(f"{type(self).__name__} has no layer {key} (its layers: {shown}); reading {key} as the "
-                              f"position of {labels[key]} — pass the layer number ({layers[key]}) instead",
+                warnings.warn(f"{type(self).__name__} has no {word} {key} (its {word}s: {shown}); reading {key} as "
+                              f"the position of {labels[key]} — pass the {word} number ({layers[key]}) instead",
                               stacklevel=3)
                 return key
             if -n <= key < 0:
                 return key % n
-            raise ValueError(f"{type(self).__name__} has no layer {key}: its layers are {shown} (pass one of "
-                             f"these layer numbers or labels)")
+            raise ValueError(f"{type(self).__name__} has no {word} {key}: its {word}s are {shown} (pass one of "
+                             f"these {word} numbers or labels)")
         if -n <= key < n:
             return key % n
         raise ValueError(f"{axis} position {key} is out of range: {type(self).__name__} has {n} along {axis!r} "

@@ -319,7 +319,7 @@ table = pd.DataFrame([
     {"finding": "late heads write the answer (DLA, answer − other capital)", "paper (GPT-2, OPT-1.3B, Llama-2-7B)": "—",
      col: "; ".join(f"{k} {v}" for k, v in list(head_effects.items())[:3])},
     {"finding": "a deep MLP writes the answer", "paper (GPT-2, OPT-1.3B, Llama-2-7B)": "yes (function application)",
-     col: f"L{deep} MLP DLA {deep_effect}; its top tokens: {mlp_tokens.top_tokens[deep - L // 2][:4]}"},
+     col: f"L{deep} MLP DLA {deep_effect}; its top tokens: {mlp_tokens.tokens(deep)[:4]}"},
     {"finding": "MLP ≈ Σ β·heads + task-aware intercept", "paper (GPT-2, OPT-1.3B, Llama-2-7B)": "the paper's method (details not public; unverified)",
      col: f"following the summaries: L{top[0][0]} MLP on its layer's heads, intercept = {same['intercept_share']:.0%} of the output, "
           f"heads R² {same['R2_in_sample']:.3f} in-sample / {same['R2_leave_one_out']:.3f} held-out (shuffled-null p = {same['p_vs_shuffled']:.2g})"},

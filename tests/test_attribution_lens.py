@@ -119,6 +119,7 @@ def test_logit_lens_last_layer_equals_the_models_output(model):
             assert int(lens.ranks[i, -1, k]) == int((logits > logits[t]).sum())
     assert lens.labels["layer"][-1] == "final_post" and len(lens.labels["layer"]) == model.cfg.n_layers + 1
     assert lens.top_tokens[0][-1][0] == " Paris"
+    assert lens.tokens(0, "final_post") == lens.top_tokens[0][-1] and lens.tokens(1, 3) == lens.top_tokens[1][3]
     ee = lens.early_excitation()
     assert set(ee.columns) >= {"peak_layer", "peak_prob", "final_prob", "early"} and len(ee) == 4
 
@@ -134,6 +135,11 @@ def test_component_tokens_match_dla_and_sla_limits(model):
     sla_last = mechlib.self_logits_augmentation(model, fr, layers=[model.cfg.n_layers - 1], gamma=1.0)
     assert torch.allclose(sla0, final, atol=1e-4) and torch.allclose(sla_last, final, atol=1e-3)
     assert not torch.allclose(mechlib.self_logits_augmentation(model, fr, layers=[20], gamma=0.5), final)
+    # tokens(layer) by layer number, whatever layers were read (top_tokens itself is by position)
+    late = mechlib.component_tokens(model, fr, layers=range(20, 30))
+    assert late.tokens(25) == late.tokens("L25") == late.top_tokens[5] == ct.top_tokens[25]
+    with pytest.raises(ValueError, match="no layer 40"):
+        late.tokens(40)
 
 
 def test_lens_bad_inputs(model):

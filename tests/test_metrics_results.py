@@ -93,6 +93,13 @@ def test_results_over_some_layers_are_addressed_by_layer_number():
     # labels that are not layer numbers (the logit lens's residual points): integers are positions
     lens = Result(values=torch.zeros(3), axis_names=("layer",), labels={"layer": ["0_pre", "1_pre", "final_post"]})
     assert lens.locate("layer", 2) == 2 and lens.to_dataframe()["layer"].tolist() == [0, 1, 2]
+    # an axis labelled by numbers (a faithfulness curve's circuit sizes): an integer is the number
+    curve = Result(values=torch.tensor([0.2, 0.5, 0.9]), axis_names=("size",), labels={"size": ["30", "100", "300"]})
+    assert curve.locate("size", 300) == 2 and float(curve.select("size", 100).values) == 0.5
+    with pytest.raises(ValueError, match="no size 50: its sizes are 30, 100, 300"):
+        curve.locate("size", 50)
+    with pytest.warns(UserWarning, match="reading 1 as the position of 100"):
+        assert curve.locate("size", 1) == 1
 
 
 def test_a_verb_over_chosen_layers_reports_layer_numbers(tiny_llama):

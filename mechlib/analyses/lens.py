@@ -62,6 +62,12 @@ class LensResult(Result):
     ranks: Optional[Tensor] = None
     top_tokens: tuple = ()
 
+    def tokens(self, prompt: int, layer: Union[int, str]) -> tuple[str, ...]:
+        """The top-k tokens of prompt ``prompt`` at ``layer`` — a layer number or label (``15``,
+        ``"15_pre"``), located by :meth:`~mechlib.Result.locate` (``top_tokens`` itself is indexed
+        by position in the result)."""
+        return self.top_tokens[prompt][self.locate("layer", layer)]
+
     def rank_trajectory(self, target: Union[int, str] = 0) -> Tensor:
         """``[prompt, layer]`` ranks of one target (index or name)."""
         k = target if isinstance(target, int) else list(self.labels["target"]).index(target)
@@ -183,10 +189,17 @@ class ComponentTokens(Result):
     """Each layer's component output at the last token read as tokens.
 
     ``values``: ``[layer, target]`` direct logit contribution to the targets (final-norm scale
-    frozen; mean over prompts); ``top_tokens[layer]``: the tokens the component promotes most
-    (mean over prompts)."""
+    frozen; mean over prompts); ``top_tokens[i]``: the tokens the component of the ``i``-th layer
+    read promotes most (mean over prompts) — by position; :meth:`tokens` takes the layer number."""
 
     top_tokens: tuple = ()
+
+    def tokens(self, layer: Union[int, str]) -> tuple[str, ...]:
+        """The tokens ``layer``'s component promotes most, ``layer`` a layer number or label (``20``,
+        ``"L20"``): on ``component_tokens(..., layers=range(15, 30))`` ``tokens(20)`` is the sixth
+        entry of ``top_tokens``. A number that is not one of the result's layers is an error naming
+        them (or, if it is a valid position, read as one with a warning)."""
+        return self.top_tokens[self.locate("layer", layer)]
 
     def table(self):
         import pandas as pd

@@ -523,10 +523,11 @@ def act_head_search(
     Every head of a layer is tried in one resumed forward: the calibration batch is stacked once per
     head, copy ``k`` calibrates head ``k``, and the model restarts at that layer from recorded
     inputs (the earlier blocks are not affected by the edit). A head with no sink in any prompt
-    of a batch (no key above ``epsilon``, read from the unedited run's patterns with a 1e-6 margin)
-    is left out of that forward: calibrating it changes nothing, so its accuracy is the unedited
-    one (``metadata["skipped"]`` counts these (batch, head) cells). Results equal calibrating each
-    head alone with :func:`~mechlib.interventions.calibrate_attention` (tested).
+    of a batch (no key above ``epsilon``, read from the unedited run's patterns with a margin for
+    rounding: 1e-6 in float32, 8 ulps in half precision) is left out of that forward: calibrating
+    it changes nothing, so its accuracy is the unedited one (``metadata["skipped"]`` counts these
+    (batch, head) cells). Results equal calibrating each head alone with
+    :func:`~mechlib.interventions.calibrate_attention` (tested).
 
     Args:
         calib: a :class:`ContrastSet` (answers vs wrong answers; accuracy among the set's answers).
@@ -574,7 +575,10 @@ def act_head_search(
 
         for l, name in tqdm(list(zip(layers, patterns)), desc="ACT head search", disable=not show):
             # heads with no sink in any prompt (below epsilon by a margin): calibrating them is the identity
-            maybe = act_sinks(seen[name], epsilon=epsilon - 1e-6, min_queries=min_queries, lengths=sub.lengths,
+            # (the margin covers the resumed copies' rounding: 1e-6 in float32, 8 ulps at 1 in half precision)
+            dt = seen[name].dtype
+            margin = 1e-6 if torch.finfo(dt).bits >= 32 else 8 * torch.finfo(dt).eps
+            maybe = act_sinks(seen[name], epsilon=epsilon - margin, min_queries=min_queries, lengths=sub.lengths,
                               variant=variant).any(-1).any(0)
             heads = maybe.nonzero().flatten().tolist()
             idle = [h for h in range(H) if h not in heads]

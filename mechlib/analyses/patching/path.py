@@ -152,8 +152,8 @@ def path_patching(
     other head is frozen to its clean output), so with a metric that reads the last token only
     (``last_token_only``, as :mod:`mechlib.metrics` builds them) they recompute only from that
     position on, the clean run's keys and values standing in for the earlier ones — exact, and
-    checked once per model against the clean logits. On IOI (S2 swapped) that is the last third
-    of each prompt; on Colored Objects, the question. The result's metadata records
+    checked once per model against the clean logits. On IOI (S2 swapped) that is from the batch's
+    earliest S2 on; on Colored Objects, the last tokens of the question. The result's metadata records
     ``prefix_reuse`` and ``from_pos`` (the earliest recompute start); where reuse would have
     helped but cannot be used, a warning and ``prefix_reason`` say why.
 
