@@ -87,10 +87,7 @@ def position_bias(model, options: OptionPrompts, *, pine: bool = False, batch_si
     ld = []
     for chunk in options.batches(batch_size):
         with _maybe_pine(model, chunk, pine):  # unembedded at the last token only (all the metric reads)
-            last = hooks.forward_last(model, chunk.tokens, chunk.lengths - 1)
-        rows = torch.arange(len(chunk), device=last.device)
-        ld.append((last[rows, chunk.answer_ids.to(last.device)] - last[rows, chunk.wrong_ids.to(last.device)])
-                  .float().cpu())
+            ld.append(chunk.logit_diff(hooks.forward_last(model, chunk.tokens, chunk.lengths - 1)).float().cpu())
     ld = torch.cat(ld)
     n_items = len(options) // 2
     per = torch.zeros(n_items, 2)

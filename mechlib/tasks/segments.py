@@ -82,8 +82,9 @@ class OptionPrompts(SegmentedPrompts):
     item: Tensor = None
 
     def logit_diff(self, logits: Tensor) -> Tensor:
-        """``[batch]`` logit(correct) − logit(wrong) at each prompt's last token."""
-        last = self.at_last(logits)
+        """``[batch]`` logit(correct) − logit(wrong) at each prompt's last token, from ``[batch, pos,
+        vocab]`` logits or ``[batch, vocab]`` ones already read there (:func:`mechlib.hooks.forward_last`)."""
+        last = logits if logits.ndim == 2 else self.at_last(logits)
         rows = torch.arange(len(self), device=last.device)
         return last[rows, self.answer_ids.to(last.device)] - last[rows, self.wrong_ids.to(last.device)]
 

@@ -19,6 +19,7 @@ from mechlib.analyses.patching.common import (
     _Plan,
     _plan,
     _progress,
+    _reads_every_position,
     _sweep_result,
     prompt_batches,
 )
@@ -254,8 +255,7 @@ def _patch_batch(model, contrast: ContrastSet, metric: Metric, plan: "_Plan", me
         if not resumed:
             prefix_reason = "it needs the resumed path, which is off"
         elif read_pos is None:
-            prefix_reason = (f"the metric {name!r} reads every position (build it with last_token_only=True "
-                             "if it reads only the last token)")
+            prefix_reason = _reads_every_position(metric)
         else:
             try:
                 try:

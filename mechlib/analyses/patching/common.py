@@ -181,6 +181,12 @@ def _metric_name(metric) -> str:
     return getattr(metric, "__name__", type(metric).__name__)
 
 
+def _reads_every_position(metric) -> str:
+    """Why causal prefix reuse is off for a metric without ``last_token_only``."""
+    return (f"the metric {_metric_name(metric)!r} reads every position (build it with last_token_only=True "
+            "if it reads only the last token)")
+
+
 def _check_contrast(model, contrast: ContrastSet) -> None:
     if not isinstance(contrast, ContrastSet):
         raise TypeError(f"contrast must be a mechlib ContrastSet, got {type(contrast).__name__}; "

@@ -16,6 +16,7 @@ from mechlib.analyses.patching.common import (
     _chunk_size,
     _metric_name,
     _progress,
+    _reads_every_position,
     prompt_batches,
 )
 from mechlib.memory import peak_memory
@@ -86,8 +87,7 @@ class _PathBase:
         corr_vals = check_metric_values(metric(corr_logits), B, name=name)
         prefix, reason = None, None
         if rec is None:
-            reason = (f"the metric {name!r} reads every position (build it with last_token_only=True if it "
-                      "reads only the last token)")
+            reason = _reads_every_position(metric)
         else:
             try:
                 prefix = hooks.prefix_from(model, rec, min(layers), contrast.n_pos)
