@@ -27,6 +27,56 @@ def test_multi_token_answer_names_the_prompt(model):
         ContrastSet.from_prompts(model, [IOI_CLEAN], [IOI_CORR], ["Christophers"], [" John"])
 
 
+def _sentencepiece_tokenizer(dummy_prefix: bool):
+    """A SentencePiece-style tokenizer as Llama-2's in transformers' legacy mode (``dummy_prefix``:
+    a '▁' before the text and every space as '▁', so " Paris" alone is '▁' + '▁Paris'), or one that
+    splits a bare ' ' off the word (no word-boundary marker in its tokens)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if dummy_prefix:
+        pieces = ["<unk>", "\u2581", "\u2581Paris", "\u2581The", "\u2581capital", "\u2581is", "\u2581Rome",
+                  "P", "a", "r", "i", "s", "R", "o", "m", "e"]
+        tk = Tokenizer(models.Unigram([(p, -1.0 if len(p) > 1 else -10.0) for p in pieces], unk_id=0))
+        tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    else:
+        vocab = {w: i for i, w in enumerate(["<unk>", " ", "Paris", "The", "capital", "is"])}
+        tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tk.pre_tokenizer = pre_tokenizers.Split(" ", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+
+
+def test_single_token_answers_on_a_sentencepiece_vocabulary_with_a_dummy_prefix():
+    from types import SimpleNamespace
+
+    from mechlib.tasks.contrast import single_token_id
+
+    tok = _sentencepiece_tokenizer(dummy_prefix=True)
+    model = SimpleNamespace(tokenizer=tok)
+    # alone, " Paris" is two tokens; in running text the word is the one token '▁Paris'
+    assert tok.convert_ids_to_tokens(tok.encode(" Paris", add_special_tokens=False)) == ["\u2581", "\u2581Paris"]
+    in_text = tok.encode("The capital is Paris", add_special_tokens=False)
+    assert single_token_id(model, " Paris") == in_text[-1] == tok.convert_tokens_to_ids("\u2581Paris")
+    assert single_token_id(model, "Paris") == in_text[-1]  # the dummy prefix makes the bare word the same token
+    with pytest.raises(ContrastSetError, match="is 3 tokens"):  # a word of two pieces stays more than one
+        single_token_id(model, " Pa")
+    with pytest.raises(ContrastSetError):
+        single_token_id(model, "  Paris")  # two spaces are not running text
+
+
+def test_a_bare_space_token_before_the_word_is_not_read_as_a_dummy_prefix():
+    """A vocabulary whose words carry no boundary marker: after a prompt " Paris" is ' ' then 'Paris',
+    so 'Paris' alone is not the answer token."""
+    from types import SimpleNamespace
+
+    from mechlib.tasks.contrast import single_token_id
+
+    tok = _sentencepiece_tokenizer(dummy_prefix=False)
+    assert tok.convert_ids_to_tokens(tok.encode(" Paris", add_special_tokens=False)) == [" ", "Paris"]
+    with pytest.raises(ContrastSetError, match="is 2 tokens"):
+        single_token_id(SimpleNamespace(tokenizer=tok), " Paris")
+
+
 @pytest.mark.parametrize("field", ["clean", "corrupted", "answers", "wrong_answers"])
 def test_empty_strings_are_refused(tiny_llama, field):
     args = dict(clean=[IOI_CLEAN, IOI_CLEAN], corrupted=[IOI_CORR, IOI_CORR],

@@ -38,9 +38,33 @@ def _check_strings(name: str, values: Sequence[str], n: Optional[int] = None) ->
     return values
 
 
+def _text_token_ids(tokenizer, text: str) -> list[int]:
+    """The token ids of ``text`` as it reads after a prompt (no special tokens).
+
+    SentencePiece tokenizers with a dummy prefix (Llama-2, Mistral; transformers' "legacy" mode)
+    encode ``" Paris"`` on its own as ``['▁', '▁Paris']``, while in running text ("... is Paris")
+    the word is the one token ``'▁Paris'``, which carries its space. Where the leading space
+    encodes as bare space tokens followed by exactly the encoding of the rest, and that begins with a
+    ``'▁'`` word piece, the rest's ids are the answer. Byte-level BPE (GPT-2, Llama-3, SmolLM2) and
+    SentencePiece without a dummy prefix (Gemma) encode ``" Paris"`` as one token, and a vocabulary
+    that splits off a bare ``' '`` before an unmarked word keeps both tokens (after a prompt the
+    space is the next token).
+    """
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) > 1 and text.startswith(" ") and not text.startswith("  "):
+        rest = tokenizer.encode(text[1:], add_special_tokens=False)
+        head = ids[:len(ids) - len(rest)]
+        if (rest and head and ids[len(head):] == rest
+                and str(tokenizer.convert_ids_to_tokens(rest[0])).startswith("\u2581")
+                and all(tokenizer.convert_ids_to_tokens(i) == "\u2581" for i in head)):
+            return rest
+    return ids
+
+
 def single_token_id(model, text: str, *, what: str = "answer") -> int:
-    """The id of ``text`` if it is exactly one token for this model's tokenizer, else a clear error."""
-    ids = model.tokenizer.encode(text, add_special_tokens=False)
+    """The id of ``text`` if it is exactly one token for this model's tokenizer (as it reads after a
+    prompt: :func:`_text_token_ids`), else a clear error."""
+    ids = _text_token_ids(model.tokenizer, text)
     if len(ids) != 1:
         pieces = [model.tokenizer.decode([i]) for i in ids]
         hint = " (most BPE vocabularies want a leading space, e.g. ' Paris')" if not text.startswith(" ") else ""

@@ -8,13 +8,13 @@ from typing import Literal, Optional, Sequence, Union
 
 import torch
 
-from mechlib.tasks.contrast import ContrastSet, ContrastSetError
+from mechlib.tasks.contrast import ContrastSet, ContrastSetError, _text_token_ids
 from mechlib.tasks.data import load_data
 
 
 def _single_token_words(model, words: Sequence[str], *, what: str, need: int) -> list[str]:
     """Words that are one token with a leading space (" Mary") for this tokenizer."""
-    ok = [w for w in words if len(model.tokenizer.encode(" " + w, add_special_tokens=False)) == 1]
+    ok = [w for w in words if len(_text_token_ids(model.tokenizer, " " + w)) == 1]
     if len(ok) < need:
         raise ContrastSetError(
             f"only {len(ok)} of the {len(words)} {what} in data/ are single tokens for this "
@@ -170,7 +170,7 @@ def _word_positions(model, text: str, phrases: Sequence[str], *, start: int = 0,
 
 
 def _is_one_token(model, text: str) -> bool:
-    return len(model.tokenizer.encode(text, add_special_tokens=False)) == 1
+    return len(_text_token_ids(model.tokenizer, text)) == 1
 
 
 def _colored_objects_simple(model, n: int, rng: random.Random, n_shots: int) -> ContrastSet:
@@ -216,7 +216,7 @@ def factual_recall(model, n: Optional[int] = None, *, seed: int = 0) -> Contrast
     rng = random.Random(seed)
     template = data["template"]
     facts = [(s, c) for s, c in data["facts"]
-             if len(model.tokenizer.encode(" " + c, add_special_tokens=False)) == 1]
+             if len(_text_token_ids(model.tokenizer, " " + c)) == 1]
     by_len: dict[int, list[tuple[str, str]]] = {}
     for s, c in facts:
         by_len.setdefault(len(model.to_tokens(template.format(subject=s))[0]), []).append((s, c))
@@ -275,7 +275,7 @@ def context_qa(model, n: Optional[int] = None, *, seed: int = 0) -> ContrastSet:
     """
     data = load_data("context_qa")
     facts = [(s, c) for s, c in load_data(data["facts_from"])["facts"]
-             if len(model.tokenizer.encode(" " + c, add_special_tokens=False)) == 1]
+             if len(_text_token_ids(model.tokenizer, " " + c)) == 1]
     if len(facts) < 2:
         raise ContrastSetError("fewer than two capital facts have one-token answers for this tokenizer")
     rng = random.Random(seed)
