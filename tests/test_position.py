@@ -92,6 +92,47 @@ def test_segments_attend_to_each_other_and_prefix_is_untouched(tiny_llama):
     torch.testing.assert_close(B.sum(-1), torch.ones_like(B.sum(-1)))
 
 
+def _tiny_llama_in(dtype):
+    """The tiny Llama of the ``tiny_llama`` fixture (same weights), run in ``dtype``."""
+    from mechlib.models._common import boot
+    from mechlib.models.tiny import tiny_hf_model
+
+    hf, tok = tiny_hf_model("llama", 0)
+    return boot("tiny-llama", hf.to(dtype), tok, device=None, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pine_in_half_precision(tiny_llama, dtype, monkeypatch):
+    """In half precision the reconstruction check compares scores within their rounding: PINE runs,
+    gives the float32 model's PINE output up to half-precision error and stays order-blind; a wrong
+    reconstruction (scores 5% off) is still refused, and so are frequencies that do not give the
+    cos/sin the model applied."""
+    half = _tiny_llama_in(dtype)
+    pre, segs, suf = _layout([3, 5, 4], seed=2)
+    outs = []
+    for order in ([0, 1, 2], [2, 0, 1]):
+        toks, spans = _assemble(pre, segs, suf, order)
+        with interventions.position_invariant(half, spans):
+            outs.append(half(toks)[0, -1].float())
+        with interventions.position_invariant(tiny_llama, spans):
+            ref = tiny_llama(toks)[0, -1]
+        assert float((outs[-1] - ref).abs().max()) < 0.05 * float(ref.abs().max())
+    assert float((outs[1] - outs[0]).abs().max()) < 0.05 * float(outs[0].abs().max())
+    real = interventions.position._rope_scores
+    with monkeypatch.context() as m:
+        m.setattr(interventions.position, "_rope_scores", lambda *a: real(*a) * 1.05)
+        with pytest.raises(interventions.UnsupportedBridgeError, match="beyond the rounding bound"):
+            with interventions.position_invariant(half, spans):
+                half(toks)
+    _, acts = hooks.run_with_cache(half, toks, ["blocks.0.attn.hook_cos", "blocks.0.attn.hook_sin"])
+    cos, sin = acts["blocks.0.attn.hook_cos"], acts["blocks.0.attn.hook_sin"]
+    assert cos.dtype == dtype
+    inv = half.original_model.model.rotary_emb.inv_freq.float()
+    torch.testing.assert_close(interventions.rope_frequencies(cos, sin, [inv * 1.02, inv]), inv)
+    with pytest.raises(interventions.UnsupportedBridgeError, match="not rotate-half"):
+        interventions.rope_frequencies(cos, sin, [inv * 1.02])
+
+
 def test_pine_bad_inputs_and_cleanup(tiny_llama, tiny_gpt2):
     pre, segs, suf = _layout([3, 3])
     toks, spans = _assemble(pre, segs, suf, [0, 1])

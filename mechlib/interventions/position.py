@@ -14,28 +14,49 @@ from mechlib.interventions._common import UnsupportedBridgeError, _check_pattern
 from mechlib.sites import check_layer
 
 
-def rope_frequencies(cos: Tensor, sin: Tensor) -> Tensor:
+def rope_frequencies(cos: Tensor, sin: Tensor, candidates: Sequence[Tensor] = ()) -> Tensor:
     """The rotary frequencies ``[rotary_dim / 2]`` of one layer, read off the cos/sin it applied
     (``[..., T, rotary_dim]``, rotate-half layout, positions ``0..T-1``): the angle at position 1.
     Works for any RoPE whose angle is linear in position — per-layer bases (Gemma 2/3 local and
     global layers), partial rotary (Pythia), frequency scaling (Llama 3, linear, YaRN's attention
-    factor cancels in the angle) — and is checked at every position."""
+    factor cancels in the angle) — and is checked at every position.
+
+    In half precision the angle at position 1 is good to a few digits only, which thousands of
+    positions later is a wrong rotation: the frequencies are then the one of ``candidates`` (the
+    model's rotary modules' ``inv_freq``, float32) that gives the cos/sin applied at every position
+    to within their rounding."""
+    dtype = cos.dtype
     cos, sin = cos.reshape(-1, *cos.shape[-2:])[0].double(), sin.reshape(-1, *sin.shape[-2:])[0].double()
     T, rd = cos.shape
     if T < 2 or rd % 2:
         raise UnsupportedBridgeError(f"cannot read rotary frequencies from cos/sin of shape {tuple(cos.shape)}")
     half = rd // 2
-    freq = torch.atan2(sin[1, :half], cos[1, :half])
     scale = cos[0, :half]
-    angles = torch.arange(T, dtype=torch.float64)[:, None] * freq
-    ok = (torch.allclose(cos[:, :half], scale * torch.cos(angles), atol=1e-4)
-          and torch.allclose(sin[:, :half], scale * torch.sin(angles), atol=1e-4)
-          and torch.allclose(cos[:, half:], cos[:, :half], atol=1e-6))
-    if not ok:
-        raise UnsupportedBridgeError("this model's rotary embedding is not rotate-half with angles linear in "
-                                     "position (e.g. interleaved pairs or position-dependent scaling): "
-                                     "position_invariant cannot re-position its keys")
-    return freq.float()
+    exact = dtype in (torch.float32, torch.float64)
+    atol = 1e-4 if exact else float(torch.finfo(dtype).eps) * max(1.0, float(scale.abs().max()))
+
+    def fits(freq: Tensor) -> bool:
+        angles = torch.arange(T, dtype=torch.float64)[:, None] * freq.double()
+        return (torch.allclose(cos[:, :half], scale * torch.cos(angles), atol=atol)
+                and torch.allclose(sin[:, :half], scale * torch.sin(angles), atol=atol)
+                and torch.allclose(cos[:, half:], cos[:, :half], atol=1e-6))
+
+    if exact:
+        freq = torch.atan2(sin[1, :half], cos[1, :half])
+        if fits(freq):
+            return freq.float()
+    else:
+        for cand in candidates:
+            cand = cand.detach().cpu().double().flatten()
+            if cand.numel() == half and fits(cand):
+                return cand.float()
+        if not any(c.numel() == half for c in candidates):
+            raise UnsupportedBridgeError(
+                f"position_invariant reads a {dtype} model's rotary frequencies from its rotary module's inv_freq, "
+                "and this model has none of the right size: load the model in float32")
+    raise UnsupportedBridgeError("this model's rotary embedding is not rotate-half with angles linear in "
+                                 "position (e.g. interleaved pairs or position-dependent scaling): "
+                                 "position_invariant cannot re-position its keys")
 
 
 def _rope_scores(qr: Tensor, kr: Tensor, shift: Tensor, inv_freq: Tensor) -> Tensor:
@@ -66,6 +87,49 @@ def _cap_and_mask(scores: Tensor, qpos: Tensor, kpos: Tensor, softcap: Optional[
     if window is not None:
         hidden = hidden | (qpos - kpos >= window)
     return scores.masked_fill(hidden, float("-inf"))
+
+
+def _check_reconstruction(layer: int, A: Tensor, qr: Tensor, kr: Tensor, scores: Optional[Tensor], inv_freq: Tensor,
+                          scale: float, softcap: Optional[float], window: Optional[int], where: str) -> None:
+    """Raise unless PINE's reconstruction (rotated queries ``qr`` and keys ``kr`` of the first prompt,
+    ``[T, H, D]`` in float32) is the model's attention at ``layer``.
+
+    In float32 the probabilities must agree to 1e-4. In half precision they cannot: the model rounds
+    each score (a score of 10 is good to 0.06 in bfloat16, which moves its probability by 6%), so the
+    model's own scores (``scores``, from ``hook_attn_scores``) are compared instead, each within
+    ``1e-4 + 2 eps |score| + d_head eps_32 scale sum_d |q_d k_d|``: the rounding of the product and
+    of its scaling to the half type, and a float32 accumulation of the dot product (a backend that
+    accumulates in half precision fails the check, and PINE refuses to edit). The masked keys must
+    be the same.
+    """
+    T = A.shape[-1]
+    pos = torch.arange(T, device=A.device)
+    zero = torch.zeros(1, 1, 1, dtype=torch.long, device=A.device)
+    ours = _cap_and_mask(_rope_scores(qr, kr, zero, inv_freq) * scale, pos[:, None], pos[None, :], softcap, window)
+    if A.dtype in (torch.float32, torch.float64):
+        err = float((torch.softmax(ours, -1) - A[0].detach().float()).abs().max())
+        if not err < 1e-4:
+            raise UnsupportedBridgeError(
+                f"position_invariant could not reproduce layer {layer}'s attention from its rotated queries and "
+                f"keys ({where}; max error {err:.2g}): editing it would be wrong")
+        return
+    if scores is None:
+        raise UnsupportedBridgeError(
+            f"position_invariant cannot check its reconstruction of layer {layer}'s attention in {A.dtype} ({where} "
+            "has no hook_attn_scores to compare with): load the model in float32")
+    theirs = scores[0].detach().float()
+    seen = torch.isfinite(ours)
+    eps = torch.finfo(A.dtype).eps
+    mag = scale * torch.einsum("ihd,jhd->hij", qr.abs(), kr.abs())
+    bound = 1e-4 + 2 * eps * ours.abs() + qr.shape[-1] * torch.finfo(torch.float32).eps * mag
+    excess = ((ours - theirs).abs() - bound)[seen]
+    masked_ok = bool((theirs[~seen] < -1e4).all())
+    if float(excess.max()) > 0 or not masked_ok:
+        err = float((ours - theirs)[seen].abs().max())
+        raise UnsupportedBridgeError(
+            f"position_invariant could not reproduce layer {layer}'s attention scores from its rotated queries and "
+            f"keys in {A.dtype} ({where}; max error {err:.2g}, beyond the rounding bound"
+            f"{'' if masked_ok else '; the masked keys differ'}): editing it would be wrong")
 
 
 def _order_shift(importance: Tensor, lens: Tensor) -> Tensor:
@@ -173,7 +237,10 @@ def position_invariant(
     ===============  ==================================  ===================================  ==================
 
     Yields ``{hook name: times fired}``. Works on bridges that re-implement rotate-half RoPE
-    attention (Llama, Qwen2, Mistral, SmolLM); otherwise :class:`UnsupportedBridgeError`.
+    attention (Llama, Qwen2, Mistral, SmolLM); otherwise :class:`UnsupportedBridgeError`. Before
+    editing a layer it checks, on the first forward, that its reconstruction is the model's attention:
+    in float32 the probabilities to 1e-4; in half precision (bfloat16/float16, as the released code
+    runs) the scores, each to the rounding its dot product allows.
     The cost is ``O(T² · d_head)`` per head and prompt on top of the forward.
     """
     from mechlib.arch import describe
@@ -197,6 +264,9 @@ def position_invariant(
     own_rot = hasattr(model.blocks[layers[0]].attn, "hook_rot_q") and arch.attention_bridge == "PositionEmbeddingsAttentionBridge"
     store: dict[str, Tensor] = {}
     checked: set[int] = set()
+    half = getattr(model.cfg, "dtype", torch.float32) not in (torch.float32, torch.float64)
+    hf = getattr(model, "original_model", None)
+    inv_freqs = [m.inv_freq for m in hf.modules() if isinstance(getattr(m, "inv_freq", None), Tensor)] if half and hf else []
 
     def keep(x, hook, key):
         store[key] = x
@@ -222,19 +292,12 @@ def position_invariant(
         cos, sin = store.pop(f"cos{layer}"), store.pop(f"sin{layer}")
         qr, kr = rotated(layer, cos, sin)
         kr = kr.repeat_interleave(H // kr.shape[2], dim=2)
-        f = rope_frequencies(cos, sin).to(A.device)
+        f = rope_frequencies(cos, sin, inv_freqs).to(A.device)
         scale = float(getattr(model.blocks[layer].attn.original_component, "scaling", None) or model.cfg.d_head ** -0.5)
         cap, window = arch.attn_softcap, arch.windows[layer]
         if layer not in checked:  # prove the reconstruction is this model's attention before editing it
-            pos = torch.arange(T, device=A.device)
-            ref = torch.softmax(_cap_and_mask(_rope_scores(qr[0].float(), kr[0].float(), torch.zeros(1, 1, 1, dtype=torch.long,
-                                                                                               device=A.device), f) * scale,
-                                              pos[:, None], pos[None, :], cap, window), -1)
-            err = float((ref.detach() - A[0].detach().float()).abs().max())
-            if not err < 1e-4:
-                raise UnsupportedBridgeError(
-                    f"position_invariant could not reproduce layer {layer}'s attention from its rotated queries and "
-                    f"keys ({arch.family}, {arch.attention_bridge}; max error {err:.2g}): editing it would be wrong")
+            _check_reconstruction(layer, A, qr[0].float(), kr[0].float(), store.pop(f"s{layer}", None), f, scale,
+                                  cap, window, f"{arch.family}, {arch.attention_bridge}")
             checked.add(layer)
         A = A.clone()
         v = layout.view(b, q=T, n_prompts=len(segments) if per_prompt else None, what="position_invariant")
@@ -255,6 +318,9 @@ def position_invariant(
                (f"blocks.{l}.attn.hook_cos", lambda x, hook, l=l: keep(x, hook, f"cos{l}")),
                (f"blocks.{l}.attn.hook_sin", lambda x, hook, l=l: keep(x, hook, f"sin{l}")),
                (f"blocks.{l}.attn.hook_pattern", lambda A, hook, l=l: edit(A, hook, l))]
+        if half and hasattr(model.blocks[l].attn, "hook_attn_scores"):  # the check compares scores (see above)
+            hk.append((f"blocks.{l}.attn.hook_attn_scores",
+                       lambda x, hook, l=l: keep(x, hook, f"s{l}") if l not in checked else x))
     why = "it re-positions every key for every query, so it needs the whole sequence, unpadded"
     try:
         with layout.editing(model, "position_invariant", cache=False, padding=False, reason=why), \
