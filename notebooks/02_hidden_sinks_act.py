@@ -100,7 +100,7 @@ from mechlib.evals import ACT_DATASETS, load_act_dataset
 
 torch.manual_seed(0)
 torch.set_grad_enabled(False)
-model = (mechlib.tiny_model(mechlib.models.standin_family(MODEL), n_layers=4, device=DEVICE or "cpu") if STANDIN  # 4 layers: ACT searches 2..L-2
+model = (mechlib.tiny_model(mechlib.models.standin_family(MODEL), n_layers=4, device=DEVICE or "cpu", dtype=DTYPE) if STANDIN  # 4 layers: ACT searches 2..L-2
          else mechlib.load_model(MODEL, device=DEVICE, dtype=DTYPE))
 
 

@@ -101,9 +101,9 @@ elif SETTING != "cpu":
     raise ValueError(f"SETTING={SETTING!r}: 'cpu' (the embedded models) or 'paper' (LLaVA-1.5-7B, POPE on COCO)")
 
 
-def load_standin(name):
-    """A tiny random model of ``name``'s architecture with 4 layers (VAR edits layers 2..L−2)."""
-    return mechlib.tiny_model(mechlib.models.standin_family(name), seed=0, n_layers=4)
+def load_standin(name, dtype=None):
+    """A tiny random model of ``name``'s architecture with 4 layers (VAR edits layers 2..L−2), in ``dtype``."""
+    return mechlib.tiny_model(mechlib.models.standin_family(name), seed=0, n_layers=4, dtype=dtype)
 
 # %%
 import matplotlib.pyplot as plt
@@ -324,7 +324,7 @@ fig.tight_layout()
 
 # %%
 if SETTING == "paper":   # the paper's model in fp16 (or its tiny stand-in)
-    vlm, real_vlm = (load_standin(VLM), False) if STANDIN else (mechlib.load_model(VLM, device=DEVICE, dtype=DTYPE), True)
+    vlm, real_vlm = (load_standin(VLM, DTYPE), False) if STANDIN else (mechlib.load_model(VLM, device=DEVICE, dtype=DTYPE), True)
 else:                    # LLaVA on a GPU, else the tiny one
     vlm, real_vlm = mechlib.models.vlm_or_tiny(VLM, device=DEVICE, tiny_layers=4)
 vlm_name = VLM if real_vlm else ("tiny random stand-in of " + VLM if STANDIN else "tiny random LLaVA")

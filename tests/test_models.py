@@ -221,6 +221,30 @@ def test_load_an_already_loaded_model(saved_tiny):
         mechlib.load_model(hf)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weights_run_in_the_dtype_asked_for(dtype):
+    """The bridge's dtype is its weights' and its logits': a stand-in of a half-precision paper
+    model runs in half precision (the notebooks' paper settings on stand-ins), an already-loaded
+    model is cast to ``dtype=`` and otherwise keeps its own (it used to be labelled float32 over
+    bf16 weights, or half over float32 ones)."""
+    name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    stand = mechlib.load_model("llama-2-7b", standin="tiny", dtype=name)
+    hf, tok = models.tiny.tiny_hf_model("llama")
+    ref = hf(torch.tensor([[1, 5, 9]])).logits
+    cast = mechlib.load_model(hf, tokenizer=tok, dtype=name)
+    hf2, _ = models.tiny.tiny_hf_model("llama")
+    own = mechlib.load_model(hf2.to(dtype), tokenizer=tok)
+    for m in (stand, cast, own):
+        assert m.cfg.dtype == dtype
+        assert {p.dtype for p in m.parameters() if p.is_floating_point()} == {dtype}
+        with torch.no_grad():
+            out = m(torch.tensor([[1, 5, 9]]))
+        assert out.dtype == dtype
+    with torch.no_grad():  # the same random weights, rounded: the same logits to half precision's rounding
+        torch.testing.assert_close(out.float(), ref.detach(), atol=0.05, rtol=0.05)
+    assert mechlib.load_model("llama-2-7b", standin="tiny").cfg.dtype == torch.float32
+
+
 def test_folder_without_weights_or_config(saved_tiny, tmp_path):
     folder, _, _ = saved_tiny
     for f in folder.glob("*.safetensors"):

@@ -88,13 +88,15 @@ def load_model(
             ``transformers.PreTrainedModel`` (then pass ``tokenizer=``).
         tokenizer: the tokenizer of an already-loaded model (or to override a folder's).
         device: ``None`` picks CUDA when available, else CPU.
-        dtype: ``torch.float32`` by default; ``"bfloat16"``/``"float16"`` for large models on GPU.
+        dtype: ``torch.float32`` by default (an already-loaded model: its own); ``"bfloat16"``/
+            ``"float16"`` for large models on GPU. The weights are cast to it.
         device_map, n_devices: split a model larger than one device (accelerate, through
             TransformerLens for hub models; dispatched by mechlib for embedded, local and GGUF
             models). Mutually exclusive with ``device``.
         standin: ``"tiny"`` returns a tiny random model of ``name``'s architecture instead (LLaVA-1.5 →
             the tiny LLaVA, Llama-2 → a tiny Llama, GPT-2 medium → a tiny GPT-2, ...): what CI runs
-            the notebooks' paper settings on, so every line of them runs without the weights.
+            the notebooks' paper settings on, so every line of them runs without the weights (in
+            ``dtype``, as the paper's model would).
         **boot_kwargs: other ``TransformerBridge.boot_transformers`` options (hub models only).
 
     Returns:
@@ -112,7 +114,7 @@ def load_model(
             raise ValueError(f"standin={standin!r}: 'tiny' (a tiny random model of the same architecture) or None")
         if not isinstance(name, str):
             raise ValueError("standin='tiny' needs a model name (e.g. 'llava-1.5-7b')")
-        return tiny_model(standin_family(name), seed=0, device=device or "cpu")
+        return tiny_model(standin_family(name), seed=0, device=device or "cpu", dtype=dtype)
     torch_dtype = resolve_dtype(dtype)
     if device is not None and (device_map is not None or n_devices is not None):
         raise ValueError("give either device or device_map/n_devices, not both")
@@ -124,7 +126,8 @@ def load_model(
         if device_map is not None or n_devices is not None:
             raise ValueError("an already-loaded model keeps its placement: dispatch it yourself "
                              "(accelerate.dispatch_model(model, device_map)) before load_model")
-        return local.from_pretrained_model(name, tokenizer, device=device, dtype=torch_dtype)
+        return local.from_pretrained_model(name, tokenizer, device=device,
+                                           dtype=name.dtype if dtype is None else torch_dtype)
     if isinstance(name, (list, tuple)):
         return local.from_gguf(list(name), device=device, dtype=torch_dtype, device_map=device_map)
     if isinstance(name, Path):

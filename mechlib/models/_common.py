@@ -121,6 +121,10 @@ def boot(name: str, hf_model, tokenizer, *, device: Optional[str], dtype: torch.
     from transformer_lens.model_bridge import TransformerBridge
 
     prepare_hf_model(hf_model, tokenizer)
+    # the bridge takes the dtype as given: weights in another one would run in theirs under its label
+    # (the model's main dtype only, so modules a class keeps in float32 stay so; quantized models as they are)
+    if getattr(hf_model, "dtype", dtype) != dtype and getattr(hf_model, "hf_quantizer", None) is None:
+        hf_model.to(dtype=dtype)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # TL logs alias deprecations through the root logger

@@ -26,10 +26,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Union
 
 import torch
 
-from mechlib.models._common import boot, cache_dir
+from mechlib.models._common import boot, cache_dir, resolve_dtype
 
 _TINY_SPECIALS = ["<unk>", "<bos>", "<eos>", "<pad>", "<image>"]
 
@@ -116,7 +117,8 @@ def tiny_hf_model(family: str = "llama", seed: int = 0, *, n_layers: int = 2):
     return hf, tok
 
 
-def tiny_model(family: str = "llama", seed: int = 0, *, n_layers: int = 2, device: str = "cpu", device_map=None):
+def tiny_model(family: str = "llama", seed: int = 0, *, n_layers: int = 2, device: str = "cpu", device_map=None,
+               dtype: Union[None, str, torch.dtype] = None):
     """A tiny random-init model of one architecture family that boots offline in about a second.
 
     Args:
@@ -124,6 +126,8 @@ def tiny_model(family: str = "llama", seed: int = 0, *, n_layers: int = 2, devic
         seed: weights are a deterministic function of (family, seed, n_layers).
         device_map: an accelerate device map (e.g. ``{"model.embed_tokens": "cpu", ...}``) to split
             the model across devices, as a user with a model larger than one GPU would.
+        dtype: the weights' dtype (``None``: float32); ``"bfloat16"``/``"float16"`` cast the same
+            float32 initialisation, so a stand-in runs in the dtype of the model it stands in for.
 
     Example:
         >>> m = tiny_model("gemma3"); m.cfg.n_layers
@@ -134,4 +138,5 @@ def tiny_model(family: str = "llama", seed: int = 0, *, n_layers: int = 2, devic
         from accelerate import dispatch_model
 
         hf = dispatch_model(hf, device_map=device_map)
-    return boot(f"tiny-{family}", hf, tok, device=None if device_map is not None else device, dtype=torch.float32)
+    return boot(f"tiny-{family}", hf, tok, device=None if device_map is not None else device,
+                dtype=resolve_dtype(dtype))
