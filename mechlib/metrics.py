@@ -188,7 +188,9 @@ def kl_to_clean(contrast: ContrastSet, clean_logits: Float[Tensor, "batch pos vo
 
 
 def check_metric_values(values, n: int, *, name: str = "metric") -> Tensor:
-    """Validate a metric's output: a float tensor of shape ``[n]`` with finite values."""
+    """Validate a metric's output: a float tensor of shape ``[n]`` with finite values; half
+    precision (a bf16/fp16 model's logits) comes back as float32 (differentiably), so tables of
+    values are float32 whatever the model's dtype."""
     if not isinstance(values, Tensor):
         raise MetricError(f"{name} returned {type(values).__name__}; it must return a tensor of shape [{n}]")
     if values.shape != (n,):
@@ -199,7 +201,7 @@ def check_metric_values(values, n: int, *, name: str = "metric") -> Tensor:
     if not torch.isfinite(values).all():
         bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
         raise MetricError(f"{name} returned NaN/inf for prompts {bad[:10]}")
-    return values
+    return values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
 
 
 def normalized(value: Tensor, clean: Tensor | float, corrupted: Tensor | float) -> Tensor:

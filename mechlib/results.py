@@ -93,7 +93,8 @@ def _is_int(label) -> bool:
 
 @dataclass(frozen=True)
 class Result:
-    """Base result. Subclasses add fields; tensors are stored on the CPU, detached.
+    """Base result. Subclasses add fields; tensors are stored on the CPU, detached, half
+    precision as float32 (tables of a bf16/fp16 model read into numpy and pandas as any other).
 
     Attributes:
         values: the table, averaged over prompts, with ``len(axis_names)`` axes.
@@ -121,7 +122,8 @@ class Result:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, Tensor):
-                object.__setattr__(self, f.name, v.detach().cpu())
+                v = v.detach().cpu()
+                object.__setattr__(self, f.name, v.float() if v.dtype in (torch.float16, torch.bfloat16) else v)
         object.__setattr__(self, "axis_names", tuple(self.axis_names))
         if self.values.ndim != len(self.axis_names):
             raise ValueError(f"values has {self.values.ndim} axes but axis_names is {self.axis_names}")

@@ -234,6 +234,8 @@ def test_weights_run_in_the_dtype_asked_for(dtype):
     cast = mechlib.load_model(hf, tokenizer=tok, dtype=name)
     hf2, _ = models.tiny.tiny_hf_model("llama")
     own = mechlib.load_model(hf2.to(dtype), tokenizer=tok)
+    for m in (stand, cast):  # cast as from_pretrained(dtype=) loads: parameters, not the rotary buffers
+        assert m.original_model.model.rotary_emb.inv_freq.dtype == torch.float32
     for m in (stand, cast, own):
         assert m.cfg.dtype == dtype
         assert {p.dtype for p in m.parameters() if p.is_floating_point()} == {dtype}

@@ -133,6 +133,21 @@ def test_pine_in_half_precision(tiny_llama, dtype, monkeypatch):
         interventions.rope_frequencies(cos, sin, [inv * 1.02])
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_pine_in_half_precision_finds_each_layer_types_frequencies(dtype):
+    """Gemma 3 keeps one frequency buffer per layer type (``sliding_attention_inv_freq``,
+    ``full_attention_inv_freq``, float32 as loaded): half-precision PINE finds each layer's among
+    them and stays order-blind."""
+    m = mechlib.tiny_model("gemma3", dtype=dtype)
+    pre, segs, suf = _layout([3, 5, 4], seed=2)
+    outs = []
+    for order in ([0, 1, 2], [2, 0, 1]):
+        toks, spans = _assemble(pre, segs, suf, order)
+        with interventions.position_invariant(m, spans):
+            outs.append(m(toks)[0, -1].float())
+    assert float((outs[1] - outs[0]).abs().max()) < 0.05 * float(outs[0].abs().max())
+
+
 def test_pine_bad_inputs_and_cleanup(tiny_llama, tiny_gpt2):
     pre, segs, suf = _layout([3, 3])
     toks, spans = _assemble(pre, segs, suf, [0, 1])

@@ -23,8 +23,8 @@ def rope_frequencies(cos: Tensor, sin: Tensor, candidates: Sequence[Tensor] = ()
 
     In half precision the angle at position 1 is good to a few digits only, which thousands of
     positions later is a wrong rotation: the frequencies are then the one of ``candidates`` (the
-    model's rotary modules' ``inv_freq``, float32) that gives the cos/sin applied at every position
-    to within their rounding."""
+    model's rotary frequency buffers, ``*inv_freq``: one per layer type in Gemma 3) that gives the
+    cos/sin applied at every position to within their rounding."""
     dtype = cos.dtype
     cos, sin = cos.reshape(-1, *cos.shape[-2:])[0].double(), sin.reshape(-1, *sin.shape[-2:])[0].double()
     T, rd = cos.shape
@@ -52,7 +52,7 @@ def rope_frequencies(cos: Tensor, sin: Tensor, candidates: Sequence[Tensor] = ()
                 return cand.float()
         if not any(c.numel() == half for c in candidates):
             raise UnsupportedBridgeError(
-                f"position_invariant reads a {dtype} model's rotary frequencies from its rotary module's inv_freq, "
+                f"position_invariant reads a {dtype} model's rotary frequencies from its inv_freq buffers, "
                 "and this model has none of the right size: load the model in float32")
     raise UnsupportedBridgeError("this model's rotary embedding is not rotate-half with angles linear in "
                                  "position (e.g. interleaved pairs or position-dependent scaling): "
@@ -266,7 +266,8 @@ def position_invariant(
     checked: set[int] = set()
     half = getattr(model.cfg, "dtype", torch.float32) not in (torch.float32, torch.float64)
     hf = getattr(model, "original_model", None)
-    inv_freqs = [m.inv_freq for m in hf.modules() if isinstance(getattr(m, "inv_freq", None), Tensor)] if half and hf else []
+    # every rotary frequency buffer (Gemma 3 keeps one per layer type: sliding_attention_inv_freq, ...)
+    inv_freqs = [b for name, b in hf.named_buffers() if name.endswith("inv_freq")] if half and hf else []
 
     def keep(x, hook, key):
         store[key] = x

@@ -121,10 +121,14 @@ def boot(name: str, hf_model, tokenizer, *, device: Optional[str], dtype: torch.
     from transformer_lens.model_bridge import TransformerBridge
 
     prepare_hf_model(hf_model, tokenizer)
-    # the bridge takes the dtype as given: weights in another one would run in theirs under its label
-    # (the model's main dtype only, so modules a class keeps in float32 stay so; quantized models as they are)
+    # the bridge takes the dtype as given: weights in another one would run in theirs under its label.
+    # Cast as from_pretrained(dtype=) loads: the parameters (when the model's main dtype differs; a
+    # quantized model as it is), not the buffers (rotary inv_freq stays float32)
     if getattr(hf_model, "dtype", dtype) != dtype and getattr(hf_model, "hf_quantizer", None) is None:
-        hf_model.to(dtype=dtype)
+        keep = set(getattr(hf_model, "_keep_in_fp32_modules", None) or ())
+        for pname, p in hf_model.named_parameters():
+            if p.is_floating_point() and not any(k in pname.split(".") for k in keep):
+                p.data = p.data.to(dtype)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # TL logs alias deprecations through the root logger
@@ -138,4 +142,22 @@ def boot(name: str, hf_model, tokenizer, *, device: Optional[str], dtype: torch.
     if device is not None and not on_map and torch.device(device) != torch.device(bridge.cfg.device):
         bridge = bridge.to(device)
     bridge.eval()
+    check_runs_in_dtype(bridge, name)
     return bridge
+
+
+def check_runs_in_dtype(bridge, name: str) -> None:
+    """A half-precision bridge runs one short forward at load, so that an attention bridge that
+    mixes float32 into its half-precision path (TransformerLens 4.3 applies OLMo-2's rotary
+    embedding in float32 and never casts back) fails here with the fix, not inside a verb."""
+    if bridge.cfg.dtype not in (torch.float16, torch.bfloat16):
+        return
+    try:
+        with torch.no_grad():
+            bridge(torch.zeros(1, 2, dtype=torch.long, device=bridge.cfg.device))
+    except RuntimeError as e:
+        if "type" not in str(e).lower():  # a dtype mismatch ("expected scalar type Float but found BFloat16")
+            raise
+        raise ModelLoadError(
+            f"{name} does not run in {bridge.cfg.dtype} under TransformerLens's bridge ({e}): load it in "
+            "float32 (dtype='float32')") from e

@@ -11,7 +11,7 @@ import socket
 import warnings
 from typing import Any
 
-from mechlib.models._common import ModelNotAvailableOffline, no_processor_autoload
+from mechlib.models._common import ModelNotAvailableOffline, check_runs_in_dtype, no_processor_autoload
 
 # Short names for the papers' models; anything else is passed to TransformerLens as is.
 HUB_ALIASES = {
@@ -90,4 +90,5 @@ def load(name: str, *, device, dtype, device_map, n_devices, boot_kwargs: dict[s
         except Exception as e:  # noqa: BLE001
             warnings.warn(f"mechlib: no processor for {repo!r} ({e}); build pixel_values yourself")
     bridge.eval()
+    check_runs_in_dtype(bridge, repo)
     return bridge
