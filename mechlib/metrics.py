@@ -76,7 +76,8 @@ def custom(contrast: ContrastSet, fn: Callable[[Tensor, ContrastSet], Tensor], *
     """
 
     def metric(logits):
-        return fn(last_token_logits(logits, contrast), contrast)
+        out = fn(last_token_logits(logits, contrast), contrast)
+        return out.float() if isinstance(out, Tensor) and out.dtype in (torch.float16, torch.bfloat16) else out
 
     return _finish(metric, name, lambda idx: custom(contrast.subset(idx), fn, name=name))
 
@@ -98,7 +99,8 @@ def on_prompts(metric: Metric, idx, n: int) -> Metric:
 
 
 def logit_diff(contrast: ContrastSet) -> Metric:
-    """``logit(answer) - logit(wrong answer)`` at the last token, per prompt.
+    """``logit(answer) - logit(wrong answer)`` at the last token, per prompt (float32 for a
+    half-precision model's logits, as every metric here).
 
     Example:
         >>> metric = logit_diff(ioi_set)                  # doctest: +SKIP
@@ -109,14 +111,14 @@ def logit_diff(contrast: ContrastSet) -> Metric:
         last = last_token_logits(logits, contrast)
         b = last.shape[0]
         rows = torch.arange(b, device=last.device)
-        return last[rows, _tile(contrast.answer_ids, b, last.device)] - last[
+        return last[rows, _tile(contrast.answer_ids, b, last.device)].float() - last[
             rows, _tile(contrast.wrong_ids, b, last.device)
-        ]
+        ].float()
 
     # the only logits it reads, per prompt, and the value from them (rows in any prompt order):
     # patching engines then unembed two columns instead of the whole vocabulary
     metric.columns = torch.stack([contrast.answer_ids, contrast.wrong_ids], 1)
-    metric.from_columns = lambda cols: cols[:, 0] - cols[:, 1]
+    metric.from_columns = lambda cols: cols[:, 0].float() - cols[:, 1].float()
     return _finish(metric, "logit_diff", lambda idx: logit_diff(contrast.subset(idx)))
 
 

@@ -61,7 +61,8 @@ def test_verbs_in_half_precision(family, dtype):
     # DLA: the frozen norm and the sum of terms hold to the rounding (used to be refused as non-additive)
     dla = mechlib.direct_logit_attribution(m, cs)
     with torch.no_grad():
-        true = ld(m(cs.clean_tokens)).float()
+        true = ld(m(cs.clean_tokens))
+    assert true.dtype == torch.float32  # metric values are float32 whatever the logits' dtype
     assert float((dla.per_prompt.sum(-1) - true).abs().max()) <= 8 * eps * float(true.abs().max())
 
     # edge attribution: the additivity check allows the stream's rounding (it used to refuse)
