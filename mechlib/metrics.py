@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from mechlib.numerics import widen
 from mechlib.tasks.contrast import ContrastSet
 
 Metric = Callable[[Float[Tensor, "batch pos vocab"]], Float[Tensor, "batch"]]
@@ -77,7 +78,7 @@ def custom(contrast: ContrastSet, fn: Callable[[Tensor, ContrastSet], Tensor], *
 
     def metric(logits):
         out = fn(last_token_logits(logits, contrast), contrast)
-        return out.float() if isinstance(out, Tensor) and out.dtype in (torch.float16, torch.bfloat16) else out
+        return widen(out) if isinstance(out, Tensor) else out
 
     return _finish(metric, name, lambda idx: custom(contrast.subset(idx), fn, name=name))
 
@@ -203,7 +204,7 @@ def check_metric_values(values, n: int, *, name: str = "metric") -> Tensor:
     if not torch.isfinite(values).all():
         bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
         raise MetricError(f"{name} returned NaN/inf for prompts {bad[:10]}")
-    return values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
+    return widen(values)
 
 
 def normalized(value: Tensor, clean: Tensor | float, corrupted: Tensor | float) -> Tensor:

@@ -24,6 +24,12 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps) / 2 if dtype in HALF else 0.0
 
 
+def widen(t: Tensor) -> Tensor:
+    """``t`` in float32 if it is half precision (differentiably), else as it is: metric values and
+    results are float32 whatever the model's dtype."""
+    return t.float() if t.dtype in HALF else t
+
+
 def accumulation_bound(addends: Sequence[Tensor], dtype: torch.dtype, *, safety: float = 2.0) -> Union[Tensor, float]:
     """Per-element bound on the rounding of a ``dtype`` stream that adds ``addends`` in order
     (``safety · u · Σ_k |partial sum k|``, in float32); 0 when ``dtype`` is not half precision.

@@ -33,6 +33,8 @@ from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from mechlib.numerics import widen
+
 _REGISTRY: dict[str, type] = {}
 
 
@@ -122,8 +124,7 @@ class Result:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, Tensor):
-                v = v.detach().cpu()
-                object.__setattr__(self, f.name, v.float() if v.dtype in (torch.float16, torch.bfloat16) else v)
+                object.__setattr__(self, f.name, widen(v.detach().cpu()))
         object.__setattr__(self, "axis_names", tuple(self.axis_names))
         if self.values.ndim != len(self.axis_names):
             raise ValueError(f"values has {self.values.ndim} axes but axis_names is {self.axis_names}")

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from mechlib import hooks
 from mechlib.memory import peak_memory
-from mechlib.numerics import accumulation_bound
+from mechlib.numerics import accumulation_bound, unit_roundoff
 from mechlib.provenance import records
 from mechlib.results import Result
 from mechlib.tasks.contrast import ContrastSet, PromptBatch, Span
@@ -189,9 +189,8 @@ def frozen_norm(model, norm, x: Tensor, y: Tensor, *, what: str = "final norm"):
 
     bias = torch.zeros_like(x) if b is None else b.expand_as(x)
     # a half-precision model's norm output is rounded (twice, in HF's RMSNorm): to 2 ulps of each value
-    dt = model.cfg.dtype
-    rtol = 2 * float(torch.finfo(dt).eps) if dt in (torch.float16, torch.bfloat16) else 0.0
-    if not torch.allclose(f(x) + bias, y, atol=1e-3 * float(y.abs().max()) + 1e-5, rtol=rtol):
+    if not torch.allclose(f(x) + bias, y, atol=1e-3 * float(y.abs().max()) + 1e-5,
+                          rtol=4 * unit_roundoff(model.cfg.dtype)):
         raise NotImplementedError(f"could not reproduce this model's {what} from its input ({arch.family}, "
                                   f"{arch.norm}): DLA would not decompose its logits exactly")
     return f, bias

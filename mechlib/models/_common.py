@@ -11,6 +11,8 @@ from typing import Optional, Union
 
 import torch
 
+from mechlib.numerics import HALF
+
 
 class ModelLoadError(RuntimeError):
     """A model file or folder is missing, truncated, corrupt or not a model mechlib can boot."""
@@ -150,7 +152,7 @@ def check_runs_in_dtype(bridge, name: str) -> None:
     """A half-precision bridge runs one short forward at load, so that an attention bridge that
     mixes float32 into its half-precision path (TransformerLens 4.3 applies OLMo-2's rotary
     embedding in float32 and never casts back) fails here with the fix, not inside a verb."""
-    if bridge.cfg.dtype not in (torch.float16, torch.bfloat16):
+    if bridge.cfg.dtype not in HALF:
         return
     try:
         with torch.no_grad():

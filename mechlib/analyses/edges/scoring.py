@@ -206,7 +206,7 @@ def edge_attribution(
                 bar.update(1)
             else:
                 pp, cv, kv = _gradient_batch(model, w, sub, m, method, ig_steps, bar)
-            clean_vals[idx], corr_vals[idx] = cv.float(), kv.float()
+            clean_vals[idx], corr_vals[idx] = cv, kv
             total += pp.sum(0)
             if keep:
                 parts.append(pp)

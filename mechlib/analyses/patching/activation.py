@@ -291,7 +291,7 @@ def _patch_batch(model, contrast: ContrastSet, metric: Metric, plan: "_Plan", me
         walks = _walks(rows, model.cfg.n_layers, T, chunk * B, overhead, split_last=engine.read_row,
                        token_rows=token_rows)
     fill = base.corr_out
-    per_prompt = corr_vals.float().cpu().reshape(B, 1, 1).repeat(1, len(plan.layers), len(plan.cells()))
+    per_prompt = corr_vals.cpu().reshape(B, 1, 1).repeat(1, len(plan.layers), len(plan.cells()))
     extras = hooks.check_inputs(model, contrast.forward_extras("corrupted"), contrast.corrupted_tokens)
     with _progress(len(walks), f"patching {spec.kind}", progress) as bar:
         for p0, idx in walks:
@@ -301,11 +301,11 @@ def _patch_batch(model, contrast: ContrastSet, metric: Metric, plan: "_Plan", me
             else:
                 out = engine.walk(part, p0) if resumed else engine.full(part, extras)
             vals = engine.values(out, part.b, metric, name, fill)
-            per_prompt[part.b, part.li, part.ci] = vals.float().cpu()
+            per_prompt[part.b, part.li, part.ci] = vals.cpu()
             bar.update(1)
     computed = torch.zeros(len(plan.layers), len(plan.cells()), dtype=torch.bool)
     computed[rows.li, rows.ci] = True
-    return dict(per_prompt=per_prompt, clean=clean_vals.float().cpu(), corrupted=corr_vals.float().cpu(),
+    return dict(per_prompt=per_prompt, clean=clean_vals.cpu(), corrupted=corr_vals.cpu(),
                 reason=reason if resume else None, chunk=chunk, prefix=prefix is not None and any(p > 0 for p, _ in walks),
                 prefix_reason=prefix_reason, forwards=len(walks), flops=flops + engine.flops,
                 flops_one_forward_per_cell=len(plan.layers) * len(plan.cells()) * forward_flops(model, B, T),

@@ -213,13 +213,13 @@ def path_patching(
                         f"path patching resumes forwards at the sender/receiver layers, and that cannot be "
                         f"verified on this model: {reason}")
             prefix, reason = _checked_prefix(model, base, min(check_layers))
-            vals, starts_at, would = _path_batch(model, base, senders, recv, receiver_positions,
-                                                 sender_positions, memory_budget_mb, max_chunk, progress, prefix)
-            values[idx] = vals.float()
+            values[idx], starts_at, would = _path_batch(model, base, senders, recv, receiver_positions,
+                                                        sender_positions, memory_budget_mb, max_chunk, progress,
+                                                        prefix)
             from_pos += starts_at
             if prefix is None and would:
                 prefix_reasons.append(reason)
-            clean_vals[idx], corr_vals[idx] = base.clean_vals.float().cpu(), base.corr_vals.float().cpu()
+            clean_vals[idx], corr_vals[idx] = base.clean_vals.cpu(), base.corr_vals.cpu()
     if prefix_reasons:
         warnings.warn(f"path_patching: causal prefix reuse is off for this call, so every patched copy recomputes "
                       f"the positions before the senders' first difference too. Why: {prefix_reasons[0]}. The "
@@ -351,6 +351,6 @@ def _path_batch(model, base: _PathBase, senders, recv, receiver_positions, sende
                 logits = hooks.run_from(model, starts[recv_first], recv_first, copies=C, hooks=patch,
                                         read_pos=read_pos, **resume)
             vals = check_metric_values(metric(logits), C * B, name=name)
-            values[:, c0:c0 + C] = vals.reshape(C, B).T.float().cpu()
+            values[:, c0:c0 + C] = vals.reshape(C, B).T.cpu()
             bar.update(1)
     return values, starts_at, would
