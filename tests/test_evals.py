@@ -415,22 +415,22 @@ def test_load_coco_download_path_with_local_urls(no_network, monkeypatch, tmp_pa
     """The download branch (zip of annotations, images one by one, atomic writes), fed file:// URLs."""
     import zipfile
 
-    from mechlib.evals import datasets as ds
+    from mechlib.evals import coco as cm
 
     z = tmp_path / "annotations_trainval2014.zip"
     with zipfile.ZipFile(z, "w") as f:
         for n in ("captions_val2014.json", "instances_val2014.json"):
             f.write(COCO / "annotations" / n, f"annotations/{n}")
-    monkeypatch.setattr(ds, "online", lambda *a, **k: True)
-    monkeypatch.setattr(ds, "COCO_ANNOTATIONS_URL", z.as_uri())
-    monkeypatch.setattr(ds, "COCO_IMAGE_URL", "file://" + str(COCO.resolve()) + "/{split}/{file_name}")
+    monkeypatch.setattr(cm, "online", lambda *a, **k: True)
+    monkeypatch.setattr(cm, "COCO_ANNOTATIONS_URL", z.as_uri())
+    monkeypatch.setattr(cm, "COCO_IMAGE_URL", "file://" + str(COCO.resolve()) + "/{split}/{file_name}")
     recs = evals.load_coco(2, seed=1)
     coco = no_network / "datasets" / "coco"
     assert sorted(p.name for p in (coco / "annotations").iterdir()) == ["captions_val2014.json", "instances_val2014.json"]
     assert sorted(p.name for p in (coco / "val2014").iterdir()) == sorted(r.file_name for r in recs)
     assert all(r.path.parent == coco / "val2014" and r.image().size[0] == 96 for r in recs)
     assert not (coco / "annotations_trainval2014.zip").exists()
-    monkeypatch.setattr(ds, "online", lambda *a, **k: False)       # now cached: works offline
+    monkeypatch.setattr(cm, "online", lambda *a, **k: False)       # now cached: works offline
     assert evals.load_coco(2, seed=1) == recs
 
 

@@ -12,7 +12,9 @@
   copy ``<$MECHLIB_CACHE>/datasets/chair/synonyms.txt``, else downloads the published file once
   (sha256-checked, written atomically to that cache). A notebook run offline needs the file placed
   there once; the error names the file, its URL and the folder.
-* :mod:`mechlib.evals.datasets` — COCO val2014 (annotations and a seeded sample of images), ACT's
+* :func:`load_coco` (:mod:`mechlib.evals.coco`) — COCO val2014: annotations, a seeded sample of
+  images, each image's CHAIR ground truth and POPE objects.
+* :mod:`mechlib.evals.datasets` — ACT's
   classification sets, WikiText-2 / C4 text for perplexity, RewardBench's reasoning subsets. Cached
   under ``$MECHLIB_CACHE/datasets``; a local folder works (``root=``); offline they fail at once and
   name the file to place.
@@ -29,14 +31,13 @@ from mechlib.evals.chair import (
     coco_ground_truth,
     vocabulary,
 )
+from mechlib.evals.coco import CocoRecord, load_coco
 from mechlib.evals.datasets import (
     ACT_DATASETS,
     ActDataset,
-    CocoRecord,
     DatasetNotAvailable,
     chair_synonyms_path,
     load_act_dataset,
-    load_coco,
     load_perplexity_text,
     load_rewardbench,
 )
