@@ -386,7 +386,8 @@ def run_from(
     resid: Optional[Tensor] = None,
     prefix: Optional["Prefix"] = None,
     from_pos: int = 0,
-) -> Tensor:
+    until: Optional[int] = None,
+) -> Optional[Tensor]:
     """Logits of the model resumed at block ``layer`` from recorded inputs, for ``copies`` stacked
     copies of the batch (rows ``[k*B:(k+1)*B]`` are copy ``k``), with ``hooks`` attached.
 
@@ -403,6 +404,9 @@ def run_from(
     when nothing before ``p`` differs from it (causal attention). Hook activations then cover
     positions ``p..`` only (``resid`` too), and every ``read_pos`` must be ``>= p``. Check once per
     model with :func:`prefix_check`.
+
+    ``until``: run blocks ``layer..until`` only and return ``None`` — for a pass whose hooks
+    capture what they need inside those blocks (no later block, final norm or unembedding runs).
     """
     from mechlib.arch import block_device
 
@@ -415,7 +419,10 @@ def run_from(
         x = x.repeat(copies, *([1] * (x.ndim - 1)))
     cache = None if prefix is None or not from_pos else _PrefixCache(prefix, from_pos, copies)
     with torch.no_grad(), attach(model, hooks), _cache_reaches_attention(model, layer, cache is not None):
-        for l in range(layer, model.cfg.n_layers):
+        last = model.cfg.n_layers - 1 if until is None else until
+        if not layer <= last < model.cfg.n_layers:
+            raise ValueError(f"until={until} must lie in [{layer}, {model.cfg.n_layers - 1}]")
+        for l in range(layer, last + 1):
             dev = block_device(model, l)
             kwargs = _to_device(start.expanded_kwargs(copies, l), dev)
             if cache is not None:
@@ -423,6 +430,8 @@ def run_from(
                 kwargs["cache"] = cache
             out = model.blocks[l](x.to(dev), use_cache=False, **kwargs)
             x = out[0] if isinstance(out, tuple) else out
+        if until is not None:
+            return None
         if read_pos is not None:
             rows = torch.arange(x.shape[0], device=x.device)
             at = read_pos.to(x.device).repeat(x.shape[0] // read_pos.shape[0]) - from_pos

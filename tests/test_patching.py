@@ -115,6 +115,29 @@ def test_self_patching_changes_nothing(tiny_llama):
         assert torch.allclose(a.values, torch.full_like(a.values, a.baselines["clean"]), atol=1e-5)
 
 
+
+def test_unembedding_the_read_position_only_changes_nothing():
+    """logit_diff declares that it reads the answer position only, so attribution and path patching
+    unembed that position alone (and path patching's receiver pass stops after its last receiver);
+    the same metric as a plain function (read as needing every position) gets the full logits."""
+    m = mechlib.tiny_model("llama", seed=1, n_layers=4)
+    cs = tasks.ioi(m, n=3, seed=0, templates=[0])
+    ld = metrics.logit_diff(cs)
+
+    def everywhere(logits):
+        return ld(logits)
+
+    assert ld.last_token_only and not hasattr(everywhere, "last_token_only")
+    for site, kw in (("head_out", {}), ("resid_pre", {}), ("head_v", {"by_position": True})):
+        fast = mechlib.attribution_patching(m, cs, ld, site=site, **kw)
+        full = mechlib.attribution_patching(m, cs, everywhere, site=site, **kw)
+        torch.testing.assert_close(fast.per_prompt, full.per_prompt, atol=1e-5, rtol=1e-5, msg=site)
+    for receivers in ("logits", [(2, 1, "q"), (1, 0, "k")]):  # the receiver pass stops after layer 2 of 4
+        fast = mechlib.path_patching(m, cs, ld, receivers=receivers)
+        with pytest.warns(UserWarning, match="prefix reuse is off"):
+            full = mechlib.path_patching(m, cs, everywhere, receivers=receivers)
+        torch.testing.assert_close(fast.per_prompt, full.per_prompt, atol=1e-5, rtol=1e-5)
+
 def test_resumed_chunked_and_full_forwards_agree(tiny_llama, tiny_ioi):
     ld = metrics.logit_diff(tiny_ioi)
     a = mechlib.activation_patching(tiny_llama, tiny_ioi, ld, site="head_q", by_position=True)

@@ -79,10 +79,16 @@ def _attribute_batch(model, contrast: ContrastSet, metric: Metric, plan: "_Plan"
     B = len(contrast)
     name = _metric_name(metric)
     hook_names = [spec.hook_name(l) for l in plan.layers]
-    clean_logits, clean_acts = hooks.run_with_cache(
-        model, contrast.clean_tokens, hook_names, extras=contrast.forward_extras("clean"))
-    clean_vals = check_metric_values(metric(clean_logits), B, name=name).detach().cpu()
-    del clean_logits
+    last_only = getattr(metric, "last_token_only", False)
+
+    def run(side, tracked=(), grad=False):  # a last-token metric: unembed the answer position only
+        tokens, extras = getattr(contrast, f"{side}_tokens"), contrast.forward_extras(side)
+        if last_only:
+            return hooks.forward_last(model, tokens, contrast.last_pos, hooks=tracked, extras=extras, grad=grad)
+        return hooks.forward(model, tokens, hooks=tracked, extras=extras, grad=grad)
+
+    with hooks.capture(model, hook_names) as clean_acts:
+        clean_vals = check_metric_values(metric(run("clean")), B, name=name).detach().cpu()
     corr_acts: dict[str, Tensor] = {}
 
     def keep(act, hook, name):
@@ -93,9 +99,7 @@ def _attribute_batch(model, contrast: ContrastSet, metric: Metric, plan: "_Plan"
 
     tracked = [(n, lambda act, hook, n=n: keep(act, hook, n)) for n in hook_names]
     with torch.enable_grad():
-        logits = hooks.forward(model, contrast.corrupted_tokens, hooks=tracked,
-                               extras=contrast.forward_extras("corrupted"), grad=True)
-        corr_vals = check_metric_values(metric(logits), B, name=name)
+        corr_vals = check_metric_values(metric(run("corrupted", tracked, grad=True)), B, name=name)
         if not corr_vals.requires_grad:
             raise RuntimeError(f"the metric {name!r} is not differentiable w.r.t. the model's activations "
                                "(it detaches or thresholds the logits, like accuracy): use a smooth metric "

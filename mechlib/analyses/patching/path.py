@@ -76,14 +76,22 @@ class _PathBase:
         B, name = len(contrast), _metric_name(metric)
         z_names = [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)]
         last_only = getattr(metric, "last_token_only", False)
+
+        def run(side):  # a metric that reads the answer position only gets [batch, vocab] logits there
+            tokens, extras = getattr(contrast, f"{side}_tokens"), contrast.forward_extras(side)
+            with hooks.capture(model, z_names) as z:
+                if last_only:
+                    logits = hooks.forward_last(model, tokens, contrast.last_pos, extras=extras)
+                else:
+                    logits = hooks.forward(model, tokens, extras=extras)
+            return logits, dict(z)
+
         with ExitStack() as stack:
             starts = stack.enter_context(hooks.record_block_inputs(model, layers))
             rec = stack.enter_context(hooks.record_keys_values(model, min(layers))) if last_only else None
-            clean_logits, clean_z = hooks.run_with_cache(model, contrast.clean_tokens, z_names,
-                                                         extras=contrast.forward_extras("clean"))
+            clean_logits, clean_z = run("clean")
         clean_vals = check_metric_values(metric(clean_logits), B, name=name)
-        corr_logits, corr_z = hooks.run_with_cache(model, contrast.corrupted_tokens, z_names,
-                                                   extras=contrast.forward_extras("corrupted"))
+        corr_logits, corr_z = run("corrupted")
         corr_vals = check_metric_values(metric(corr_logits), B, name=name)
         prefix, reason = None, None
         if rec is None:
@@ -207,7 +215,7 @@ def path_patching(
     with peak_memory(model.cfg.device) as mem:
         for idx, base in bases.batches(sorted({l for l, _ in senders} | set(check_layers))):
             for l in check_layers:
-                reason = hooks.resume_check(model, base.starts[l], l, base.clean_logits)
+                reason = hooks.resume_check(model, base.starts[l], l, _full_clean_logits(model, base, l))
                 if reason is not None:
                     raise NotImplementedError(
                         f"path patching resumes forwards at the sender/receiver layers, and that cannot be "
@@ -246,14 +254,26 @@ def path_patching(
     )
 
 
+def _full_clean_logits(model, base: _PathBase, layer: int) -> Optional[Tensor]:
+    """The clean run's full logits, the reference :func:`hooks.resume_check` compares a resumed
+    forward with — run only while resuming at ``layer`` is unverified on this model (the base run
+    unembeds the read positions only when the metric reads nothing else)."""
+    if base.clean_logits.ndim == 3 or hooks.resume_verified(model, layer):
+        return base.clean_logits
+    c = base.contrast
+    return hooks.forward(model, c.clean_tokens, extras=c.forward_extras("clean"))
+
+
 def _checked_prefix(model, base: _PathBase, layer: int) -> tuple[Optional[hooks.Prefix], Optional[str]]:
     """The base's clean keys and values where recomputing only later positions reproduces the clean
     logits on this model (checked once per model), else ``None`` and why not."""
     if base.prefix is None:
         return None, base.prefix_reason
     c = base.contrast
-    last = c.last_pos.to(base.clean_logits.device)
-    ref = base.clean_logits[torch.arange(len(c), device=last.device), last]
+    ref = base.clean_logits
+    if ref.ndim == 3:
+        last = c.last_pos.to(ref.device)
+        ref = ref[torch.arange(len(c), device=last.device), last]
     reason = hooks.prefix_check(model, base.starts[layer], base.prefix, c.last_pos, ref)
     return (None, reason) if reason is not None else (base.prefix, None)
 
@@ -329,8 +349,10 @@ def _path_batch(model, base: _PathBase, senders, recv, receiver_positions, sende
                 # a receiver at or below the chunk's first sender layer reads the clean run (no sender
                 # reaches it); the resumed forward starts above it, so it is neither recorded nor patched
                 recv_names = sorted({r.hook_name for r in recv if r.layer >= c_first})
+                until = max(r.layer for r in recv)  # nothing after the last receiver's block runs
                 with hooks.capture(model, recv_names) as seen:
-                    hooks.run_from(model, starts[c_first], c_first, copies=C, hooks=frozen, **resume)
+                    hooks.run_from(model, starts[c_first], c_first, copies=C, hooks=frozen[:until - c_first + 1],
+                                   until=until, **resume)
 
                 rows = torch.arange(C * B)
                 last = last_b.repeat(C) - p0
