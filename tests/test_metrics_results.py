@@ -244,3 +244,16 @@ def test_to_plotly_has_hover_labels():
     assert "layer %{y}" in fig.data[0].hovertemplate
     line = Result(values=torch.tensor([1.0, 2.0]), axis_names=("layer",)).to_plotly()
     assert list(line.data[0].y) == [1.0, 2.0]
+
+
+def test_next_token_loss_is_each_prompts_mean_cross_entropy(tiny_llama):
+    """From the definition, one prompt and one position at a time (prompts of different lengths:
+    padding neither counted nor read), and the same for any batch size."""
+    prompts = ["When Mary and John went to the store, John gave a drink to", "Mary gave a drink to", "The cat"]
+    got = metrics.next_token_loss(tiny_llama, prompts)
+    for i, text in enumerate(prompts):
+        toks = tiny_llama.to_tokens(text)
+        logp = torch.log_softmax(tiny_llama(toks)[0].double(), -1)
+        want = -torch.stack([logp[p, toks[0, p + 1]] for p in range(toks.shape[1] - 1)]).mean()
+        assert math.isclose(float(got[i]), float(want), rel_tol=1e-5), (i, float(got[i]), float(want))
+    torch.testing.assert_close(metrics.next_token_loss(tiny_llama, prompts, batch_size=1), got, atol=1e-6, rtol=1e-6)
