@@ -96,3 +96,14 @@ def test_pine_makes_pairwise_choices_order_invariant(gemma):
     assert pine.per_prompt.shape == (6, 2)
     assert float((pine.per_prompt[:, 0] - pine.per_prompt[:, 1]).abs().max()) < 1e-3
     assert float((plain.per_prompt[:, 0] - plain.per_prompt[:, 1]).abs().max()) > 0.05
+
+
+def test_hf_adds_bos_reads_each_saved_tokenizer(gemma, model):
+    """bos="hf" follows each model's own Hugging Face tokenizer (TransformerLens re-creates both
+    with add_bos_token=True): Gemma 3's puts BOS first, SmolLM2's does not; read once per path."""
+    from mechlib.tasks.generators import _saved_adds_bos, hf_adds_bos
+
+    assert gemma.tokenizer("a")["input_ids"][0] == gemma.tokenizer.bos_token_id
+    assert hf_adds_bos(gemma) and not hf_adds_bos(model)
+    hits = _saved_adds_bos.cache_info().hits
+    assert hf_adds_bos(gemma) and _saved_adds_bos.cache_info().hits == hits + 1

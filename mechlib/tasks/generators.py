@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import replace
 from typing import Literal, Optional, Sequence, Union
@@ -387,13 +388,23 @@ def natural_text(model, n: int = 100, *, length: int = 64, bos: str = "hf", seed
 def hf_adds_bos(model) -> bool:
     """Whether the model's own Hugging Face tokenizer puts BOS first by default (TransformerLens
     re-creates tokenizers with ``add_bos_token=True``, so ask the saved original)."""
+    tok = model.tokenizer
+    saved = _saved_adds_bos(getattr(tok, "name_or_path", ""))
+    return _adds_bos(tok) if saved is None else saved
+
+
+def _adds_bos(tok) -> bool:
+    ids = tok("a")["input_ids"]
+    return bool(ids) and tok.bos_token_id is not None and ids[0] == tok.bos_token_id
+
+
+@functools.lru_cache(maxsize=None)
+def _saved_adds_bos(src: str) -> Optional[bool]:
+    """:func:`hf_adds_bos` of the tokenizer saved at ``src`` (read once per process: Gemma 3's takes
+    seconds to load), or ``None`` when there is no local copy."""
     from transformers import AutoTokenizer
 
-    tok = model.tokenizer
-    src = getattr(tok, "name_or_path", "")
     try:
-        raw = AutoTokenizer.from_pretrained(src, local_files_only=True)
-    except Exception:  # noqa: BLE001 - no local copy: fall back on the loaded tokenizer's setting
-        raw = tok
-    ids = raw("a")["input_ids"]
-    return bool(ids) and raw.bos_token_id is not None and ids[0] == raw.bos_token_id
+        return _adds_bos(AutoTokenizer.from_pretrained(src, local_files_only=True))
+    except Exception:  # noqa: BLE001 - no local copy: the caller falls back on the loaded tokenizer's setting
+        return None
