@@ -254,7 +254,7 @@ def path_patching(
     )
 
 
-def _full_clean_logits(model, base: _PathBase, layer: int) -> Optional[Tensor]:
+def _full_clean_logits(model, base: _PathBase, layer: int) -> Tensor:
     """The clean run's full logits, the reference :func:`hooks.resume_check` compares a resumed
     forward with — run only while resuming at ``layer`` is unverified on this model (the base run
     unembeds the read positions only when the metric reads nothing else)."""
