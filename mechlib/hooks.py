@@ -172,6 +172,16 @@ def forward_last(model, tokens: Tensor, read_pos: Tensor, *, hooks: Sequence[tup
         return _logits_from_resid(model, x[rows, read_pos.to(x.device)][:, None])[:, 0]
 
 
+def forward_read(model, tokens: Tensor, read_pos: Optional[Tensor], *, hooks: Sequence[tuple[str, HookFn]] = (),
+                 extras: Optional[Mapping[str, Tensor]] = None, grad: bool = False) -> Tensor:
+    """The logits a metric reads: ``[batch, vocab]`` at ``read_pos`` (:func:`forward_last`), or all
+    of them, ``[batch, pos, vocab]``, when ``read_pos`` is ``None`` (:func:`forward`); see
+    :func:`mechlib.metrics.read_positions`."""
+    if read_pos is None:
+        return forward(model, tokens, hooks=hooks, extras=extras, grad=grad)
+    return forward_last(model, tokens, read_pos, hooks=hooks, extras=extras, grad=grad)
+
+
 def _run_until(model, tokens: Tensor, stop: str, *, hooks: Sequence[tuple[str, HookFn]] = (),
                extras: Optional[Mapping[str, Tensor]] = None, grad: bool = False) -> Tensor:
     """Run a forward until hook point ``stop`` fires and return what it saw there; nothing after

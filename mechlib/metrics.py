@@ -190,6 +190,13 @@ def kl_to_clean(contrast: ContrastSet, clean_logits: Float[Tensor, "batch pos vo
                    lambda idx: kl_to_clean(contrast.subset(idx), ref[torch.as_tensor(list(idx))]))
 
 
+def read_positions(metric: Metric, contrast: ContrastSet) -> Optional[Tensor]:
+    """The positions ``metric`` reads, ``[batch]`` (each prompt's last token), when it declares that
+    it reads nothing else (``last_token_only``, as the metrics built here do); ``None`` when it may
+    read every position's logits."""
+    return contrast.last_pos if getattr(metric, "last_token_only", False) else None
+
+
 def check_metric_values(values, n: int, *, name: str = "metric") -> Tensor:
     """Validate a metric's output: a float tensor of shape ``[n]`` with finite values; half
     precision (a bf16/fp16 model's logits) comes back as float32 (differentiably), so tables of
@@ -238,10 +245,7 @@ def evaluate(model, contrast: ContrastSet, metric: Optional[Metric] = None, *, s
     name = getattr(metric, "__name__", "metric")
     tokens = contrast.clean_tokens if side == "clean" else contrast.corrupted_tokens
     if start_layer is None:
-        if getattr(metric, "last_token_only", False):  # unembed the answer position only
-            logits = hooks.forward_last(model, tokens, contrast.last_pos, extras=contrast.forward_extras(side))
-        else:
-            logits = hooks.forward(model, tokens, extras=contrast.forward_extras(side))
+        logits = hooks.forward_read(model, tokens, read_positions(metric, contrast), extras=contrast.forward_extras(side))
         return check_metric_values(metric(logits), len(contrast), name=name).cpu()
     early = [n for n in hooks.active_hooks(model) if n.startswith("blocks.")
              and int(n.split(".")[1]) < start_layer]
@@ -261,7 +265,7 @@ def evaluate(model, contrast: ContrastSet, metric: Optional[Metric] = None, *, s
             raise NotImplementedError(f"evaluate(start_layer=...) cannot resume this model: {reason}")
         start = rec[start_layer]
         per_model[key] = (contrast, start)
-    read = contrast.last_pos if getattr(metric, "last_token_only", False) else None
+    read = read_positions(metric, contrast)
     logits = hooks.run_from(model, start, start_layer, read_pos=read)
     return check_metric_values(metric(logits), len(contrast), name=name).cpu()
 

@@ -26,7 +26,7 @@ from mechlib.analyses.edges.wiring import (
     _wiring,
 )
 from mechlib.memory import peak_memory
-from mechlib.metrics import Metric, MetricError, check_metric_values
+from mechlib.metrics import Metric, MetricError, check_metric_values, read_positions
 from mechlib.provenance import records
 from mechlib.results import Result
 from mechlib.tasks.contrast import ContrastSet
@@ -276,7 +276,7 @@ def _gradient_batch(model, w: _Wiring, contrast: ContrastSet, metric, method: st
     corr_vals = check_metric_values(metric(corr_logits), B, name=name).detach().cpu()
     del clean_logits, corr_logits
     clean_tok = contrast.clean_tokens
-    read = contrast.last_pos if getattr(metric, "last_token_only", False) else None
+    read = read_positions(metric, contrast)
     G: Optional[list[Tensor]] = None
 
     def add(grads: list[Tensor], weight: float):

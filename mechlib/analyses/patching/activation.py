@@ -27,7 +27,7 @@ from mechlib.analyses.patching.engine import _BLOCK_OVERHEAD_ROWS, _TOKEN_ROWS, 
 from mechlib.analyses.patching.packed import packed_walks
 from mechlib.flops import forward_flops
 from mechlib.memory import peak_memory
-from mechlib.metrics import Metric, check_metric_values
+from mechlib.metrics import Metric, check_metric_values, read_positions
 from mechlib.provenance import records
 from mechlib.tasks.contrast import ContrastSet
 
@@ -198,11 +198,7 @@ def _base_runs(model, contrast: ContrastSet, hook_names: list[str], layers: Sequ
             rec = None
             if kv_layer is not None and "corrupted" in halves:
                 rec = stack.enter_context(hooks.record_keys_values(model, kv_layer))
-            if read_pos is not None:
-                stack.enter_context(torch.no_grad())
-                out = hooks.forward_last(model, toks, read_pos.repeat(n // B), extras=extras)
-            else:
-                out = hooks.forward(model, toks, extras=extras)
+            out = hooks.forward_read(model, toks, None if read_pos is None else read_pos.repeat(n // B), extras=extras)
         flops += forward_flops(model, n, T, unembedded=n if read_pos is not None else n * T)
         for side, rows in halves.items():
             got[side] = (out[rows], {k: v[rows] for k, v in acts.items()})
@@ -225,7 +221,7 @@ def _patch_batch(model, contrast: ContrastSet, metric: Metric, plan: "_Plan", me
     name = _metric_name(metric)
     hook_names = [spec.hook_name(l) for l in plan.layers]
     first = min(plan.layers)
-    read_pos = contrast.last_pos if getattr(metric, "last_token_only", False) else None
+    read_pos = read_positions(metric, contrast)
     # the clean and corrupted runs: the patched site at the swept layers (to copy from, and to find
     # the cells whose patch changes nothing), each swept block's inputs (to resume there) and the
     # keys and values from the first swept layer on (causal prefix reuse)

@@ -19,7 +19,7 @@ from mechlib.analyses.patching.common import (
     prompt_batches,
 )
 from mechlib.memory import peak_memory
-from mechlib.metrics import Metric, check_metric_values
+from mechlib.metrics import Metric, check_metric_values, read_positions
 from mechlib.provenance import records
 from mechlib.tasks.contrast import ContrastSet
 
@@ -79,13 +79,11 @@ def _attribute_batch(model, contrast: ContrastSet, metric: Metric, plan: "_Plan"
     B = len(contrast)
     name = _metric_name(metric)
     hook_names = [spec.hook_name(l) for l in plan.layers]
-    last_only = getattr(metric, "last_token_only", False)
+    read = read_positions(metric, contrast)  # a last-token metric: unembed the answer position only
 
-    def run(side, tracked=(), grad=False):  # a last-token metric: unembed the answer position only
-        tokens, extras = getattr(contrast, f"{side}_tokens"), contrast.forward_extras(side)
-        if last_only:
-            return hooks.forward_last(model, tokens, contrast.last_pos, hooks=tracked, extras=extras, grad=grad)
-        return hooks.forward(model, tokens, hooks=tracked, extras=extras, grad=grad)
+    def run(side, tracked=(), grad=False):
+        return hooks.forward_read(model, getattr(contrast, f"{side}_tokens"), read, hooks=tracked,
+                                  extras=contrast.forward_extras(side), grad=grad)
 
     with hooks.capture(model, hook_names) as clean_acts:
         clean_vals = check_metric_values(metric(run("clean")), B, name=name).detach().cpu()

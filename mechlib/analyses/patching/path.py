@@ -20,7 +20,7 @@ from mechlib.analyses.patching.common import (
     prompt_batches,
 )
 from mechlib.memory import peak_memory
-from mechlib.metrics import Metric, check_metric_values
+from mechlib.metrics import Metric, check_metric_values, read_positions
 from mechlib.provenance import records
 from mechlib.sites import Site, SiteError, check_head, check_layer
 from mechlib.tasks.contrast import ContrastSet
@@ -75,20 +75,17 @@ class _PathBase:
 
         B, name = len(contrast), _metric_name(metric)
         z_names = [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)]
-        last_only = getattr(metric, "last_token_only", False)
+        read = read_positions(metric, contrast)  # a last-token metric: [batch, vocab] logits there only
 
-        def run(side):  # a metric that reads the answer position only gets [batch, vocab] logits there
-            tokens, extras = getattr(contrast, f"{side}_tokens"), contrast.forward_extras(side)
+        def run(side):
             with hooks.capture(model, z_names) as z:
-                if last_only:
-                    logits = hooks.forward_last(model, tokens, contrast.last_pos, extras=extras)
-                else:
-                    logits = hooks.forward(model, tokens, extras=extras)
+                logits = hooks.forward_read(model, getattr(contrast, f"{side}_tokens"), read,
+                                            extras=contrast.forward_extras(side))
             return logits, dict(z)
 
         with ExitStack() as stack:
             starts = stack.enter_context(hooks.record_block_inputs(model, layers))
-            rec = stack.enter_context(hooks.record_keys_values(model, min(layers))) if last_only else None
+            rec = stack.enter_context(hooks.record_keys_values(model, min(layers))) if read is not None else None
             clean_logits, clean_z = run("clean")
         clean_vals = check_metric_values(metric(clean_logits), B, name=name)
         corr_logits, corr_z = run("corrupted")
@@ -308,7 +305,7 @@ def _path_batch(model, base: _PathBase, senders, recv, receiver_positions, sende
     z_names = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
     starts, clean_z, corr_z = base.starts, base.clean_z, base.corr_z
     recv_first = min((r.layer for r in recv), default=None)
-    read_pos = contrast.last_pos if getattr(metric, "last_token_only", False) else None
+    read_pos = read_positions(metric, contrast)
     chunk = _chunk_size(model, contrast, memory_budget_mb, max_chunk, read_pos is not None)
     values = torch.empty((B, len(senders)))
     last_b = contrast.last_pos
