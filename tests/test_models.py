@@ -406,3 +406,30 @@ def test_vlm_inputs_refuses_a_processor_that_padded(tiny_llava, monkeypatch):
         mechlib.vlm_inputs(tiny_llava, ["<image> a", "<image> a longer prompt"], images)
     toks, ex = mechlib.vlm_inputs(tiny_llava, ["<image> abc", "<image> xyz"], images)  # equal lengths: as given
     assert toks.shape == (2, len("<image> abc")) and ex["pixel_values"].shape[0] == 2
+
+
+def test_boot_reads_the_saved_tokenizer_once_and_tokenizes_as_transformer_lens(model, monkeypatch):
+    """cache.read loads the tokenizer with add_bos_token=True, so TL's boot keeps it instead of loading
+    it again (get_tokenizer_with_bos); the result tokenizes exactly as TL's own re-creation does."""
+    from transformer_lens.utilities import get_tokenizer_with_bos
+    from transformers import AutoTokenizer
+
+    texts = ["When Mary and John went to the store, John gave a drink to", " Paris", "a\n\nb  c", ""]
+    plain = AutoTokenizer.from_pretrained(str(models.prepare_embedded()), local_files_only=True)
+    tl = get_tokenizer_with_bos(plain)
+    assert tl is not plain  # SmolLM2's saved tokenizer does not set the flag: TL would load it again
+    for t in texts:
+        assert model.tokenizer(t)["input_ids"] == tl(t)["input_ids"], t
+        assert model.to_tokens(t)[0].tolist() == [model.tokenizer.bos_token_id] + plain(t)["input_ids"], t
+
+    loads = []
+    real = AutoTokenizer.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        loads.append(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(counting))
+    again = mechlib.load_model(device="cpu")
+    assert len(loads) == 1, loads
+    assert again.tokenizer("a b")["input_ids"] == tl("a b")["input_ids"]
