@@ -16,6 +16,7 @@ as in TransformerLens.
 from __future__ import annotations
 
 import difflib
+import itertools
 import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, Optional, Sequence
@@ -61,6 +62,27 @@ def active_hooks(model) -> list[str]:
     return out
 
 
+_PAUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_ATTACHED = itertools.count()
+
+
+@contextmanager
+def paused(model) -> Iterator[None]:
+    """Inside the block the hooks :func:`attach` added to ``model`` before it (every active mechlib
+    edit's) do nothing, while hooks attached inside it run: for a forward of the unedited model in
+    the middle of an edit's block (e.g. the inputs and keys and values
+    :func:`mechlib.metrics.evaluate` resumes from)."""
+    before = _PAUSED.get(model)
+    _PAUSED[model] = next(_ATTACHED)
+    try:
+        yield
+    finally:
+        if before is None:
+            _PAUSED.pop(model, None)
+        else:
+            _PAUSED[model] = before
+
+
 @contextmanager
 def attach(
     model, hooks: Sequence[tuple[str, HookFn]], *, must_fire: bool = True
@@ -79,8 +101,12 @@ def attach(
     fired: dict[str, int] = {name: 0 for name, _ in hooks}
     points = [(name, hook_point(model, name), fn) for name, fn in hooks]  # fail before adding any
 
+    seq = next(_ATTACHED)
+
     def counted(name: str, fn: HookFn) -> HookFn:
         def wrapper(act, hook):
+            if _PAUSED.get(model, -1) > seq:  # attached before a paused(model) block that is running
+                return None
             fired[name] += 1
             return fn(act, hook=hook)
 
@@ -645,6 +671,11 @@ def prefix_check(model, start: BlockInputs, prefix: Prefix, read_pos: Tensor, re
         return f"recomputing only positions >= {p} changes the logits by up to {err:.3g} (> {tol:.2g})"
     _PREFIX_OK[model] = True
     return None
+
+
+def prefix_verified(model) -> bool:
+    """Whether :func:`prefix_check` already verified causal prefix reuse on ``model``."""
+    return bool(_PREFIX_OK.get(model))
 
 
 def _to_device(v, dev):

@@ -168,15 +168,24 @@ class Edit:
     cache: bool = True
     padding: bool = True
     reason: str = ""
+    suffix: bool = False
+    hooks: tuple = ()
 
 
 _ACTIVE: list[Edit] = []
 
 
 @contextmanager
-def editing(model, name: str, *, cache: bool = True, padding: bool = True, reason: str = "") -> Iterator[Edit]:
-    """Declare an edit active on ``model`` and what it supports, for the duration of its block."""
-    e = Edit(id(model), name, cache, padding, reason)
+def editing(model, name: str, *, cache: bool = True, padding: bool = True, reason: str = "", suffix: bool = False,
+            hooks=()) -> Iterator[Edit]:
+    """Declare an edit active on ``model`` and what it supports, for the duration of its block.
+
+    ``suffix``: the edit, attached at the hook points ``hooks``, is exact on a forward that
+    recomputes only the prompt positions from some ``p`` on (outside a generation: attention
+    patterns ``[b, h, q, k]`` with ``q < k``, queries at positions ``k − q ..``; the earlier ones
+    from an unedited run), because it changes nothing before ``p`` — and it raises where it would
+    (see :func:`mechlib.metrics.evaluate`'s ``from_pos``)."""
+    e = Edit(id(model), name, cache, padding, reason, suffix, tuple(hooks))
     _ACTIVE.append(e)
     try:
         yield e
@@ -189,3 +198,8 @@ def limits(model) -> tuple[list[Edit], list[Edit]]:
     run on left-padded batches."""
     mine = [e for e in _ACTIVE if e.model_id == id(model)]
     return [e for e in mine if not e.cache], [e for e in mine if not e.padding]
+
+
+def suffix_hooks(model) -> set[str]:
+    """The hook points of the active edits on ``model`` that are exact on a recomputed suffix."""
+    return {h for e in _ACTIVE if e.model_id == id(model) and e.suffix for h in e.hooks}

@@ -229,7 +229,7 @@ _STARTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def evaluate(model, contrast: ContrastSet, metric: Optional[Metric] = None, *, side: str = "clean",
-             start_layer: Optional[int] = None) -> Tensor:
+             start_layer: Optional[int] = None, from_pos: Optional[int] = None) -> Tensor:
     """Metric values ``[batch]`` of a forward on the clean or corrupted tokens (under whatever
     interventions are active).
 
@@ -238,14 +238,38 @@ def evaluate(model, contrast: ContrastSet, metric: Optional[Metric] = None, *, s
     checked against the full forward). Much cheaper when comparing many edits of late layers — e.g.
     steering different head sets — and refused when a hook is active at an earlier layer, where the
     edit would be skipped.
+
+    ``from_pos`` (with ``start_layer``): recompute only positions ``from_pos ..`` of those blocks;
+    the unedited run's keys and values stand in for the earlier ones (causal prefix reuse, recorded
+    once with the set's inputs and checked once per model against a full recomputation). Exact when
+    the active edits change nothing before ``from_pos``, so it is refused unless every active hook
+    belongs to an edit that declares it can check that (``steer_attention`` does: it raises for a
+    query position before ``from_pos``), and the metric must read only positions ``>= from_pos``
+    (``last_token_only``). Steering the last query of 62-token prompts: 1 position of 62 per block.
     """
-    from mechlib import hooks
+    from mechlib import hooks, layout
 
     metric = metric or logit_diff(contrast)
     name = getattr(metric, "__name__", "metric")
     tokens = contrast.clean_tokens if side == "clean" else contrast.corrupted_tokens
+    read = read_positions(metric, contrast)
+    if from_pos is not None:
+        if start_layer is None:
+            raise ValueError("from_pos needs start_layer (the blocks whose later positions are recomputed); "
+                             "pass both, e.g. start_layer=the first edited layer")
+        if read is None:
+            raise ValueError(f"from_pos={from_pos}: the metric {name} may read every position's logits; reuse needs "
+                             "a metric that reads the last token only (last_token_only, as mechlib's metrics do)")
+        from_pos = int(from_pos)
+        if not 0 < from_pos <= int(read.min()):
+            raise ValueError(f"from_pos={from_pos} must lie in [1, {int(read.min())}]: after the first position and "
+                             "not after the earliest position the metric reads")
+        unsure = sorted(set(hooks.active_hooks(model)) - layout.suffix_hooks(model))
+        if unsure:
+            raise ValueError(f"from_pos={from_pos}: hooks at {unsure[:3]} are not from an edit that checks it changes "
+                             "nothing before from_pos (steer_attention does); evaluate without from_pos")
     if start_layer is None:
-        logits = hooks.forward_read(model, tokens, read_positions(metric, contrast), extras=contrast.forward_extras(side))
+        logits = hooks.forward_read(model, tokens, read, extras=contrast.forward_extras(side))
         return check_metric_values(metric(logits), len(contrast), name=name).cpu()
     early = [n for n in hooks.active_hooks(model) if n.startswith("blocks.")
              and int(n.split(".")[1]) < start_layer]
@@ -255,19 +279,45 @@ def evaluate(model, contrast: ContrastSet, metric: Optional[Metric] = None, *, s
     key = (id(contrast), side, start_layer)
     per_model = _STARTS.setdefault(model, {})
     hit = per_model.get(key)
-    if hit is not None and hit[0] is contrast:
-        start = hit[1]
-    else:
-        with hooks.record_block_inputs(model, [start_layer]) as rec:
-            full = hooks.forward(model, tokens, extras=contrast.forward_extras(side))
-        reason = hooks.resume_check(model, rec[start_layer], start_layer, full)
+    if hit is None or hit[0] is not contrast or (from_pos is not None and hit[2] is None):
+        hit = per_model[key] = _record_start(model, contrast, side, start_layer, read, prefix=from_pos is not None)
+    logits = hooks.run_from(model, hit[1], start_layer, read_pos=read, prefix=hit[2], from_pos=from_pos or 0)
+    return check_metric_values(metric(logits), len(contrast), name=name).cpu()
+
+
+def _record_start(model, contrast: ContrastSet, side: str, layer: int, read: Optional[Tensor], *, prefix: bool) -> tuple:
+    """``(contrast, block inputs at layer, Prefix or None)`` from one forward of the unedited model
+    (the active edits paused). Where resuming at ``layer`` (and reusing the prefix) is not yet
+    verified on this model, that forward computes every logit and the replay is checked against it;
+    afterwards it unembeds only the positions the metric reads."""
+    from contextlib import nullcontext
+
+    from mechlib import hooks
+
+    tokens = contrast.clean_tokens if side == "clean" else contrast.corrupted_tokens
+    verified = hooks.resume_verified(model, layer) and (not prefix or hooks.prefix_verified(model))
+    with hooks.paused(model):
+        with hooks.record_block_inputs(model, [layer]) as rec, \
+                (hooks.record_keys_values(model, layer) if prefix else nullcontext()) as kv:
+            out = hooks.forward_read(model, tokens, read if verified else None, extras=contrast.forward_extras(side))
+        start = rec[layer]
+        reason = None if verified else hooks.resume_check(model, start, layer, out)
         if reason is not None:
             raise NotImplementedError(f"evaluate(start_layer=...) cannot resume this model: {reason}")
-        start = rec[start_layer]
-        per_model[key] = (contrast, start)
-    read = read_positions(metric, contrast)
-    logits = hooks.run_from(model, start, start_layer, read_pos=read)
-    return check_metric_values(metric(logits), len(contrast), name=name).cpu()
+        if not prefix:
+            return contrast, start, None
+        try:
+            pre = hooks.prefix_from(model, kv, layer, tokens.shape[1])
+        except hooks.PrefixUnsupported as e:
+            reason = str(e)
+        else:
+            if not hooks.prefix_verified(model):
+                ref = out if out.ndim == 2 else out[torch.arange(len(contrast), device=out.device), read.to(out.device)]
+                reason = hooks.prefix_check(model, start, pre, read, ref)
+        if reason is not None:
+            raise NotImplementedError(f"evaluate(from_pos=...) cannot reuse the unedited run's keys and values on "
+                                      f"this model: {reason}; evaluate without from_pos")
+    return contrast, start, pre
 
 
 def next_token_loss(model, prompts, *, extras=None, batch_size: Optional[int] = None) -> Tensor:

@@ -315,3 +315,24 @@ def test_activations_stop_the_forward_after_the_last_named_hook(family):
         assert fired[f"blocks.{L - 1}.hook_resid_post"] == (last_block >= L - 1 or names == ["ln_final.hook_in"])
         assert fired["ln_final.hook_out"] == (names == ["ln_final.hook_in"])  # a name past the blocks: whole forward
     assert hooks.active_hooks(m) == []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_evaluate_recomputing_only_the_steered_positions_equals_the_full_forward(family):
+    """evaluate(start_layer=, from_pos=) under steer_attention at each prompt's last query: the blocks
+    recompute positions from_pos.. only, the unedited run's keys and values standing in before it."""
+    m = tiny(family)
+    cs = ioi(m, n=4, templates=(0, 1))
+    ld = metrics.logit_diff(cs)
+    keys = torch.zeros(len(cs), cs.n_pos, dtype=torch.bool)
+    keys[:, 1] = True
+    L = m.cfg.n_layers
+    heads = [(L - 1, 0), (max(L - 2, 0), 1)]
+    plain = metrics.evaluate(m, cs, ld)
+    with mechlib.steer_attention(m, heads, keys, query_pos=cs.last_pos):
+        full = metrics.evaluate(m, cs, ld)
+        for p in (int(cs.last_pos.min()), 2):
+            fast = metrics.evaluate(m, cs, ld, start_layer=max(L - 2, 0), from_pos=p)
+            torch.testing.assert_close(fast, full, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(full, plain, atol=1e-3)  # the steering changed the metric
+    assert hooks.active_hooks(m) == []

@@ -189,7 +189,8 @@ def test_colab_cell_in_a_bare_kernel(checkout, tmp_path):
     cache = tmp_path / "mechlib-cache"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MECHLIB_INSTALLED", "VIRTUAL_ENV")}
     env.update(MECHLIB_REPO_URL=f"file://localhost{checkout}", MECHLIB_CACHE=str(cache), MECHLIB_STATIC_VIEWS="1",
-               JUPYTER_PATH=str(venv / "share" / "jupyter"), PATH=f"{venv / 'bin'}:{env.get('PATH', '')}")
+               JUPYTER_PATH=str(venv / "share" / "jupyter"), PATH=f"{venv / 'bin'}:{env.get('PATH', '')}",
+               PIP_NO_COMPILE="1")  # no .pyc for the thousands of files installed: a CPU-minute, and Python compiles what it imports
 
     def in_venv(*args, **kw):  # run in the fresh environment, away from the checkout
         return _run([py, *args], cwd=tmp_path, env=env, **kw)

@@ -235,6 +235,46 @@ def test_evaluate_from_a_late_layer_equals_the_full_forward():
         metrics.evaluate(m, cs, ld, start_layer=2)
 
 
+def test_evaluate_from_pos_refuses_what_it_cannot_make_exact():
+    m = mechlib.tiny_model("llama", n_layers=4)
+    cs = mechlib.tasks.ioi(m, n=4, seed=0, templates=[0])
+    ld = metrics.logit_diff(cs)
+    last = int(cs.last_pos.min())
+    keys = torch.zeros(len(cs), cs.n_pos, dtype=torch.bool)
+    keys[:, 1] = True
+    with pytest.raises(ValueError, match="needs start_layer"):
+        metrics.evaluate(m, cs, ld, from_pos=last)
+    with pytest.raises(ValueError, match="reads the last token only"):
+        metrics.evaluate(m, cs, lambda logits: ld(logits), start_layer=2, from_pos=last)
+    with pytest.raises(ValueError, match="must lie in"):
+        metrics.evaluate(m, cs, ld, start_layer=2, from_pos=last + 1)
+    with mechlib.scale_heads(m, [(3, 1)], 0.0), pytest.raises(ValueError, match="not from an edit"):
+        metrics.evaluate(m, cs, ld, start_layer=2, from_pos=last)
+    # steering a query the forward does not recompute would be dropped: the edit raises instead
+    with mechlib.steer_attention(m, [(3, 0)], keys, query_pos=torch.full((len(cs),), 3)), \
+            pytest.raises(ValueError, match="before the first position"):
+        metrics.evaluate(m, cs, ld, start_layer=2, from_pos=last)
+    assert mechlib.hooks.active_hooks(m) == []
+
+
+@pytest.mark.embedded
+def test_evaluate_from_the_last_position_on_the_embedded_model(model):
+    """Notebook 05's repair evaluation: steering heads at the last query of Colored Objects prompts,
+    recomputing only that position from the first steered layer on, equals the full forward."""
+    cs = mechlib.tasks.colored_objects(model, n=8, seed=3)
+    acc = metrics.accuracy(cs, among="options")
+    ld = metrics.logit_diff(cs)
+    heads = [(9, 3), (12, 0), (20, 5)]
+    plain = metrics.evaluate(model, cs, ld)
+    with mechlib.steer_attention(model, heads, cs.option_positions(3), query_pos=cs.last_pos):
+        full = metrics.evaluate(model, cs, ld)
+        fast = metrics.evaluate(model, cs, ld, start_layer=9, from_pos=int(cs.last_pos.min()))
+        torch.testing.assert_close(fast, full, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(metrics.evaluate(model, cs, acc, start_layer=9, from_pos=int(cs.last_pos.min())),
+                                   metrics.evaluate(model, cs, acc))
+    assert float((full - plain).abs().max()) > 1e-2
+
+
 def test_to_plotly_has_hover_labels():
     pytest.importorskip("plotly")
     r = Result(values=torch.tensor([[1.0, -2.0], [0.5, 0.0]]), axis_names=("layer", "head"),

@@ -95,6 +95,26 @@ def test_patch_hook_changes_output_only_while_active(tiny_llama):
     assert torch.allclose(hooks.forward(tiny_llama, tokens), base)
 
 
+def test_paused_silences_the_hooks_attached_before_it_only(tiny_llama):
+    m, tokens = tiny_llama, torch.tensor([[1, 2, 3, 4]])
+    plain = hooks.forward(m, tokens)
+    zero = [("blocks.0.hook_resid_pre", lambda x, hook: x * 0)]
+    with hooks.attach(m, zero) as fired:
+        edited = hooks.forward(m, tokens)
+        with hooks.paused(m):
+            torch.testing.assert_close(hooks.forward(m, tokens), plain)  # the edit does nothing here
+            assert fired["blocks.0.hook_resid_pre"] == 1  # and is not counted
+            torch.testing.assert_close(hooks.forward(m, tokens, hooks=zero), edited)  # a hook added inside runs
+            with hooks.paused(m):  # nested
+                torch.testing.assert_close(hooks.forward(m, tokens), plain)
+            torch.testing.assert_close(hooks.forward(m, tokens), plain)
+        with pytest.raises(RuntimeError), hooks.paused(m):
+            raise RuntimeError("inside")
+        torch.testing.assert_close(hooks.forward(m, tokens), edited)  # active again after the block
+    assert not torch.allclose(edited, plain)
+    assert hooks.active_hooks(m) == []
+
+
 def test_multimodal_model_without_pixels_is_refused(tiny_llava):
     tokens = tiny_llava.to_tokens("<image> <image> <image> <image> Mary gave a drink to")
     with pytest.raises(hooks.MissingModelInputError, match="pixel_values"):

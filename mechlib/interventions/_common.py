@@ -45,7 +45,8 @@ def _editing_patterns(model, by_layer: dict[int, list[int]], edit, name: str, **
     declared to :mod:`mechlib.layout` as the edit ``name`` (``supports``: what it can run on)."""
     hk = [(f"blocks.{l}.attn.hook_pattern", lambda A, hook, hs=hs, l=l: edit(A, hook, hs, l))
           for l, hs in by_layer.items()]
-    with layout.editing(model, name, **supports), hooks.attach(model, hk, must_fire=False) as fired:
+    with layout.editing(model, name, hooks=[n for n, _ in hk], **supports), \
+            hooks.attach(model, hk, must_fire=False) as fired:
         yield fired
 
 

@@ -255,15 +255,19 @@ def steer_attention(
         if not v.generating and K < keys.shape[1] and keys[:, K:].any():
             raise ValueError(f"steer_attention was set up for {P} prompts of {keys.shape[1]} tokens; this "
                              f"forward has batch {b}, {K} tokens")
+        qp = query_pos.to(A.device)[v.rows]
+        if not v.generating and Q < K and bool((qp < K - Q).any()):  # a forward of positions K−Q.. only
+            raise ValueError(f"steer_attention edits query position {int(qp.min())}, before the first position "
+                             f"this forward recomputes ({K - Q}): evaluate from an earlier from_pos")
         m = v.gather(keys, v.kpos).to(A.dtype)  # [b, K]: the keys to attend to, per row
         target = m / m.sum(-1, keepdim=True).clamp(min=1e-12)
-        at = (v.qpos == query_pos.to(A.device)[v.rows][:, None])[:, None, :, None]  # [b, 1, Q, 1]: the edited row
+        at = (v.qpos == qp[:, None])[:, None, :, None]  # [b, 1, Q, 1]: the edited row
         A = A.clone()
         for h in hs:
             A[:, h] = torch.where(at[:, 0], (1 - weight) * A[:, h] + weight * target[:, None, :], A[:, h])
         return A
 
-    with _editing_patterns(model, by_layer, edit, "steer_attention") as fired:
+    with _editing_patterns(model, by_layer, edit, "steer_attention", suffix=True) as fired:
         yield fired
 
 

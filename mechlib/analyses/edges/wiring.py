@@ -5,6 +5,7 @@ copies of a batch — shared by scoring (:mod:`.scoring`) and faithfulness (:mod
 
 from __future__ import annotations
 
+import bisect
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -232,58 +233,73 @@ def _check_additive(model, w: _Wiring, tokens: Tensor, extras) -> None:
 def _masked_logits(model, w: _Wiring, tokens: Tensor, extras, ablated: Tensor, notin: Tensor) -> Tensor:
     """Logits of ``C`` stacked copies of the batch (copy-major), copy ``c`` with the edges
     ``notin[c]`` (``[C, n_forward, n_backward]`` bool) ablated: every reader input is rebuilt as
-    ``input − Σ_{ablated edges u→v} (a_u(this run) − a_u(ablated))``."""
+    ``input − Σ_{ablated edges u→v} (a_u(this run) − a_u(ablated))``.
+
+    Only the writers some ablated edge leaves from are tracked (exact patching ablates one edge per
+    copy: a handful of writers, not all of them), and only the readers it enters are rebuilt."""
     spec = w.spec
     C, b = notin.shape[0], tokens.shape[0]
     notin = notin.to(model.cfg.device)
     if not bool(notin.any()):
         return hooks.forward(model, tokens.repeat(C, 1), extras=_tile(extras, C))
-    # buf["d"]: [C, n_forward, b, p, d] = a(this run) − a(ablated), filled as the writers fire;
-    # writer-major so that each reader's correction is one batched matmul over the copies
+    used = notin.any(-1).any(0).nonzero().flatten()  # the tracked writers, in order
+    tracked = used.tolist()
+    used_set = set(tracked)
+    # buf["d"]: [C, n_tracked, b, p, d] = a(this run) − a(ablated) of the tracked writers, filled as
+    # they fire; writer-major so that each reader's correction is one batched matmul over the copies
     buf: dict[str, Tensor] = {}
     zs: dict[int, Tensor] = {}
 
-    def write(rows: slice, value: Tensor) -> None:  # value [C*b, p, rows, d]
+    def write(first: int, value: Tensor) -> None:  # value [C*b, p, n, d]: writers first..first+n-1
+        lo, hi = bisect.bisect_left(tracked, first), bisect.bisect_left(tracked, first + value.shape[2])
+        if lo == hi:
+            return
+        ws = tracked[lo:hi]
+        if ws[-1] - ws[0] == hi - lo - 1:  # a run of writers: slices, no copies
+            cols, rows = slice(ws[0] - first, ws[-1] - first + 1), slice(ws[0], ws[-1] + 1)
+        else:
+            cols, rows = [w - first for w in ws], ws
         abl = ablated[:, :, rows].to(value.device, value.dtype)
-        diff = value.reshape(C, b, *value.shape[1:]) - abl[None]
-        buf["d"][:, rows] = diff.permute(0, 3, 1, 2, 4)
+        diff = value[:, :, cols].reshape(C, b, value.shape[1], hi - lo, value.shape[-1]) - abl[None]
+        buf["d"][:, lo:hi] = diff.permute(0, 3, 1, 2, 4)
 
     def on_embed(x, hook):
-        buf["d"] = x.new_zeros((C, spec.n_forward, b, x.shape[1], x.shape[-1]))
-        write(slice(0, 1), x[:, :, None])
+        buf["d"] = x.new_zeros((C, len(tracked), b, x.shape[1], x.shape[-1]))
+        write(0, x[:, :, None])
 
     def on_z(x, hook, l):
         if w.post[l] is not None:  # the write needs this run's post-norm scale: finish at its input
             zs[l] = x
             return None
-        i = spec.head_index(l, 0)
-        write(slice(i, i + spec.n_heads), _head_writes(w, l, x, None))
+        write(spec.head_index(l, 0), _head_writes(w, l, x, None))
 
     def on_raw(x, hook, l):
-        i = spec.head_index(l, 0)
-        write(slice(i, i + spec.n_heads), _head_writes(w, l, zs.pop(l), x))
+        write(spec.head_index(l, 0), _head_writes(w, l, zs.pop(l), x))
 
     def on_mlp(x, hook, l):
-        i = spec.mlp_index(l)
-        write(slice(i, i + 1), x[:, :, None])
+        write(spec.mlp_index(l), x[:, :, None])
 
-    def on_reader(x, hook, slot: _Slot, weights: Tensor):
-        d = buf["d"][:, :slot.prev]  # [C, prev, b, p, d]
+    def on_reader(x, hook, slot: _Slot, n: int, weights: Tensor):
+        d = buf["d"][:, :n]  # [C, n, b, p, d]: the tracked writers before this reader
         k = weights.shape[-1]
-        corr = torch.bmm(weights.transpose(1, 2).to(d.dtype), d.reshape(C, slot.prev, -1))  # [C, k, b·p·d]
+        corr = torch.bmm(weights.transpose(1, 2).to(d.dtype), d.reshape(C, n, -1))  # [C, k, b·p·d]
         corr = corr.reshape(C, k, b, d.shape[3], d.shape[4]).permute(0, 2, 3, 1, 4).reshape(C * b, d.shape[3], k, -1)
         return x - (corr[:, :, 0] if slot.flat else corr)
 
     hk = [(w.embed, on_embed)]
     for l in range(spec.n_layers):
-        hk.append((w.z[l], lambda x, hook, l=l: on_z(x, hook, l)))
-        if w.post[l] is not None:
-            hk.append((w.post[l][0], lambda x, hook, l=l: on_raw(x, hook, l)))
-        hk.append((w.mlp_out[l], lambda x, hook, l=l: on_mlp(x, hook, l)))
+        i = spec.head_index(l, 0)
+        if bisect.bisect_left(tracked, i) < bisect.bisect_left(tracked, i + spec.n_heads):
+            hk.append((w.z[l], lambda x, hook, l=l: on_z(x, hook, l)))
+            if w.post[l] is not None:
+                hk.append((w.post[l][0], lambda x, hook, l=l: on_raw(x, hook, l)))
+        if spec.mlp_index(l) in used_set:
+            hk.append((w.mlp_out[l], lambda x, hook, l=l: on_mlp(x, hook, l)))
     for s in w.slots:
-        weights = notin[:, :s.prev, list(s.cols)]
+        n = int((used < s.prev).sum())
+        weights = notin[:, used[:n]][:, :, list(s.cols)]
         if bool(weights.any()):
-            hk.append((s.hook, lambda x, hook, s=s, wt=weights: on_reader(x, hook, s, wt)))
+            hk.append((s.hook, lambda x, hook, s=s, n=n, wt=weights: on_reader(x, hook, s, n, wt)))
     return hooks.forward(model, tokens.repeat(C, 1), hooks=hk, extras=_tile(extras, C))
 
 
