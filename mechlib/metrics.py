@@ -264,7 +264,8 @@ def evaluate(model, contrast: ContrastSet, metric: Optional[Metric] = None, *, s
         if not 0 < from_pos <= int(read.min()):
             raise ValueError(f"from_pos={from_pos} must lie in [1, {int(read.min())}]: after the first position and "
                              "not after the earliest position the metric reads")
-        unsure = sorted(set(hooks.active_hooks(model)) - layout.suffix_hooks(model))
+        safe = {id(hooks.hook_point(model, n)) for n in layout.suffix_hooks(model)}  # by point: names have aliases
+        unsure = [n for n in hooks.active_hooks(model) if id(hooks.hook_point(model, n)) not in safe]
         if unsure:
             raise ValueError(f"from_pos={from_pos}: hooks at {unsure[:3]} are not from an edit that checks it changes "
                              "nothing before from_pos (steer_attention does); evaluate without from_pos")

@@ -289,7 +289,19 @@ def test_gguf_parts_load_through_the_cache(model, tmp_path, monkeypatch):
         p.write_bytes(data[cut[i]:cut[i + 1]])
         parts.append(p)
     monkeypatch.setenv("MECHLIB_CACHE", str(tmp_path / "cache"))
+    import gguf
+
+    parsed = []
+
+    class Counting(gguf.GGUFReader):
+        def __init__(self, path, mode="r"):
+            parsed.append(str(path))
+            super().__init__(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
     mine = mechlib.load_model(parts)
+    # transformers reads the header for the config, the tokenizer and the weights: parsed once, then restored
+    assert len(parsed) == 1 and gguf.GGUFReader is Counting, parsed
     toks = model.to_tokens("The capital of France is")
     with torch.no_grad():
         torch.testing.assert_close(mine(toks), model(toks), atol=1e-5, rtol=1e-5)
