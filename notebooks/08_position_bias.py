@@ -58,6 +58,7 @@ SETTING = os.environ.get("MECHLIB_SETTING", "cpu")   # "paper": the paper's mode
 STANDIN = os.environ.get("MECHLIB_STANDIN", "")      # "tiny": the paper setting on tiny random stand-ins and the test fixtures (CI: every line runs, numbers meaningless)
 DATA = os.environ.get("MECHLIB_DATA") or None        # a folder with the paper's data files (None: the cache, downloading with the network)
 N_ITEMS = None          # None: all items in data/pairwise.json (64); each is asked in both orders
+N_SECOND = 32           # the second model's items, from the same list (its 262k vocabulary makes every pass costly)
 BATCH = 32
 N_PAIRS = None          # paper setting: RewardBench reasoning pairs (None: all 1,431)
 RB_BATCH = 2            # paper setting: prompts per forward (the two orders of one pair)
@@ -189,7 +190,8 @@ pd.concat({"plain": judge_base.to_frame()["value"], "PINE": judge_pine.to_frame(
 second = {}
 if SECOND_MODEL and SECOND_MODEL != MODEL:
     m2 = mechlib.load_model(SECOND_MODEL, device=DEVICE)
-    o2, j2 = tasks.pairwise_choice(m2, N_ITEMS, format="options"), tasks.pairwise_choice(m2, N_ITEMS, format="labels")
+    n2 = N_SECOND if N_ITEMS is None else min(N_ITEMS, N_SECOND)
+    o2, j2 = tasks.pairwise_choice(m2, n2, format="options"), tasks.pairwise_choice(m2, n2, format="labels")
     b2, p2 = mechlib.position_bias(m2, o2, batch_size=BATCH), mechlib.position_bias(m2, o2, pine=True, batch_size=BATCH)
     second = dict(base=b2.stats(), pine=p2.stats(), judge=mechlib.position_bias(m2, j2, batch_size=BATCH).stats(),
                   effect=stats.paired(b2._per_item()["accuracy"], p2._per_item()["accuracy"]))
@@ -334,7 +336,7 @@ elif SETTING == "paper":
                                                     f"RewardBench: {rb['n']} reasoning pairs × 2 orders)"})
 if second:
     sb2, sp2, e2 = second["base"], second["pine"], second["effect"]
-    table[f"ours ({SECOND_MODEL})"] = [
+    table[f"ours ({SECOND_MODEL}; {n2} items × 2 orders)"] = [
         "—", f"consistent {sb2['consistency'][0]:.0%}; first slot {sb2['first_slot_rate'][0]:.0%}",
         f"consistency {sp2['consistency'][0]:.0%}", f"{e2.mean * 100:+.1f} points ({sb2['accuracy'][0]:.1%} → {sp2['accuracy'][0]:.1%}), "
         f"CI [{e2.low * 100:+.1f}, {e2.high * 100:+.1f}], p = {e2.p:.2g}",
