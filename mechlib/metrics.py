@@ -281,12 +281,13 @@ def evaluate(model, contrast: ContrastSet, metric: Optional[Metric] = None, *, s
     per_model = _STARTS.setdefault(model, {})
     hit = per_model.get(key)
     if hit is None or hit[0] is not contrast or (from_pos is not None and hit[2] is None):
-        hit = per_model[key] = _record_start(model, contrast, side, start_layer, read, prefix=from_pos is not None)
+        hit = per_model[key] = _record_start(model, contrast, tokens, side, start_layer, read, prefix=from_pos is not None)
     logits = hooks.run_from(model, hit[1], start_layer, read_pos=read, prefix=hit[2], from_pos=from_pos or 0)
     return check_metric_values(metric(logits), len(contrast), name=name).cpu()
 
 
-def _record_start(model, contrast: ContrastSet, side: str, layer: int, read: Optional[Tensor], *, prefix: bool) -> tuple:
+def _record_start(model, contrast: ContrastSet, tokens: Tensor, side: str, layer: int, read: Optional[Tensor], *,
+                  prefix: bool) -> tuple:
     """``(contrast, block inputs at layer, Prefix or None)`` from one forward of the unedited model
     (the active edits paused). Where resuming at ``layer`` (and reusing the prefix) is not yet
     verified on this model, that forward computes every logit and the replay is checked against it;
@@ -295,7 +296,6 @@ def _record_start(model, contrast: ContrastSet, side: str, layer: int, read: Opt
 
     from mechlib import hooks
 
-    tokens = contrast.clean_tokens if side == "clean" else contrast.corrupted_tokens
     verified = hooks.resume_verified(model, layer) and (not prefix or hooks.prefix_verified(model))
     with hooks.paused(model):
         with hooks.record_block_inputs(model, [layer]) as rec, \
@@ -313,7 +313,7 @@ def _record_start(model, contrast: ContrastSet, side: str, layer: int, read: Opt
             reason = str(e)
         else:
             if not hooks.prefix_verified(model):
-                ref = out if out.ndim == 2 else out[torch.arange(len(contrast), device=out.device), read.to(out.device)]
+                ref = last_token_logits(out, contrast)  # at read (contrast.last_pos); [b, vocab] passes through
                 reason = hooks.prefix_check(model, start, pre, read, ref)
         if reason is not None:
             raise NotImplementedError(f"evaluate(from_pos=...) cannot reuse the unedited run's keys and values on "

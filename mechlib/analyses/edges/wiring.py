@@ -244,7 +244,10 @@ def _masked_logits(model, w: _Wiring, tokens: Tensor, extras, ablated: Tensor, n
         return hooks.forward(model, tokens.repeat(C, 1), extras=_tile(extras, C))
     used = notin.any(-1).any(0).nonzero().flatten()  # the tracked writers, in order
     tracked = used.tolist()
-    used_set = set(tracked)
+
+    def any_tracked(first: int, n: int) -> bool:  # a tracked writer among first..first+n-1
+        return bisect.bisect_left(tracked, first) < bisect.bisect_left(tracked, first + n)
+
     # buf["d"]: [C, n_tracked, b, p, d] = a(this run) − a(ablated) of the tracked writers, filled as
     # they fire; writer-major so that each reader's correction is one batched matmul over the copies
     buf: dict[str, Tensor] = {}
@@ -289,11 +292,11 @@ def _masked_logits(model, w: _Wiring, tokens: Tensor, extras, ablated: Tensor, n
     hk = [(w.embed, on_embed)]
     for l in range(spec.n_layers):
         i = spec.head_index(l, 0)
-        if bisect.bisect_left(tracked, i) < bisect.bisect_left(tracked, i + spec.n_heads):
+        if any_tracked(i, spec.n_heads):
             hk.append((w.z[l], lambda x, hook, l=l: on_z(x, hook, l)))
             if w.post[l] is not None:
                 hk.append((w.post[l][0], lambda x, hook, l=l: on_raw(x, hook, l)))
-        if spec.mlp_index(l) in used_set:
+        if any_tracked(spec.mlp_index(l), 1):
             hk.append((w.mlp_out[l], lambda x, hook, l=l: on_mlp(x, hook, l)))
     for s in w.slots:
         n = int((used < s.prev).sum())
